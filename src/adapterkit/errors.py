@@ -1,0 +1,36 @@
+"""The exceptions adapterkit raises. Each message says what went wrong and what to do about it."""
+
+
+class AdapterkitError(Exception):
+    """Base class: catch this to handle any adapterkit failure."""
+
+
+class ConfigError(AdapterkitError, ValueError):
+    """An adapter config has an invalid, missing or unknown field."""
+
+
+class AdapterNameError(AdapterkitError, KeyError):
+    """An adapter name is unknown, already taken or not a valid name."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class InjectionError(AdapterkitError):
+    """No place to attach an adapter was found, or a named module cannot take one."""
+
+
+class BaseModelError(AdapterkitError):
+    """A base model cannot be found or loaded."""
+
+
+class AdapterFileError(AdapterkitError):
+    """A saved adapter folder is missing, corrupt, or of an unknown format."""
+
+
+class BaseMismatchError(AdapterFileError):
+    """A saved adapter was made for a different base model."""
+
+
+class ShapeMismatchError(AdapterFileError):
+    """A saved tensor does not have the shape this base and config need."""

@@ -1,0 +1,215 @@
+"""Finding where adapters go in an arbitrary transformers model, by reading its structure.
+
+A model is a stack of identical blocks (an ``nn.ModuleList``). Inside a block, the linear layers
+under a child whose name mentions attention form an attention sub-layer; the others form the
+feed-forward sub-layer. A sub-layer's output projection is its last linear layer that writes the
+hidden size; its input projection is its first linear layer that reads the hidden size. This covers
+GPT-2 (``Conv1D``), Llama-style (``o_proj``/``down_proj``) and BERT-style (``output.dense``) models
+without a table of architectures; anything else is reached through ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+from .errors import InjectionError
+
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an adapter attaches: the module whose output it changes, and what it reads."""
+
+    module_name: str  # the hooked module: the adapter sees its output
+    in_features: int  # width of what the adapter reads
+    out_features: int  # width of the hooked module's output
+    reads_from: str | None = None  # module whose *input* the adapter reads (parallel adapters)
+    layer: int | None = None  # index of the block holding it, when inside one
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    raise InjectionError(f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)")
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The module lists of identical blocks that make up the model's depth, outermost first."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue  # a list inside a block (experts, sub-layers), not a stack of blocks
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(is_linear(m) for m in module[0].modules()):
+            continue
+        found.append((name, module))
+    return found
+
+
+def find_sites(
+    model: nn.Module,
+    placement: str,
+    layers: Iterable[int] | None = None,
+    target_modules: str | list[str] | None = None,
+) -> list[Site]:
+    """Sites for one adapter.
+
+    ``placement`` is one of "houlsby", "pfeiffer", "attention", "parallel" (see BottleneckConfig)
+    or "linear" (every matched linear layer itself, as LoRA uses them).
+    """
+    parallel = placement == "parallel"
+    if target_modules is not None:
+        sites = _named_sites(model, target_modules, parallel or placement == "linear")
+    else:
+        if placement == "linear":
+            raise InjectionError("this method needs target_modules: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+        sites = _structural_sites(model, placement)
+    if layers is not None:
+        sites = _filter_layers(model, sites, layers)
+    if not sites:
+        raise InjectionError("the layers selected hold no insertion point")
+    return sites
+
+
+def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
+    want_attention = placement in ("houlsby", "attention", "parallel")
+    want_ffn = placement in ("houlsby", "pfeiffer", "parallel")
+    d_model = hidden_size(model)
+    blocks = find_blocks(model)
+    sites: list[Site] = []
+    for list_name, blocks_list in blocks:
+        for index, block in enumerate(blocks_list):
+            prefix = f"{list_name}.{index}."
+            attention, ffn = _sub_layers(block, d_model)
+            groups = (attention if want_attention else []) + ([ffn] if want_ffn and ffn else [])
+            for group in groups:
+                sites.append(_site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__))
+    if not sites:
+        names = [n for n, m in model.named_modules() if is_linear(m)][:8]
+        raise InjectionError(
+            f"found no insertion point in {type(model).__name__}: searched for an nn.ModuleList of identical "
+            f"blocks whose linear layers (nn.Linear or Conv1D) write the hidden size ({d_model}), "
+            f"grouped into attention (a child named like 'attn'/'attention') and feed-forward. "
+            f"Name the modules instead, e.g. target_modules=['o_proj', 'down_proj']; linear layers here include {names}"
+        )
+    return sites
+
+
+def _sub_layers(block: nn.Module, d_model: int | None) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
+    """The linear layers of a block, as attention groups (one per attention child) and the feed-forward rest."""
+    attention: dict[str, list[tuple[str, nn.Module]]] = {}
+    ffn: list[tuple[str, nn.Module]] = []
+    for name, module in block.named_modules():
+        if not is_linear(module):
+            continue
+        parts = name.split(".")
+        owner = next((i for i, part in enumerate(parts[:-1]) if _ATTENTION_NAME.search(part)), None)
+        if owner is None:
+            ffn.append((name, module))
+        else:
+            attention.setdefault(".".join(parts[: owner + 1]), []).append((name, module))
+    return list(attention.values()), ffn
+
+
+def _site_for_sub_layer(group, prefix: str, d_model: int | None, layer: int, parallel: bool, model_name: str) -> Site:
+    if d_model is None:
+        d_model = linear_features(group[-1][1])[1]
+    writers = [name for name, m in group if linear_features(m)[1] == d_model]
+    readers = [name for name, m in group if linear_features(m)[0] == d_model]
+    widening = [name for name, m in group if linear_features(m)[1] == d_model and linear_features(m)[0] != d_model]
+    if not writers or not readers or len(widening) > 1:
+        raise InjectionError(
+            f"cannot tell the output projection of the sub-layer {[n for n, _ in group]} in block {prefix[:-1]} "
+            f"of {model_name}; name the modules with target_modules"
+        )
+    output = writers[-1]
+    return Site(
+        module_name=prefix + output,
+        in_features=d_model,
+        out_features=d_model,
+        reads_from=prefix + readers[0] if parallel else None,
+        layer=layer,
+    )
+
+
+def _named_sites(model: nn.Module, target_modules: str | list[str], reads_input: bool) -> list[Site]:
+    blocks = [name for name, _ in find_blocks(model)]
+    sites = []
+    for name, module in model.named_modules():
+        if not name or not matches_target(name, target_modules):
+            continue
+        if not is_linear(module):
+            if isinstance(target_modules, str):
+                continue  # a pattern may also catch containers; only linear layers take adapters
+            raise InjectionError(f"target module {name!r} is a {type(module).__name__}; adapters attach to nn.Linear or Conv1D layers")
+        in_features, out_features = linear_features(module)
+        sites.append(
+            Site(
+                module_name=name,
+                in_features=in_features if reads_input else out_features,
+                out_features=out_features,
+                reads_from=name if reads_input else None,
+                layer=_layer_of(blocks, name),
+            )
+        )
+    if not sites:
+        examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        raise InjectionError(
+            f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {examples}"
+        )
+    return sites
+
+
+def matches_target(name: str, target_modules: str | list[str]) -> bool:
+    """peft's rule: a string is a regular expression matched against the whole name; a list entry
+    matches the name itself or its last dotted parts."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _layer_of(block_lists: list[str], module_name: str) -> int | None:
+    for list_name in block_lists:
+        if module_name.startswith(list_name + "."):
+            return int(module_name[len(list_name) + 1 :].split(".", 1)[0])
+    return None
+
+
+def _filter_layers(model: nn.Module, sites: list[Site], layers: Iterable[int]) -> list[Site]:
+    wanted = set(layers)
+    depth = max((len(blocks) for _, blocks in find_blocks(model)), default=0)
+    out_of_range = sorted(i for i in wanted if not 0 <= i < depth)
+    if out_of_range:
+        raise InjectionError(f"layers {out_of_range} do not exist: {type(model).__name__} has {depth} layers (0..{depth - 1})")
+    return [site for site in sites if site.layer in wanted]

@@ -1,0 +1,317 @@
+"""Saving and loading adapters: safetensors only, atomic writes, and a fingerprint of the base.
+
+An adapter folder holds two files:
+- ``adapter_config.json``: {"format": "adapterkit", "format_version": 1, "name", "method",
+  "config", "base": fingerprint, "weights_crc32"}
+- ``adapter_model.safetensors``: the tensors, keyed "<base module name>.adapter.<parameter>".
+
+The base fingerprint names the architecture, hashes the names and shapes of its parameters, and
+hashes its weights (computed once per base object), so an adapter is never silently applied to a
+different model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import math
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, ShapeMismatchError
+from .methods import config_class
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+FORMAT = "adapterkit"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+_fingerprints: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+# ---- base fingerprint ----------------------------------------------------------------------------
+def base_fingerprint(base: nn.Module) -> dict[str, Any]:
+    """Architecture, a hash of parameter names and shapes, and a hash of the weights.
+
+    Hashing the weights reads every byte of the base once (about 0.3 s for 135M parameters), so
+    the result is kept for the life of the base object; the base is frozen, so it cannot go stale
+    through adapterkit."""
+    cached = _fingerprints.get(base)
+    if cached is None:
+        cached = _fingerprints[base] = _compute_fingerprint(base)
+    return cached
+
+
+def _compute_fingerprint(base: nn.Module) -> dict[str, Any]:
+    named = list(base.state_dict(keep_vars=False).items())
+    shapes = hashlib.sha256()
+    for name, tensor in named:
+        shapes.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_tensor_digest, (tensor for _, tensor in named)))
+    weights = hashlib.sha256(b"".join(digests))
+    config = getattr(base, "config", None)
+    return {
+        "architecture": type(base).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "num_parameters": sum(p.numel() for p in base.parameters()),
+        "shapes_sha256": shapes.hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+    }
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).digest()
+
+
+def _check_base(saved: dict[str, Any], base: nn.Module, path: Path) -> None:
+    here = base_fingerprint(base)
+    for field, what in (
+        ("architecture", "architecture"),
+        ("shapes_sha256", "parameter names or shapes"),
+        ("weights_sha256", "weights"),
+    ):
+        if saved.get(field) != here[field]:
+            detail = f" ({saved.get(field)} vs {here[field]})" if field == "architecture" else ""
+            raise BaseMismatchError(
+                f"adapter at {path} was made for another base model: the {what} differ{detail}. "
+                f"Load it over the base it was trained on ({saved.get('architecture')}, "
+                f"{saved.get('num_parameters'):,} parameters)"
+            )
+
+
+# ---- saving --------------------------------------------------------------------------------------
+def save_adapter(model: "AdapterModel", name: str, path: str | Path) -> None:
+    path = Path(path)
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in model.adapter_state_dict(name).items()}
+    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    config = model.adapters[name]
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base": base_fingerprint(model.base),
+        "weights_crc32": zlib.crc32(weights),
+    }
+    files = {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2) + "\n").encode()}
+    write_folder_atomically(path, files)
+
+
+def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` as the folder ``path``; a crash at any point leaves the old folder (if any)
+    intact at ``path`` or, on systems without an atomic exchange, beside it under a hidden name."""
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"{path} exists and is not a folder; refusing to replace it")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+        raise AdapterFileError(f"{path} is a non-empty folder that holds no adapter; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
+    try:
+        for file_name, data in files.items():  # the config goes last: a partial folder never loads
+            _write_durably(staging / file_name, data)
+        _fsync_dir(staging)
+        if not path.exists():
+            os.rename(staging, path)
+        elif not _exchange(staging, path):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(staging, path)
+            staging = old
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_durably(file: Path, data: bytes) -> None:
+    with open(file, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The parsed adapter_config.json of a saved adapter folder, or a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"no adapter folder at {path}")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterFileError(f"{path} holds no {CONFIG_FILE}; is it an adapter folder?")
+    try:
+        document = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{config_path} is corrupt: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{config_path} is corrupt: expected a JSON object")
+    return document
+
+
+def load_adapter(model: "AdapterModel", path: str | Path, name: str | None = None) -> str:
+    path = Path(path)
+    document = read_adapter_config(path)
+    if document.get("format") != FORMAT:
+        raise AdapterFileError(f"{path / CONFIG_FILE} is not an adapterkit adapter (format {document.get('format')!r})")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path} has adapter format version {version!r}; this adapterkit reads version {FORMAT_VERSION}. "
+            "Upgrade adapterkit to load it"
+        )
+    try:
+        config = config_class(document["method"]).from_dict(document["config"])
+    except KeyError as error:
+        raise AdapterFileError(f"{path / CONFIG_FILE} lacks the field {error}") from None
+    except (ConfigError, TypeError) as error:
+        raise AdapterFileError(f"{path / CONFIG_FILE} holds an invalid adapter config: {error}") from None
+    name = name or document.get("name")
+    model._check_new_name(name)
+    _check_base(document.get("base") or {}, model.base, path)
+    tensors = _read_weights(path, document.get("weights_crc32"))
+    sites = model._sites_for(config)
+    modules = _modules_from_tensors(model, config, sites, tensors, path)
+    model._install(name, config, sites, modules)
+    return name
+
+
+def _read_weights(path: Path, expected_crc32: int | None) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterFileError(f"{path} holds no {WEIGHTS_FILE}")
+    with open(weights_path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise AdapterFileError(f"{weights_path} is corrupt: the file is empty")
+        # A private mapping: the tensors view the file's pages without a copy, and writes to
+        # them (training a loaded adapter) never reach the file.
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    if expected_crc32 is not None and zlib.crc32(data) != expected_crc32:
+        raise AdapterFileError(f"{weights_path} is corrupt: its checksum does not match the one in {CONFIG_FILE}")
+    return parse_safetensors(data, weights_path)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def parse_safetensors(data: bytearray | mmap.mmap, source: Path) -> dict[str, torch.Tensor]:
+    """Tensors viewing ``data`` in place (no copy), after checking every header entry.
+
+    The format: an 8-byte little-endian header length, a JSON header mapping each name to its
+    dtype, shape and [start, end) byte range, then the packed tensor bytes."""
+
+    def corrupt(why: str) -> AdapterFileError:
+        return AdapterFileError(f"{source} is corrupt: {why}")
+
+    if len(data) < 8:
+        raise corrupt("too short to hold a safetensors header")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise corrupt(f"header length {header_len} runs past the end of the file")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise corrupt("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start_of_data, size = 8 + header_len, len(data) - 8 - header_len
+    view = memoryview(data)
+    tensors = {}
+    for key, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            start, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"the header entry for {key!r} is malformed") from None
+        numel = math.prod(shape)
+        if not 0 <= start <= end <= size or end - start != numel * dtype.itemsize:
+            raise corrupt(f"tensor {key!r} claims bytes {start}..{end}, which do not fit its shape {shape} or the file")
+        flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=start_of_data + start) if numel else torch.empty(0, dtype=dtype)
+        tensors[key] = flat.view(shape)
+    return tensors
+
+
+def _modules_from_tensors(model, config, sites, tensors: dict[str, torch.Tensor], path: Path) -> nn.ModuleDict:
+    """Build the adapter's modules without initialising them, then take the saved tensors."""
+    from .model import _key
+
+    built = {site.module_name: config.build(site, device="meta") for site in sites}
+    expected = {f"{module_name}.adapter.{param}": (module_name, param, t.shape) for module_name, m in built.items() for param, t in m.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ShapeMismatchError(
+            f"{path / WEIGHTS_FILE} does not fit this config on this base: "
+            f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}"
+        )
+    per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in built}
+    for key, (module_name, param, shape) in expected.items():
+        tensor = tensors[key]
+        if tensor.shape != shape:
+            raise ShapeMismatchError(f"tensor {key} in {path / WEIGHTS_FILE} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
+        weight = model._base_weight(module_name)
+        per_module[module_name][param] = tensor.to(device=weight.device, dtype=weight.dtype)
+    modules = nn.ModuleDict()
+    for site in sites:
+        module = built[site.module_name]
+        _assign(module, per_module[site.module_name])
+        modules[_key(site)] = module
+    return modules
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put loaded tensors in place of a module's meta parameters and buffers (frozen)."""
+    for key, tensor in tensors.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor

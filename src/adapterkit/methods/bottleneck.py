@@ -1,0 +1,141 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; the parallel form of He et al. 2021).
+
+LayerNorm -> down-projection d->r -> activation -> dropout -> up-projection r->d -> residual add.
+The up-projection starts at zero, so a new adapter is an exact identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..inject import Site, find_sites
+from . import AdapterConfig
+
+PLACEMENTS = ("houlsby", "pfeiffer", "attention", "parallel")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
+INITS = ("zeros", "bert")
+DEFAULT_BOTTLENECK_SIZE = 64
+
+
+@dataclasses.dataclass
+class BottleneckConfig(AdapterConfig):
+    """Where and how big the bottleneck adapters are.
+
+    placement: "houlsby" (after attention and after feed-forward), "pfeiffer" (after feed-forward),
+      "attention" (after attention), "parallel" (beside both sub-layers: reads each sub-layer's
+      input, adds to its output).
+    bottleneck_size / reduction_factor: the width r, given directly or as hidden size / r
+      (64 when neither is given).
+    init: "zeros" (up-projection zero: exact identity at start) or "bert" (all weights N(0, 0.02)).
+    layers: block indices to adapt (default: all). target_modules: explicit module names or a
+      regular expression, replacing the automatic insertion points.
+    """
+
+    method = "bottleneck"
+
+    placement: str = "houlsby"
+    bottleneck_size: int | None = None
+    reduction_factor: float | None = None
+    activation: str = "gelu"
+    dropout: float = 0.1
+    layer_norm: bool = True
+    scaling: float = 1.0
+    init: str = "zeros"
+    layers: list[int] | None = None
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement {self.placement!r} is not one of {list(PLACEMENTS)}")
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ConfigError("give bottleneck_size or reduction_factor, not both")
+        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1):
+            raise ConfigError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.reduction_factor is not None and not self.reduction_factor > 0:
+            raise ConfigError(f"reduction_factor must be positive, got {self.reduction_factor!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init {self.init!r} is not one of {list(INITS)}")
+        if self.layers is not None:
+            self.layers = list(self.layers)
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+                raise ConfigError(f"layers must be non-negative layer indices, got {self.layers!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ConfigError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+
+    def width(self, hidden: int) -> int:
+        if self.reduction_factor is not None:
+            return max(1, int(hidden // self.reduction_factor))
+        return self.bottleneck_size or DEFAULT_BOTTLENECK_SIZE
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        return find_sites(model, self.placement, self.layers, self.target_modules)
+
+    def build(self, site: Site, device: torch.device | str | None = None) -> "BottleneckAdapter":
+        return BottleneckAdapter(site.in_features, site.out_features, self, device)
+
+
+class BottleneckAdapter(nn.Module):
+    """The lesson's adapter layer. Serial: reads the layer's output y and returns y + f(y).
+    Parallel: reads the sub-layer's input x and returns y + f(x).
+
+    The weights are plain parameters rather than nn.Linear/nn.LayerNorm/nn.Dropout children: a
+    module is then cheap to build (loading dozens of them stays fast) and its tensors are easy to
+    stack across adapters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None):
+        super().__init__()
+        r = config.width(in_features)
+        self.parallel = config.placement == "parallel"
+        self.scaling = config.scaling
+        self.activation = ACTIVATIONS[config.activation]
+        self.dropout = config.dropout
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape, device=device))
+        if config.layer_norm:
+            self.ln_weight, self.ln_bias = empty(in_features), empty(in_features)
+        else:
+            self.ln_weight = self.ln_bias = None
+        self.down_weight, self.down_bias = empty(r, in_features), empty(r)
+        self.up_weight, self.up_bias = empty(out_features, r), empty(out_features)
+        if device is None or torch.device(device).type != "meta":
+            self._init_weights(config.init)
+
+    @torch.no_grad()
+    def _init_weights(self, init: str) -> None:
+        if self.ln_weight is not None:
+            self.ln_weight.fill_(1.0)
+            self.ln_bias.zero_()
+        if init == "bert":
+            self.down_weight.normal_(0.0, 0.02)
+            self.up_weight.normal_(0.0, 0.02)
+            self.down_bias.zero_()
+        else:  # nn.Linear's default for the down-projection, zeros for the up-projection
+            nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(self.down_weight.shape[1])
+            nn.init.uniform_(self.down_bias, -bound, bound)
+            self.up_weight.zero_()
+        self.up_bias.zero_()
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        if self.ln_weight is not None:
+            h = F.layer_norm(h, h.shape[-1:], self.ln_weight, self.ln_bias)
+        h = self.activation(F.linear(h, self.down_weight, self.down_bias))
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        return F.linear(h, self.up_weight, self.up_bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self.delta(x if self.parallel else y)
+        return y + delta if self.scaling == 1.0 else y.add(delta, alpha=self.scaling)
