@@ -9,14 +9,19 @@ from .errors import (
     BaseModelError,
     ConfigError,
     InjectionError,
+    MergeError,
     ShapeMismatchError,
 )
+from .methods.adalora import AdaLoraConfig
 from .methods.bottleneck import BottleneckConfig
+from .methods.lora import LoraConfig
 from .model import AdapterModel
 
 __all__ = [
     "AdapterModel",
     "BottleneckConfig",
+    "LoraConfig",
+    "AdaLoraConfig",
     "load_base",
     "AdapterkitError",
     "AdapterFileError",
@@ -25,6 +30,7 @@ __all__ = [
     "BaseModelError",
     "ConfigError",
     "InjectionError",
+    "MergeError",
     "ShapeMismatchError",
 ]
 

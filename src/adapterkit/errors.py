@@ -34,3 +34,7 @@ class BaseMismatchError(AdapterFileError):
 
 class ShapeMismatchError(AdapterFileError):
     """A saved tensor does not have the shape this base and config need."""
+
+
+class MergeError(AdapterkitError):
+    """An operation conflicts with an adapter merged into the base weights (unmerge it first)."""

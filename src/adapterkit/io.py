@@ -58,6 +58,11 @@ def base_fingerprint(base: nn.Module) -> dict[str, Any]:
     return cached
 
 
+def forget_base_fingerprint(base: nn.Module) -> None:
+    """Drop the kept fingerprint of a base whose weights were changed for good (merge_and_unload)."""
+    _fingerprints.pop(base, None)
+
+
 def _compute_fingerprint(base: nn.Module) -> dict[str, Any]:
     named = list(base.state_dict(keep_vars=False).items())
     shapes = hashlib.sha256()

@@ -8,6 +8,7 @@ weights, so ``disabled()`` is exactly the base, and switching adapters is one at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError
+from .errors import AdapterNameError, ConfigError, MergeError
 from .inject import Site
 from .methods import AdapterConfig
 
@@ -58,12 +59,11 @@ class _Attachment:
         active = self.routing.active
         if not active:
             return None
+        entries = [entry for name in active if (entry := self.adapters.get(name)) is not None]
+        if len(entries) > 1:  # adapters that change the layer itself first, then output transforms in order
+            entries.sort(key=lambda entry: not getattr(entry[0], "acts_on_input", False))
         x, y, tapped = args[0], output, False
-        for name in active:
-            entry = self.adapters.get(name)
-            if entry is None:
-                continue
-            adapter, tap = entry
+        for adapter, tap in entries:
             if tap is not None:
                 y, tapped = adapter(tap.value, y), True
             else:
@@ -95,11 +95,43 @@ class AdapterModel(nn.Module):
         self._taps: dict[str, _Tap] = {}
         self._base_modules: dict[str, nn.Module] = dict(base.named_modules())
         self._site_cache: dict[str, list[Site]] = {}
+        self._allocators: dict[str, "RankAllocator"] = {}  # AdaLoRA rank allocation, per adapter
+        self._merged: str | None = None
+        self._unmerged_weights: dict[str, torch.Tensor] = {}  # exact copies of the weights merging changed
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.base(*args, **kwargs)
+        training = [self._allocators[n] for n in self.active if n in self._allocators and self._trains(n)] if self.training else []
+        for allocator in training:
+            allocator.check_stepped()
+        outputs = self.base(*args, **kwargs)
+        if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            outputs.loss = outputs.loss + sum(allocator.orthogonality_penalty() for allocator in training)
+        return outputs
+
+    def step(self, global_step: int) -> None:
+        """Call after every optimizer step (before zero_grad): runs AdaLoRA's rank allocation for the
+        adapters being trained. Does nothing for other kinds."""
+        for name, allocator in self._allocators.items():
+            if self._trains(name):
+                pattern = allocator.step(global_step)
+                if pattern is not None:
+                    self._configs[name] = dataclasses.replace(self._configs[name], rank_pattern=pattern)
+
+    def _trains(self, name: str) -> bool:
+        return any(p.requires_grad for p in self.adapter_layers[name].parameters())
+
+    def adapter_ranks(self, name: str) -> dict[str, int]:
+        """The rank of each module of a LoRA or AdaLoRA adapter (AdaLoRA: the triplets it keeps)."""
+        self._check_known(name)
+        ranks = {}
+        for site in self._sites[name]:
+            module = self.adapter_layers[name][_key(site)]
+            if not hasattr(module, "low_rank_factors"):
+                raise ConfigError(f"adapter {name!r} is a {self._configs[name].method} adapter; only LoRA and AdaLoRA adapters have ranks")
+            ranks[site.module_name] = getattr(module, "rank", None) or module.lora_A.shape[0]
+        return ranks
 
     def generate(self, *args, **kwargs):
         return self.base.generate(*args, **kwargs)
@@ -153,9 +185,17 @@ class AdapterModel(nn.Module):
             if attachment is None:
                 attachment = self._attachments[site.module_name] = _Attachment(base_modules[site.module_name], self._routing)
             attachment.adapters[name] = (modules[_key(site)], tap)
+        if config.method == "adalora":
+            from .methods.adalora import RankAllocator
+
+            by_module = {site.module_name: modules[_key(site)] for site in sites}
+            self._allocators[name] = RankAllocator(name, config, by_module)
 
     def delete_adapter(self, name: str) -> None:
         self._check_known(name)
+        if name == self._merged:
+            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() it before deleting it")
+        self._allocators.pop(name, None)
         self.set_active(tuple(a for a in self.active if a != name))
         for site in self._sites.pop(name):
             attachment = self._attachments[site.module_name]
@@ -172,7 +212,12 @@ class AdapterModel(nn.Module):
         del self._configs[name]
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
-        """Choose the adapters that run, by name; several run in the order given; None for the base."""
+        """Choose the adapters that run, by name; None for the base.
+
+        When several adapters act on one layer, those that change the layer itself (LoRA, AdaLoRA:
+        a delta computed from the layer's input) apply first, whatever their place in ``names``;
+        then adapters that transform the layer's output (bottlenecks) apply in the order given.
+        A merged adapter stays active until ``unmerge()``."""
         if names is None:
             names = ()
         elif isinstance(names, str):
@@ -182,11 +227,15 @@ class AdapterModel(nn.Module):
             self._check_known(name)
         if len(set(names)) != len(names):
             raise AdapterNameError(f"an adapter is named twice in {list(names)}")
+        if self._merged is not None and self._merged not in names:
+            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
         self._routing.active = names
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the pure base model inside the block."""
+        if self._merged is not None:
+            raise MergeError(f"adapter {self._merged!r} is merged into the base weights; unmerge() before running the bare base")
         saved = self._routing.active
         self._routing.active = ()
         try:
@@ -197,10 +246,80 @@ class AdapterModel(nn.Module):
     def train_adapter(self, name: str) -> None:
         """Make ``name`` the only trainable part of the model (and active, if it is not already)."""
         self._check_known(name)
+        if name == self._merged:
+            raise MergeError(f"adapter {name!r} is merged into the base weights and cannot train; unmerge() first")
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
         if name not in self.active:
             self.set_active(name)
+
+    # ---- merging ---------------------------------------------------------------------------
+    @property
+    def merged(self) -> str | None:
+        """The adapter folded into the base weights, if any."""
+        return self._merged
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold a LoRA or AdaLoRA adapter into the base weights, W += s * B A (transposed for
+        GPT-2's Conv1D). The layers it adapts then run at the bare base's cost, with no hook work.
+        It stays active; switching it off, deleting or training it is refused until ``unmerge()``,
+        which restores the base weights bit for bit."""
+        self._check_known(name)
+        if self._merged is not None:
+            raise MergeError(f"adapter {self._merged!r} is already merged into the base weights; unmerge() it first")
+        modules = self.adapter_layers[name]
+        if not all(hasattr(module, "low_rank_factors") for module in modules.values()):
+            raise MergeError(
+                f"adapter {name!r} is a {self._configs[name].method} adapter; only LoRA and AdaLoRA adapters "
+                "can be merged into the weights (a bottleneck is not a linear map)"
+            )
+        from .io import base_fingerprint
+
+        base_fingerprint(self.base)  # taken (and kept) from the unmerged weights
+        for site in self._sites[name]:
+            layer = self._base_modules[site.module_name]
+            self._unmerged_weights[site.module_name] = layer.weight.detach().clone()
+            layer.weight.add_(_weight_update(layer, modules[_key(site)]))
+            self._detach(name, site.module_name)
+        self._merged = name
+        if name not in self.active:
+            self._routing.active = self.active + (name,)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weights; the merged adapter runs through its hooks again."""
+        name = self._merged
+        if name is None:
+            raise MergeError("no adapter is merged")
+        for site in self._sites[name]:
+            self._base_modules[site.module_name].weight.copy_(self._unmerged_weights.pop(site.module_name))
+            attachment = self._attachments.get(site.module_name)
+            if attachment is None:
+                attachment = self._attachments[site.module_name] = _Attachment(self._base_modules[site.module_name], self._routing)
+            attachment.adapters[name] = (self.adapter_layers[name][_key(site)], None)
+        self._merged = None
+
+    def merge_and_unload(self, name: str) -> nn.Module:
+        """Merge ``name`` for good and return the plain transformers model, free of every adapter
+        and hook (``save_pretrained`` writes it as an ordinary checkpoint). This AdapterModel is
+        left empty."""
+        self.merge(name)
+        self._merged = None
+        self._unmerged_weights = {}
+        for other in list(self._configs):
+            self.delete_adapter(other)
+        from .io import forget_base_fingerprint
+
+        forget_base_fingerprint(self.base)
+        return self.base
+
+    def _detach(self, name: str, module_name: str) -> None:
+        attachment = self._attachments[module_name]
+        del attachment.adapters[name]
+        if not attachment.adapters:
+            attachment.handle.remove()
+            del self._attachments[module_name]
 
     # ---- counting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -236,7 +355,7 @@ class AdapterModel(nn.Module):
         return {
             f"{site.module_name}.adapter.{param}": tensor
             for site in self._sites[name]
-            for param, tensor in modules[_key(site)].state_dict().items()
+            for param, tensor in _saved_state(modules[_key(site)]).items()
         }
 
     # ---- checks ----------------------------------------------------------------------------
@@ -262,6 +381,19 @@ class AdapterModel(nn.Module):
 
     def _base_weight(self, module_name: str) -> torch.Tensor:
         return self._base_modules[module_name].weight
+
+
+def _saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a saved adapter holds of a module: AdaLoRA keeps only the triplets it did not prune."""
+    saved_state = getattr(module, "saved_state", None)
+    return saved_state() if saved_state is not None else module.state_dict()
+
+
+def _weight_update(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:
+    """s * B A in the layout of ``layer.weight``: [out, in] for nn.Linear, [in, out] for Conv1D."""
+    A, B, scale = adapter.low_rank_factors()
+    update = (B.float() @ A.float()) * scale
+    return (update if isinstance(layer, nn.Linear) else update.T).to(layer.weight.dtype)
 
 
 def _key(site: Site) -> str:

@@ -41,9 +41,11 @@ class AdapterConfig:
 
 
 def config_class(method: str) -> type[AdapterConfig]:
+    from .adalora import AdaLoraConfig
     from .bottleneck import BottleneckConfig
+    from .lora import LoraConfig
 
-    classes = {c.method: c for c in (BottleneckConfig,)}
+    classes = {c.method: c for c in (BottleneckConfig, LoraConfig, AdaLoraConfig)}
     if method not in classes:
         raise ConfigError(f"unknown adapter method {method!r}; known methods are {sorted(classes)}")
     return classes[method]

@@ -1,0 +1,328 @@
+"""AdaLoRA (Zhang et al. 2023): a LoRA update in SVD shape, P Λ Q, whose rank budget is spent where
+it matters.
+
+Each linear layer gets y = W x + s * B (A * E) dropout(x): A [r, in] (Q, right singular vectors),
+E [r, 1] (Λ, singular values, zero at start: a new adapter is an exact identity), B [out, r] (P).
+s = alpha / (init_r + 1e-5), peft's scale, fixed for the adapter's life so that pruning changes no
+kept triplet's contribution.
+
+During training, ``RankAllocator.step`` (called through ``AdapterModel.step`` after each optimizer
+step) scores every triplet (row of A, value of E, column of B) by its sensitivity |w * grad w|
+smoothed with beta1 times its uncertainty smoothed with beta2, and zeroes the values E of the least
+important triplets so that the total rank follows a cubic schedule from init_r per module (until
+step tinit) to target_r per module (at step total_step - tfinal), every deltaT steps. The final
+mask is then held fixed. An orthogonality penalty, orth_reg_weight times the mean of
+||A Aᵀ - I|| and ||Bᵀ B - I||, keeps A and B close to singular vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..inject import Site, find_sites
+from . import AdapterConfig
+from .lora import check_dropout, check_layers, check_target_modules
+
+RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
+
+
+@dataclasses.dataclass
+class AdaLoraConfig(AdapterConfig):
+    """init_r / target_r: rank per module at the start / on average at the end of the schedule.
+    beta1 / beta2: EMA factors of sensitivity / uncertainty. tinit: steps before pruning starts;
+    tfinal: steps at the end with the final ranks fixed; deltaT: steps between maskings;
+    total_step: the number of optimizer steps of the training run (required).
+    alpha: scale numerator; dropout: on the layer input; orth_reg_weight: weight of the
+    orthogonality penalty; target_modules / layers: as LoraConfig.
+    rank_pattern: which triplets each module keeps ({module: [bool] * init_r}); written by the
+    rank allocation and by saving, so that a saved adapter holds only its kept ranks."""
+
+    method = "adalora"
+
+    init_r: int = 12
+    target_r: int = 8
+    beta1: float = 0.85
+    beta2: float = 0.85
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    target_modules: list[str] | str | None = None
+    alpha: float = 8.0
+    dropout: float = 0.0
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    layers: list[int] | None = None
+    rank_pattern: dict[str, list[bool]] | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("init_r", "target_r", "deltaT"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if self.target_r > self.init_r:
+            raise ConfigError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): AdaLoRA only prunes ranks")
+        for field in ("beta1", "beta2"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
+        for field in ("tinit", "tfinal"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"{field} must be a non-negative integer, got {value!r}")
+        if self.total_step is None:
+            raise ConfigError("AdaLoRA needs total_step, the number of optimizer steps of the training run, to schedule its rank budget")
+        if not _is_int(self.total_step) or self.total_step < 1:
+            raise ConfigError(f"total_step must be a positive integer, got {self.total_step!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ConfigError(
+                f"the schedule leaves no steps to prune ranks: tinit ({self.tinit}) must be below "
+                f"total_step - tfinal ({self.total_step} - {self.tfinal} = {self.total_step - self.tfinal}); "
+                "lower tinit or tfinal, or raise total_step"
+            )
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        check_dropout(self.dropout)
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise ConfigError(f"orth_reg_weight must be a non-negative number, got {self.orth_reg_weight!r}")
+        self.target_modules = check_target_modules(self.target_modules)
+        self.layers = check_layers(self.layers)
+        if self.rank_pattern is not None:
+            self._check_rank_pattern()
+
+    def _check_rank_pattern(self) -> None:
+        if not isinstance(self.rank_pattern, dict):
+            raise ConfigError(f"rank_pattern must map module names to lists of booleans, got {type(self.rank_pattern).__name__}")
+        for module, keep in self.rank_pattern.items():
+            if not isinstance(keep, list) or len(keep) != self.init_r or not all(isinstance(k, bool) for k in keep):
+                raise ConfigError(f"rank_pattern[{module!r}] must be a list of {self.init_r} booleans (one per initial rank)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.init_r + RANKNUM_EPSILON)
+
+    def rank_of(self, module_name: str) -> int:
+        if self.rank_pattern is None or module_name not in self.rank_pattern:
+            return self.init_r
+        return sum(self.rank_pattern[module_name])
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        return find_sites(model, "linear", self.layers, self.target_modules)
+
+    def build(self, site: Site, device: torch.device | str | None = None) -> "AdaLoraAdapter":
+        r = self.rank_of(site.module_name)
+        return AdaLoraAdapter(site.in_features, site.out_features, r, self.scale, self.dropout, device)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class AdaLoraAdapter(nn.Module):
+    """The SVD-shaped update of one linear layer. ``forward(x, y)`` returns y + delta(x)."""
+
+    acts_on_input: ClassVar[bool] = True  # changes the layer itself: runs before output transforms
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, device=None):
+        super().__init__()
+        self.scale = scale
+        self.dropout = dropout
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device))
+        self.keep: torch.Tensor | None = None  # the triplets the rank allocation keeps (bool [r]); None: all
+        if device is None or torch.device(device).type != "meta":
+            self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        self.lora_E.zero_()
+        self.lora_A.normal_(0.0, 0.02)
+        self.lora_B.normal_(0.0, 0.02)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
+        return F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * self.scale
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.delta(x)
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A * E [r, in], B [out, r], scale): pruned triplets have E = 0, so their rows are zero."""
+        return self.lora_A * self.lora_E, self.lora_B, self.scale
+
+    @property
+    def rank(self) -> int:
+        return self.lora_E.shape[0] if self.keep is None else int(self.keep.sum())
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the kept triplets only (what a saved adapter holds)."""
+        if self.keep is None:
+            return self.state_dict()
+        keep = self.keep
+        return {"lora_A": self.lora_A[keep], "lora_E": self.lora_E[keep], "lora_B": self.lora_B[:, keep]}
+
+    @torch.no_grad()
+    def apply_mask(self, keep: torch.Tensor) -> None:
+        self.keep = keep
+        self.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+
+
+class RankAllocator:
+    """AdaLoRA's budget schedule and importance scores for one adapter being trained.
+
+    An adapter loaded with a rank_pattern has finished its schedule (its pruned triplets are gone):
+    its allocator does nothing."""
+
+    def __init__(self, name: str, config: AdaLoraConfig, modules: dict[str, AdaLoraAdapter]) -> None:
+        self.name = name
+        self.config = config
+        self.modules = modules
+        self.initial_budget = sum(m.lora_E.shape[0] for m in modules.values())
+        self.target_budget = config.target_r * len(modules)
+        self.finished = config.rank_pattern is not None
+        self.final_pattern: dict[str, list[bool]] | None = None
+        self.scores: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seen: tuple[int, int] | None = None  # (tensor id, version) of one parameter at the last step()
+        self._warned_unstepped = self._warned_no_grad = False
+
+    @property
+    def end(self) -> int:
+        """The step at which the final ranks are fixed."""
+        return self.config.total_step - self.config.tfinal
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """(total rank budget, whether to mask) at ``step``: the cubic schedule of the paper."""
+        config = self.config
+        if step <= config.tinit:
+            return self.initial_budget, False
+        if step >= self.end:
+            return self.target_budget, True
+        remaining = 1 - (step - config.tinit) / (self.end - config.tinit)
+        budget = int((self.initial_budget - self.target_budget) * remaining**3 + self.target_budget)
+        return budget, step % config.deltaT == 0
+
+    def step(self, global_step: int) -> dict[str, list[bool]] | None:
+        """Update importance and mask; returns the new rank pattern when it changed."""
+        if self.finished:
+            return None
+        pattern = None
+        if self.final_pattern is not None:
+            self._apply(self.final_pattern)
+        elif global_step >= self.end:
+            pattern = self.final_pattern = self._mask_to_budget(self.target_budget)
+            self.scores = {}
+            print(self.summary())
+        else:
+            self._update_importance()
+            budget, mask = self.budget(global_step)
+            if mask:
+                pattern = self._mask_to_budget(budget)
+        self._seen = self._version()
+        return pattern
+
+    @torch.no_grad()
+    def _update_importance(self) -> None:
+        beta1, beta2 = self.config.beta1, self.config.beta2
+        missing = False
+        for module_name, module in self.modules.items():
+            for param_name in ("lora_A", "lora_E", "lora_B"):
+                param = getattr(module, param_name)
+                if param.grad is None:
+                    missing = True
+                    continue
+                sensitivity = (param * param.grad).abs()
+                key = (module_name, param_name)
+                if key not in self.scores:
+                    self.scores[key] = (torch.zeros_like(param), torch.zeros_like(param))
+                smoothed, uncertainty = self.scores[key]
+                smoothed.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
+                uncertainty.mul_(beta2).add_((sensitivity - smoothed).abs(), alpha=1 - beta2)
+        if missing and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"AdaLoRA adapter {self.name!r}: model.step() found parameters without gradients, so their "
+                "importance was not updated. Call model.step(global_step) after optimizer.step() and before "
+                "optimizer.zero_grad().",
+                stacklevel=3,
+            )
+
+    def _triplet_scores(self) -> dict[str, torch.Tensor]:
+        """Score per triplet: E's score plus the mean scores of its row of A and its column of B."""
+        scores = {}
+        for module_name, module in self.modules.items():
+            r = module.lora_E.shape[0]
+            zeros = torch.zeros(r, device=module.lora_E.device)
+            parts = {}
+            for param_name in ("lora_A", "lora_E", "lora_B"):
+                entry = self.scores.get((module_name, param_name))
+                parts[param_name] = None if entry is None else entry[0] * entry[1]
+            score_E = zeros if parts["lora_E"] is None else parts["lora_E"].view(-1)
+            score_A = zeros if parts["lora_A"] is None else parts["lora_A"].mean(dim=1)
+            score_B = zeros if parts["lora_B"] is None else parts["lora_B"].mean(dim=0)
+            scores[module_name] = score_E + score_A + score_B
+        return scores
+
+    @torch.no_grad()
+    def _mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        scores = self._triplet_scores()
+        prune = self.initial_budget - budget
+        if prune <= 0:
+            pattern = {name: [True] * len(score) for name, score in scores.items()}
+        else:
+            threshold = torch.kthvalue(torch.cat(list(scores.values())), prune).values
+            pattern = {name: (score > threshold).tolist() for name, score in scores.items()}
+        self._apply(pattern)
+        return pattern
+
+    def _apply(self, pattern: dict[str, list[bool]]) -> None:
+        for module_name, keep in pattern.items():
+            module = self.modules[module_name]
+            module.apply_mask(torch.tensor(keep, dtype=torch.bool, device=module.lora_E.device))
+
+    def ranks(self) -> dict[str, int]:
+        return {module_name: module.rank for module_name, module in self.modules.items()}
+
+    def summary(self) -> str:
+        ranks = self.ranks()
+        lines = [f"AdaLoRA {self.name!r}: final ranks, {sum(ranks.values())} in all (target {self.target_budget} = "
+                 f"{self.config.target_r} x {len(ranks)} modules, from {self.initial_budget})"]
+        lines += [f"  {module_name}: {rank}" for module_name, rank in ranks.items()]
+        return "\n".join(lines)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """orth_reg_weight * mean over A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F."""
+        terms = []
+        for module in self.modules.values():
+            for gram in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):
+                eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+                terms.append(torch.linalg.matrix_norm(gram - eye))
+        return self.config.orth_reg_weight * torch.stack(terms).mean()
+
+    def check_stepped(self) -> None:
+        """Warn once when the adapter's parameters changed (an optimizer step) with no step() after it."""
+        if self.finished or self._warned_unstepped:
+            return
+        seen = self._version()
+        if self._seen is None:
+            self._seen = seen
+        elif seen != self._seen:
+            self._warned_unstepped = True
+            warnings.warn(
+                f"AdaLoRA adapter {self.name!r} is being trained without rank allocation: call "
+                "model.step(global_step) after each optimizer step (before optimizer.zero_grad()); "
+                "without it AdaLoRA silently trains a fixed rank.",
+                stacklevel=3,
+            )
+
+    def _version(self) -> tuple[int, int]:
+        param = next(iter(self.modules.values())).lora_E
+        return id(param), param._version
