@@ -137,5 +137,7 @@ class BottleneckAdapter(nn.Module):
         return F.linear(h, self.up_weight, self.up_bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self.delta(x if self.parallel else y)
-        return y + delta if self.scaling == 1.0 else y.add(delta, alpha=self.scaling)
+        delta = self.delta(x if self.parallel else y)  # a fresh tensor: safe to add into in place
+        if self.scaling != 1.0:
+            delta.mul_(self.scaling)
+        return delta.add_(y)
