@@ -10,27 +10,44 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError, MergeError
+from .errors import AdapterkitError, AdapterNameError, ConfigError, MergeError
 from .inject import Site
 from .methods import AdapterConfig
+from .methods.bottleneck import BottleneckAdapter, grouped_bottleneck_delta, stack_bottlenecks
 
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
 
 class _Routing:
-    """Which adapters run, shared by every hook so that switching is a single assignment."""
+    """Which adapters run, shared by every hook so that switching is a single assignment.
 
-    __slots__ = ("active",)
+    A mixed batch (one adapter per row) is kept per thread and only for the call that set it, so
+    two threads running different batches through one model never see each other's rows."""
+
+    __slots__ = ("active", "_local")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
+        self._local = threading.local()
+
+    @property
+    def mixed(self) -> "_MixedPlan | None":
+        return getattr(self._local, "plan", None)
+
+    @mixed.setter
+    def mixed(self, plan: "_MixedPlan | None") -> None:
+        self._local.plan = plan
 
 
 class _Tap:
@@ -43,7 +60,8 @@ class _Tap:
         self.handle = module.register_forward_pre_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: tuple) -> None:
-        if not self.readers.isdisjoint(self.routing.active):
+        plan = self.routing.mixed
+        if not self.readers.isdisjoint(self.routing.active if plan is None else plan.names):
             self.value = args[0]
 
 
@@ -56,6 +74,9 @@ class _Attachment:
         self.handle = module.register_forward_hook(self._apply)
 
     def _apply(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        plan = self.routing.mixed
+        if plan is not None:
+            return plan.apply(self, args[0], output)
         active = self.routing.active
         if not active:
             return None
@@ -73,6 +94,142 @@ class _Attachment:
                 if tap is not None:
                     tap.value = None
         return y
+
+
+BASE = "base"  # in a mixed batch, the row runs through the bare base
+_STACK_CACHE_ENTRIES = 256  # (module, adapters) stacks kept between calls
+
+
+class _Kind(NamedTuple):
+    """Adapters of one kind at one module are computed together: same maths, same input."""
+
+    method: str  # "bottleneck" or "low_rank"
+    reads: str  # "output" (serial bottleneck), "input" (LoRA, parallel on the layer itself) or "tap"
+    tap: "_Tap | None" = None
+    activation: object = None
+    layer_norm: bool = False
+
+
+def _kind(module: nn.Module, tap: _Tap | None) -> _Kind:
+    if isinstance(module, BottleneckAdapter):
+        reads = "tap" if tap is not None else "input" if module.parallel else "output"
+        return _Kind("bottleneck", reads, tap, module.activation, module.ln_weight is not None)
+    if hasattr(module, "low_rank_factors"):
+        return _Kind("low_rank", "input")
+    raise AdapterkitError(f"{type(module).__name__} adapters cannot run in a mixed-adapter batch")
+
+
+@torch.no_grad()
+def _stack(kind: _Kind, modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    if kind.method == "bottleneck":
+        return stack_bottlenecks(modules)
+    factors = [module.low_rank_factors() for module in modules]
+    r = max(a.shape[0] for a, _, _ in factors)
+    down = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in factors])
+    up = torch.stack([F.pad(b * scale, (0, r - b.shape[1])) for _, b, scale in factors])
+    return {"down_t": down.transpose(1, 2).contiguous(), "up_t": up.transpose(1, 2).contiguous()}
+
+
+def _grouped_delta(kind: _Kind, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    if kind.method == "bottleneck":
+        return grouped_bottleneck_delta(h, weights, kind.activation)
+    return torch.bmm(torch.bmm(h, weights["down_t"]), weights["up_t"])
+
+
+class _Group:
+    """The rows one kind of adapter serves at one module, laid out for batched matrix products.
+
+    Rows are packed into equal-sized groups, each group holding rows of one adapter; an adapter
+    with many rows takes several groups. With group size ceil(rows / adapters) the padding never
+    exceeds one group per adapter, so an uneven mix costs at most twice the adapter FLOPs of an
+    even one, and an even one costs the same as a single adapter."""
+
+    def __init__(self, kind: _Kind, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
+        self.kind = kind
+        device = next(iter(stacked.values())).device
+        members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
+        self.rows = None if len(members) == len(row_adapter) else torch.tensor(members, device=device)
+        positions: dict[int, list[int]] = {}
+        for position, row in enumerate(members):
+            positions.setdefault(row_adapter[row], []).append(position)
+        self.size = math.ceil(len(members) / len(positions))
+        group_adapter, slot_rows, row_slot = [], [], [0] * len(members)
+        for adapter, adapter_positions in positions.items():
+            for start in range(0, len(adapter_positions), self.size):
+                chunk = adapter_positions[start : start + self.size]
+                for offset, position in enumerate(chunk):
+                    row_slot[position] = len(slot_rows) + offset
+                slot_rows += chunk + [chunk[0]] * (self.size - len(chunk))
+                group_adapter.append(adapter)
+        self.in_order = slot_rows == list(range(len(members)))
+        self.slot_rows = torch.tensor(slot_rows, device=device)
+        self.row_slot = torch.tensor(row_slot, device=device)
+        if group_adapter == list(range(len(next(iter(stacked.values()))))):
+            self.weights = stacked
+        else:
+            index = torch.tensor(group_adapter, device=device)
+            self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kind = self.kind
+        source = kind.tap.value if kind.reads == "tap" else x if kind.reads == "input" else y
+        n = y.shape[0]
+        h = source.reshape(n, -1, source.shape[-1])
+        if self.rows is not None:
+            h = h.index_select(0, self.rows)
+        if not self.in_order:
+            h = h.index_select(0, self.slot_rows)
+        length = h.shape[1]
+        delta = _grouped_delta(kind, h.reshape(-1, self.size * length, h.shape[-1]), self.weights)
+        delta = delta.reshape(-1, length, delta.shape[-1])
+        if not self.in_order:
+            delta = delta.index_select(0, self.row_slot)
+        out = y.reshape(n, -1, y.shape[-1])
+        out = out + delta if self.rows is None else out.index_add(0, self.rows, delta)
+        return out.reshape(y.shape)
+
+
+class _MixedPlan:
+    """One adapter per row for the length of a call (or a ``mixed_adapters`` block).
+
+    Per hooked module, the rows are grouped by kind of adapter once and reused for every forward
+    pass of the call, so generation pays for the layout only at the first step."""
+
+    def __init__(self, model: "AdapterModel", rows: list[str | None]) -> None:
+        self.model = model
+        self.rows = rows
+        self.names = frozenset(name for name in rows if name is not None)
+        self._groups: dict[tuple[_Attachment, int], list[_Group]] = {}
+
+    def apply(self, attachment: "_Attachment", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        repeat, remainder = divmod(y.shape[0], len(self.rows))
+        if remainder or not repeat:
+            raise AdapterkitError(f"the batch has {y.shape[0]} rows but adapter_names names {len(self.rows)}")
+        key = (attachment, repeat)
+        groups = self._groups.get(key)
+        if groups is None:
+            groups = self._groups[key] = self._layout(attachment, repeat)
+        if not groups:
+            return None
+        for group in groups:
+            y = group.apply(x, y)
+        for group in groups:
+            if group.kind.tap is not None:
+                group.kind.tap.value = None
+        return y
+
+    def _layout(self, attachment: "_Attachment", repeat: int) -> list[_Group]:
+        """Rows repeated ``repeat`` times each: generate expands rows for beams and samples."""
+        by_kind: dict[_Kind, list[str]] = {}
+        for name in sorted(self.names & attachment.adapters.keys()):
+            module, tap = attachment.adapters[name]
+            by_kind.setdefault(_kind(module, tap), []).append(name)
+        groups = []
+        for kind, names in by_kind.items():
+            index = {name: i for i, name in enumerate(names)}
+            row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
+            groups.append(_Group(kind, self.model._stacked(attachment, kind, names), row_adapter))
+        return groups
 
 
 class AdapterModel(nn.Module):
@@ -95,13 +252,18 @@ class AdapterModel(nn.Module):
         self._taps: dict[str, _Tap] = {}
         self._base_modules: dict[str, nn.Module] = dict(base.named_modules())
         self._site_cache: dict[str, list[Site]] = {}
+        self._stacks: OrderedDict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = OrderedDict()
         self._allocators: dict[str, "RankAllocator"] = {}  # AdaLoRA rank allocation, per adapter
         self._merged: str | None = None
         self._unmerged_weights: dict[str, torch.Tensor] = {}  # exact copies of the weights merging changed
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The base's forward; with ``adapter_names``, row i runs through adapter ``adapter_names[i]``."""
+        if adapter_names is not None:
+            with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
+                return self.base(*args, **kwargs)
         training = [self._allocators[n] for n in self.active if n in self._allocators and self._trains(n)] if self.training else []
         for allocator in training:
             allocator.check_stepped()
@@ -133,8 +295,28 @@ class AdapterModel(nn.Module):
             ranks[site.module_name] = getattr(module, "rank", None) or module.lora_A.shape[0]
         return ranks
 
-    def generate(self, *args, **kwargs):
-        return self.base.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The base's generate; with ``adapter_names``, one adapter per input row (beams and
+        returned sequences of a row use that row's adapter)."""
+        if adapter_names is None:
+            return self.base.generate(*args, **kwargs)
+        with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
+            return self.base.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_adapters(self, adapter_names: Sequence[str | None], rows: int | None = None) -> Iterator[None]:
+        """Inside the block, row i of every batch runs through adapter ``adapter_names[i]`` (None or
+        "base": the bare base), whatever ``set_active`` chose. The base runs once for the whole
+        batch; at each adapted layer all rows' adapters are computed together.
+
+        Inference only: refused in training mode and while an adapter is merged."""
+        plan = self._mixed_plan(adapter_names, rows)
+        saved = self._routing.mixed
+        self._routing.mixed = plan
+        try:
+            yield
+        finally:
+            self._routing.mixed = saved
 
     def __getattr__(self, name: str):
         try:
@@ -210,6 +392,8 @@ class AdapterModel(nn.Module):
                 del self._taps[module_name]
         del self.adapter_layers[name]
         del self._configs[name]
+        for key in [key for key in self._stacks if name in key[2]]:
+            del self._stacks[key]
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
         """Choose the adapters that run, by name; None for the base.
@@ -358,6 +542,37 @@ class AdapterModel(nn.Module):
             for param, tensor in _saved_state(modules[_key(site)]).items()
         }
 
+    # ---- mixed batches ---------------------------------------------------------------------
+    def _mixed_plan(self, adapter_names: Sequence[str | None], rows: int | None) -> _MixedPlan:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+            raise AdapterNameError(f"adapter_names must be a non-empty list with one name (or None) per row, got {adapter_names!r}")
+        if rows is not None and len(adapter_names) != rows:
+            raise AdapterNameError(f"adapter_names has {len(adapter_names)} names for a batch of {rows} rows; give one per row")
+        if self.training:
+            raise AdapterkitError("mixed-adapter batches are for inference: call model.eval() first (train one adapter at a time with train_adapter)")
+        if self._merged is not None:
+            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it would apply to every row; unmerge() it to mix adapters per row")
+        names = [None if name in (None, BASE) else name for name in adapter_names]
+        for name in set(names) - {None}:
+            self._check_known(name)
+        return _MixedPlan(self, names)
+
+    def _stacked(self, attachment: _Attachment, kind: _Kind, names: list[str]) -> dict[str, torch.Tensor]:
+        """The weights of ``names`` at one module, stacked; kept between calls until a parameter
+        changes (its version counter moves) or one of the adapters is deleted."""
+        modules = [attachment.adapters[name][0] for name in names]
+        signature = tuple((id(p), p._version, p.data_ptr()) for module in modules for p in module.parameters())
+        key = (attachment, kind, tuple(names))
+        cached = self._stacks.get(key)
+        if cached is not None and cached[0] == signature:
+            self._stacks.move_to_end(key)
+            return cached[1]
+        stacked = _stack(kind, modules)
+        self._stacks[key] = (signature, stacked)
+        if len(self._stacks) > _STACK_CACHE_ENTRIES:
+            self._stacks.popitem(last=False)
+        return stacked
+
     # ---- checks ----------------------------------------------------------------------------
     def _check_known(self, name: str) -> None:
         if name not in self._configs:
@@ -394,6 +609,13 @@ def _weight_update(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:
     A, B, scale = adapter.low_rank_factors()
     update = (B.float() @ A.float()) * scale
     return (update if isinstance(layer, nn.Linear) else update.T).to(layer.weight.dtype)
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None
 
 
 def _key(site: Site) -> str:

@@ -141,3 +141,38 @@ class BottleneckAdapter(nn.Module):
         if self.scaling != 1.0:
             delta.mul_(self.scaling)
         return delta.add_(y)
+
+
+# ---- many adapters at one site, for mixed-adapter batches -----------------------------------------
+@torch.no_grad()
+def stack_bottlenecks(adapters: list[BottleneckAdapter]) -> dict[str, torch.Tensor]:
+    """The weights of several adapters at one site as [adapters, ...] tensors, transposed for bmm.
+
+    Widths are zero-padded to the largest: a zero down-row gives act(0) = 0 for every supported
+    activation and a zero up-column adds nothing, so padding is exact. ``scaling`` is folded into
+    the up-projection. All adapters must agree on layer_norm (callers group them by it)."""
+    r = max(adapter.down_weight.shape[0] for adapter in adapters)
+
+    def pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = r - tensor.shape[dim]
+        return F.pad(tensor, (0, missing) if dim == -1 else (0, 0, 0, missing)) if missing else tensor
+
+    stacked = {
+        "down_t": torch.stack([pad(a.down_weight, 0).t() for a in adapters]),
+        "down_bias": torch.stack([pad(a.down_bias, -1) for a in adapters]).unsqueeze(1),
+        "up_t": torch.stack([(pad(a.up_weight, -1) * a.scaling).t() for a in adapters]),
+        "up_bias": torch.stack([a.up_bias * a.scaling for a in adapters]).unsqueeze(1),
+    }
+    if adapters[0].ln_weight is not None:
+        stacked["ln_weight"] = torch.stack([a.ln_weight for a in adapters]).unsqueeze(1)
+        stacked["ln_bias"] = torch.stack([a.ln_bias for a in adapters]).unsqueeze(1)
+    return {key: tensor.contiguous() for key, tensor in stacked.items()}
+
+
+def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], activation) -> torch.Tensor:
+    """Each group's adapter applied to its slice of ``h`` [groups, tokens, d], as batched products;
+    ``weights`` come from ``stack_bottlenecks`` with one entry per group."""
+    if "ln_weight" in weights:
+        h = torch.addcmul(weights["ln_bias"], F.layer_norm(h, h.shape[-1:]), weights["ln_weight"])
+    hidden = activation(torch.baddbmm(weights["down_bias"], h, weights["down_t"]))
+    return torch.baddbmm(weights["up_bias"], hidden, weights["up_t"])
