@@ -191,3 +191,56 @@ def test_stacked_weights_are_reused_and_follow_changes():
     torch.manual_seed(55)
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4, init="bert"))
     _assert_rows_match(model, inputs, names)
+
+
+LOW_RANK_TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "o_proj", "down_proj"]}
+
+
+def _randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
+    """A freshly made LoRA/AdaLoRA adapter is the identity; give it weights a trained one might have."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.adapter_layers[name].parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+def _low_rank_model(arch: str) -> ak.AdapterModel:
+    targets = LOW_RANK_TARGETS[arch]
+    model = _model(arch, {
+        "bottleneck": ak.BottleneckConfig(bottleneck_size=8, init="bert"),
+        "parallel": ak.BottleneckConfig(placement="parallel", bottleneck_size=4, init="bert"),
+        "lora8": ak.LoraConfig(r=8, alpha=16, target_modules=targets),
+        "lora2": ak.LoraConfig(r=2, alpha=4, target_modules=targets[:1], use_rslora=True),
+        "lora_top": ak.LoraConfig(r=4, target_modules=targets, layers=[1]),
+        "adalora": ak.AdaLoraConfig(init_r=6, target_r=4, total_step=10, target_modules=targets),
+    })
+    for seed, name in enumerate(["lora8", "lora2", "lora_top", "adalora"]):
+        _randomise(model, name, seed)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_and_adalora_rows_match_alone_beside_bottlenecks(arch):
+    model = _low_rank_model(arch)
+    names = ["lora8", "bottleneck", "lora2", "base", "adalora", "parallel", "lora_top", "lora8", "adalora"]
+    mixed = _assert_rows_match(model, batch(seed=10, rows=len(names)), names)
+    assert not torch.allclose(mixed[0], mixed[2])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_greedy_generate_matches_each_row_alone(arch):
+    model = _low_rank_model(arch)
+    names = ["lora8", "adalora", "bottleneck", "lora2", "base"]
+    inputs = batch(seed=11, rows=len(names), length=6)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mixed = model.generate(**inputs, adapter_names=names, **kwargs)[:, 6:]
+    assert [row.tolist() for row in mixed] == [row[0].tolist() for row in _generate_alone(model, inputs, names, **kwargs)]
+
+
+def test_a_merged_adapter_refuses_mixed_batches():
+    model = _low_rank_model("llama")
+    model.merge("lora8")
+    with pytest.raises(ak.AdapterkitError, match="'lora8' is merged.*unmerge"):
+        model(**batch(rows=2), adapter_names=["lora2", "base"])
+    model.unmerge()
+    _assert_rows_match(model, batch(seed=12, rows=2), ["lora8", "lora2"])
