@@ -1,7 +1,10 @@
 """Tiny random models built from configs: offline, seconds each."""
 
+import string
+
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -9,6 +12,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 VOCAB = 97
@@ -59,3 +63,23 @@ def batch(seed: int = 0, rows: int = 2, length: int = 8) -> dict[str, torch.Tens
 def logits(model, inputs=None) -> torch.Tensor:
     with torch.no_grad():
         return model(**(inputs or batch())).logits
+
+
+TOKENIZER_CHARS = string.ascii_letters + string.digits + " \n.,:;!?'\"()%{}-_"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary (pad 0, bos 1, eos 2)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({char: 4 + i for i, char in enumerate(TOKENIZER_CHARS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    return tokenizer

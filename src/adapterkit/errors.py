@@ -36,5 +36,13 @@ class ShapeMismatchError(AdapterFileError):
     """A saved tensor does not have the shape this base and config need."""
 
 
+class DataError(AdapterkitError, ValueError):
+    """A training or evaluation file is missing or malformed (the message names the line)."""
+
+
+class TrainingError(AdapterkitError):
+    """Training cannot go on, e.g. the loss became NaN or infinite."""
+
+
 class MergeError(AdapterkitError):
     """An operation conflicts with an adapter merged into the base weights (unmerge it first)."""

@@ -1,0 +1,298 @@
+"""Training data: gettext catalogs to JSONL pairs, JSONL reading, tokenisation with loss masks,
+and length-bucketed batches.
+
+A training file is JSONL, one example a line: ``{"prompt": ..., "completion": ...}`` or
+``{"messages": [...]}`` (rendered with the tokenizer's chat template; the last message is the
+assistant's answer). Loss is taken on completion tokens only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import gettext
+import json
+import random
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import DataError
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
+
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German", "el": "Greek",
+    "es": "Spanish", "fi": "Finnish", "fr": "French", "hu": "Hungarian", "it": "Italian", "ja": "Japanese",
+    "ko": "Korean", "nl": "Dutch", "nb": "Norwegian", "pl": "Polish", "pt": "Portuguese", "pt_BR": "Portuguese",
+    "ro": "Romanian", "ru": "Russian", "sv": "Swedish", "tr": "Turkish", "uk": "Ukrainian", "zh_Hans": "Chinese",
+}
+
+
+# ---- gettext catalogs ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PoEntry:
+    msgid: str
+    msgstr: dict[int, str]  # plural index -> translation; a singular entry has only index 0
+    msgid_plural: str | None = None
+    msgctxt: str | None = None
+    fuzzy: bool = False
+    obsolete: bool = False
+
+
+def parse_po(text: str, source: str = "<catalog>") -> list[PoEntry]:
+    """The entries of a gettext .po file, header included (msgid "")."""
+    entries: list[PoEntry] = []
+    fields: dict[str, str] = {}
+    current: str | None = None
+    flags: set[str] = set()
+    obsolete = False
+
+    def finish() -> None:
+        nonlocal fields, current, flags, obsolete
+        if "msgid" in fields:
+            translations = {0: fields["msgstr"]} if "msgstr" in fields else {
+                int(key[7:-1]): value for key, value in fields.items() if key.startswith("msgstr[")
+            }
+            entries.append(PoEntry(
+                msgid=fields["msgid"], msgstr=translations, msgid_plural=fields.get("msgid_plural"),
+                msgctxt=fields.get("msgctxt"), fuzzy="fuzzy" in flags, obsolete=obsolete,
+            ))
+        fields, current, flags, obsolete = {}, None, set(), False
+
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        in_obsolete = line.startswith("#~")
+        if in_obsolete:
+            line = line[2:].strip()
+            if not line or line.startswith("|"):  # "#~|" is a previous msgid: a comment
+                continue
+        elif line.startswith("#,"):
+            if "msgid" in fields:
+                finish()
+            flags.update(flag.strip() for flag in line[2:].split(","))
+            continue
+        elif not line or line.startswith("#"):
+            if not line and "msgid" in fields:
+                finish()
+            continue
+        if line.startswith('"'):
+            if current is None:
+                raise DataError(f"{source}:{number}: a string continues no keyword")
+            fields[current] += _po_string(line, source, number)
+            continue
+        keyword, _, rest = line.partition(" ")
+        if not (keyword in ("msgctxt", "msgid", "msgid_plural", "msgstr") or keyword.startswith("msgstr[")):
+            raise DataError(f"{source}:{number}: unknown keyword {keyword!r}")
+        if keyword in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in fields):
+            finish()
+        current = keyword
+        fields[keyword] = _po_string(rest.strip(), source, number)
+        obsolete = obsolete or in_obsolete
+    finish()
+    return entries
+
+
+def _po_string(token: str, source: str, number: int) -> str:
+    """A quoted C-style .po string; its escapes match Python's for everything gettext writes."""
+    if len(token) < 2 or not token.startswith('"') or not token.endswith('"'):
+        raise DataError(f"{source}:{number}: expected a quoted string, got {token!r}")
+    try:
+        return ast.literal_eval(token)
+    except (SyntaxError, ValueError):
+        raise DataError(f"{source}:{number}: malformed string {token!r}") from None
+
+
+def plural_index_for_many(entries: list[PoEntry]) -> int:
+    """The msgstr index a catalog uses for n=2 (its Plural-Forms header says which)."""
+    header = next((e.msgstr.get(0, "") for e in entries if e.msgid == "" and e.msgctxt is None), "")
+    for line in header.splitlines():
+        if line.lower().startswith("plural-forms:"):
+            expression = line.partition("plural=")[2].strip().rstrip(";")
+            try:
+                return int(gettext.c2py(expression)(2))
+            except (ValueError, SyntaxError):
+                break
+    return 1
+
+
+def catalog_pairs(entries: list[PoEntry], language: str) -> list[dict[str, str]]:
+    """Prompt/completion pairs from a catalog's usable entries.
+
+    Fuzzy, obsolete, untranslated and header entries are skipped. A plural entry gives two pairs:
+    the singular and the plural (the form used for n=2). A context goes into the prompt, because it
+    is what tells "May" the month from "May" the verb."""
+    target = LANGUAGE_NAMES.get(language, language)
+    many = plural_index_for_many(entries)
+    pairs = []
+    for entry in entries:
+        if entry.fuzzy or entry.obsolete or not entry.msgid:
+            continue
+        forms = [(entry.msgid, entry.msgstr.get(0, ""))]
+        if entry.msgid_plural is not None:
+            forms.append((entry.msgid_plural, entry.msgstr.get(many, "")))
+        for source, translation in forms:
+            if source.strip() and translation.strip():
+                pairs.append({"prompt": format_prompt(source, target, entry.msgctxt), "completion": " " + translation})
+    return pairs
+
+
+def format_prompt(text: str, target_language: str, context: str | None = None) -> str:
+    """The compact translation prompt: ``English: <text>\\n<Language>:``."""
+    label = f"English ({context})" if context else "English"
+    return f"{label}: {text}\n{target_language}:"
+
+
+def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Path) -> int:
+    """Write the unique pairs of one or more catalogs to a JSONL file; returns how many."""
+    pairs = unique_pairs(
+        pair for catalog in catalogs
+        for pair in catalog_pairs(parse_po(Path(catalog).read_text(encoding="utf-8"), str(catalog)), language)
+    )
+    write_jsonl(output, pairs)
+    return len(pairs)
+
+
+def unique_pairs(pairs: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """The first pair for each prompt: a prompt with two answers only teaches noise."""
+    seen: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        seen.setdefault(pair["prompt"], pair)
+    return list(seen.values())
+
+
+# ---- JSONL --------------------------------------------------------------------------------------
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All examples of a JSONL file, each checked; any bad line raises before anything is used."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no data file at {path}")
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            problem = _example_problem(example)
+            if problem:
+                raise DataError(f"{path}:{number}: {problem}")
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def _example_problem(example) -> str | None:
+    if not isinstance(example, dict):
+        return "expected a JSON object"
+    if "messages" in example:
+        messages = example["messages"]
+        if not isinstance(messages, list) or not messages:
+            return '"messages" must be a non-empty list'
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                return 'each message needs a string "role" and "content"'
+        if messages[-1]["role"] != "assistant":
+            return 'the last message must be the "assistant" answer to learn'
+        return None
+    if not isinstance(example.get("prompt"), str) or not isinstance(example.get("completion"), str):
+        return 'expected {"prompt": str, "completion": str} or {"messages": [...]}'
+    if not example["completion"]:
+        return '"completion" is empty'
+    return None
+
+
+def write_jsonl(path: str | Path, examples: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+
+
+def prompt_and_completion(example: dict, tokenizer) -> tuple[str, str]:
+    """The text the model reads and the text it must learn to write."""
+    if "messages" not in example:
+        return example["prompt"], example["completion"]
+    messages = example["messages"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError("the chat template renders the conversation differently with and without its answer")
+    return prompt, full[len(prompt):]
+
+
+# ---- tokenising and batching -------------------------------------------------------------------
+@dataclasses.dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+def tokenize_example(example: dict, tokenizer, max_length: int) -> TokenizedExample:
+    """Prompt and completion tokenised separately and joined, so the loss mask falls exactly on the
+    completion; an end-of-text token follows plain completions so the model learns to stop.
+    Over-long examples lose the start of the prompt, never the completion's start."""
+    prompt, completion = prompt_and_completion(example, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if "messages" not in example and tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    completion_ids = completion_ids[:max_length]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(completion_ids))):] if len(completion_ids) < max_length else []
+    return TokenizedExample(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
+
+
+def tokenize_all(examples: list[dict], tokenizer, max_length: int) -> list[TokenizedExample]:
+    return [tokenize_example(example, tokenizer, max_length) for example in examples]
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of example indices with similar lengths, so little compute goes to padding.
+
+    Each epoch shuffles (seeded by seed and epoch) before a stable sort by length, so equal-length
+    examples meet different partners, and then shuffles the order of the batches."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (padding carries no loss)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches_forever(examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(epoch, batch) pairs, epoch after epoch."""
+    lengths = [len(e.input_ids) for e in examples]
+    epoch = start_epoch
+    while True:
+        for indices in length_bucketed_batches(lengths, batch_size, seed, epoch):
+            yield epoch, collate([examples[i] for i in indices], pad_id)
+        epoch += 1
+
+
+def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): a seeded random ``fraction`` of the examples held out for evaluation."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(examples) * fraction))
+    held = set(order[:n_held])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]

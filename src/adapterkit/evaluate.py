@@ -1,0 +1,129 @@
+"""Scoring a model (with or without adapters) on JSONL examples: loss on the completions, and chrF
+or exact match of batched greedy generations."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, collate, prompt_and_completion, tokenize_all
+from .errors import ConfigError
+
+METRICS = ("chrf", "exact", "none")
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu's defaults: character 6-grams, beta 2), 0-100."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().corpus_score(list(hypotheses), [list(references)]).score
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Percentage of hypotheses equal to their reference after trimming whitespace."""
+    hits = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True))
+    return 100.0 * hits / max(1, len(references))
+
+
+def reference_of(example: dict) -> str:
+    if "messages" in example:
+        return example["messages"][-1]["content"].strip()
+    return example["completion"].strip()
+
+
+@torch.no_grad()
+def completion_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean cross-entropy per completion token (every token weighs the same, whatever its batch)."""
+    tokenized = sorted(tokenize_all(examples, tokenizer, max_length), key=lambda e: len(e.input_ids))
+    total, count = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start : start + batch_size], _pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += losses.item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def generate_batched(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 32, stop: str | None = "\n"
+) -> list[str]:
+    """Greedy answers to ``prompts``, in order. Prompts are grouped by length and left-padded so
+    each batch generates in lockstep; an answer ends at end-of-text or at ``stop``."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad_id = _pad_id(tokenizer)
+    stop_ids = _stop_token_ids(tokenizer, stop)
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            input_ids[r, width - n :] = torch.tensor(encoded[i])
+            attention_mask[r, width - n :] = 1
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=stop_ids, pad_token_id=pad_id,
+        )
+        for r, i in enumerate(rows):
+            text = tokenizer.decode(output[r, width:], skip_special_tokens=True)
+            answers[i] = (text.split(stop, 1)[0] if stop else text).strip()
+    return answers
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict],
+    metric: str = "chrf",
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    max_length: int = 256,
+) -> dict:
+    """{"examples", "loss", metric, "predictions", "seconds"}; the model is left in the mode it was in."""
+    if metric not in METRICS:
+        raise ConfigError(f"metric {metric!r} is not one of {list(METRICS)}")
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        result: dict = {"examples": len(examples), "loss": completion_loss(model, tokenizer, examples, batch_size, max_length)}
+        if metric != "none":
+            prompts = [prompt_and_completion(e, tokenizer)[0] for e in examples]
+            references = [reference_of(e) for e in examples]
+            stop = None if any("messages" in e for e in examples) else "\n"
+            predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
+            result[metric] = (chrf if metric == "chrf" else exact_match)(predictions, references)
+            result["predictions"] = predictions
+    finally:
+        model.train(was_training)
+    result["seconds"] = time.perf_counter() - started
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _stop_token_ids(tokenizer, stop: str | None) -> list[int]:
+    """End-of-text, plus the stop string's token when it is a single token (cheap early exit)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if stop:
+        stop_ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(stop_ids) == 1 and stop_ids[0] not in ids:
+            ids.append(stop_ids[0])
+    return ids

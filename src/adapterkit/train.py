@@ -1,0 +1,316 @@
+"""Training an adapter: a plain loop with AdamW, warmup + cosine decay, gradient clipping and
+accumulation, length-bucketed batches, periodic evaluation, and checkpoints that resume exactly.
+
+A checkpoint is one folder, ``<output>/checkpoint``, replaced atomically: the adapter's own files
+(so a checkpoint loads as an adapter), ``optimizer.safetensors`` (AdamW's moment tensors and the
+torch RNG state) and ``trainer_state.json`` (step, scalars). No pickle anywhere. Resuming from it
+gives bit-for-bit the adapter an uninterrupted run gives: the data order is a function of the seed
+and the step, and the dropout RNG state is saved with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
+from .errors import ConfigError, TrainingError
+from .evaluate import METRICS, evaluate
+from .io import WEIGHTS_FILE, adapter_files, write_folder_atomically
+
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train. ``steps`` wins over ``epochs``; with neither, one epoch."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    max_length: int = 128
+    eval_every: int = 0  # 0: evaluate only at the end (when there is eval data)
+    save_every: int = 0  # 0: no intermediate checkpoints
+    metric: str = "chrf"
+    eval_batch_size: int = 32
+    max_new_tokens: int = 48
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric {self.metric!r} is not one of {list(METRICS)}")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError("eval_every and save_every must be 0 (off) or positive")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known options are {sorted(known)}")
+        return cls(**data)
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup to ``config.lr``, then cosine decay to zero at ``total_steps``."""
+    warmup = int(total_steps * config.warmup_ratio)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_steps(n_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps in the run: ``steps``, or ``epochs`` (default 1) over the data."""
+    if config.steps is not None:
+        return config.steps
+    batches_per_epoch = math.ceil(n_examples / config.batch_size)
+    return max(1, math.ceil((config.epochs or 1.0) * batches_per_epoch / config.grad_accum))
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad on prompt/completion examples.
+
+    With ``adapter_name`` (an AdapterModel's adapter) it checkpoints and saves that adapter; without
+    it (full fine-tuning, for comparisons) it only trains.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        train_examples: list[dict],
+        config: TrainConfig,
+        output_dir: str | Path,
+        eval_examples: list[dict] | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        if adapter_name is None and config.save_every:
+            raise ConfigError("checkpoints need an adapter to save: pass adapter_name or set save_every=0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.eval_examples = eval_examples or []
+        self.adapter_name = adapter_name
+        if adapter_name is not None:
+            model.train_adapter(adapter_name)
+        self.examples: list[TokenizedExample] = tokenize_all(train_examples, tokenizer, config.max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        self.total_steps = planned_steps(len(self.examples), config)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ConfigError("nothing to train: no parameter of the model requires grad")
+        torch.manual_seed(config.seed)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+        self.step = 0
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run to ``total_steps``; returns the final evaluation (or {} without eval data)."""
+        from tqdm.auto import tqdm
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+            self._restore()
+        self._trim_metrics()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.config.progress, dynamic_ncols=True)
+        tokens_seen, started = 0, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                loss, tokens = self._optimizer_step()
+                self.step += 1
+                tokens_seen += tokens
+                rate = tokens_seen / (time.perf_counter() - started)
+                self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
+                    self._evaluate()
+                if self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self.plot_losses()
+        result = self._evaluate() if self.eval_examples else {}
+        if self.adapter_name is not None:
+            self.model.save_adapter(self.adapter_name, self.output_dir / ADAPTER_DIR)
+        self.plot_losses()
+        return result
+
+    def _optimizer_step(self) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` batches; returns (mean loss, tokens read)."""
+        lr = lr_at(self.step, self.total_steps, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss, tokens = 0.0, 0
+        for micro in range(self.config.grad_accum):
+            batch = self._batch(self.step * self.config.grad_accum + micro)
+            loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {self.step + 1}; training stopped. "
+                    f"{self._last_good_checkpoint()} Try a lower learning rate (now {lr:.2e}) or check the data"
+                )
+            (loss / self.config.grad_accum).backward()
+            total_loss += loss.item() / self.config.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        if self.config.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        if self.adapter_name is not None:
+            self.model.step(self.step + 1)  # AdaLoRA's rank allocation (reads the gradients); else a no-op
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    def _batch(self, index: int) -> dict[str, torch.Tensor]:
+        """The ``index``-th batch of the run: a pure function of the seed, so resuming needs no state."""
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            lengths = [len(e.input_ids) for e in self.examples]
+            self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch))
+        return collate([self.examples[i] for i in self._epoch_batches[1][position]], self.pad_id)
+
+    def _evaluate(self) -> dict[str, Any]:
+        if not self.eval_examples:
+            return {}
+        result = evaluate(
+            self.model, self.tokenizer, self.eval_examples, self.config.metric,
+            self.config.eval_batch_size, self.config.max_new_tokens, self.config.max_length,
+        )
+        record = {"step": self.step, "eval_loss": result["loss"]}
+        if self.config.metric != "none":
+            record[f"eval_{self.config.metric}"] = result[self.config.metric]
+        self._log(record)
+        return result
+
+    # ---- records -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop records written after the step training restarts from (a killed run's tail)."""
+        path = self.output_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def plot_losses(self) -> None:
+        """loss.png: training loss per step, and eval loss where it was measured."""
+        path = self.output_dir / METRICS_FILE
+        if not path.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        held = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        if train:
+            axes.plot(*zip(*train), label="train loss", linewidth=1)
+        if held:
+            axes.plot(*zip(*held), "o-", label="eval loss")
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss (per completion token)")
+        axes.legend()
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(self.output_dir / LOSS_PLOT, dpi=100)
+        plt.close(figure)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Write <output>/checkpoint atomically: it is either the previous complete one or this one."""
+        state = self.optimizer.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state()}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"state.{index}.{key}"] = value.contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        document = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "config": dataclasses.asdict(self.config),
+            "param_groups": state["param_groups"],
+            "scalar_state": scalars,
+        }
+        files = {
+            OPTIMIZER_FILE: save_safetensors_bytes(tensors),
+            STATE_FILE: (json.dumps(document, indent=2) + "\n").encode(),
+            **adapter_files(self.model, self.adapter_name),  # its config file goes last
+        }
+        write_folder_atomically(self.output_dir / CHECKPOINT_DIR, files)
+
+    def _restore(self) -> None:
+        folder = self.output_dir / CHECKPOINT_DIR
+        document = json.loads((folder / STATE_FILE).read_text())
+        if document["total_steps"] != self.total_steps:
+            raise ConfigError(
+                f"the checkpoint in {folder} belongs to a run of {document['total_steps']} steps, this one has "
+                f"{self.total_steps}; resume with the same options or use another output folder"
+            )
+        weights = load_safetensors_bytes((folder / WEIGHTS_FILE).read_bytes())
+        with torch.no_grad():
+            for key, tensor in self.model.adapter_state_dict(self.adapter_name).items():
+                tensor.copy_(weights[key])
+        tensors = load_safetensors_bytes((folder / OPTIMIZER_FILE).read_bytes())
+        state: dict[int, dict[str, Any]] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("state."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = tensor
+        for index, entry in document["scalar_state"].items():
+            state.setdefault(int(index), {}).update(entry)
+        self.optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = document["step"]
+
+    def _last_good_checkpoint(self) -> str:
+        folder = self.output_dir / CHECKPOINT_DIR
+        if (folder / STATE_FILE).is_file():
+            step = json.loads((folder / STATE_FILE).read_text())["step"]
+            return f"The last good checkpoint (step {step}) is kept in {folder}."
+        return "No checkpoint had been saved yet."
+

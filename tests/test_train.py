@@ -1,0 +1,164 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+
+import adapterkit as ak
+from adapterkit.errors import TrainingError
+from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, Trainer, TrainConfig, lr_at
+
+WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
+GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto"]
+EXAMPLES = [{"prompt": f"English: {w}\nGerman:", "completion": f" {g}"} for w, g in zip(WORDS, GERMAN)]
+
+
+def make_model(seed: int = 0) -> ak.AdapterModel:
+    model = ak.AdapterModel(tiny_llama())
+    torch.manual_seed(seed)
+    model.add_adapter("de", ak.BottleneckConfig(bottleneck_size=8, dropout=0.1, init="bert"))
+    return model
+
+
+def run(tmp_path, steps=6, resume=False, model=None, eval_examples=None, **options) -> ak.AdapterModel:
+    model = model or make_model()
+    config = TrainConfig(steps=steps, batch_size=4, lr=1e-2, max_length=32, progress=False, metric="none", **options)
+    Trainer(model, tiny_tokenizer(), EXAMPLES, config, tmp_path, eval_examples, adapter_name="de").train(resume=resume)
+    return model
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.adapter_state_dict("de").items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
+    model = make_model()
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    run(tmp_path, steps=30, model=model, eval_examples=EXAMPLES[:4], eval_every=10)
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20, 30]
+    assert (tmp_path / LOSS_PLOT).stat().st_size > 0
+    assert_same(base_before, model.base.state_dict())
+    reloaded = ak.AdapterModel(model.base)
+    reloaded.load_adapter(tmp_path / ADAPTER_DIR)
+    assert_same(adapter_tensors(model), reloaded.adapter_state_dict("de"))
+
+
+def test_same_seed_and_data_give_bit_identical_adapters(tmp_path):
+    first = adapter_tensors(run(tmp_path / "a"))
+    second = adapter_tensors(run(tmp_path / "b"))
+    assert_same(first, second)
+    other_seed = adapter_tensors(run(tmp_path / "c", seed=1))
+    assert not all(torch.equal(first[k], other_seed[k]) for k in first)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    uninterrupted = adapter_tensors(run(tmp_path / "whole", steps=8, grad_accum=2))
+
+    class Killed(Exception):
+        pass
+
+    model = make_model()
+    calls = {"n": 0}
+
+    def die_in_step_six(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2 * 5 + 1:  # first forward of step 6 (two micro-batches per step)
+            raise Killed
+
+    handle = model.base.register_forward_pre_hook(die_in_step_six)
+    with pytest.raises(Killed):
+        run(tmp_path / "cut", steps=8, grad_accum=2, save_every=2, model=model)
+    handle.remove()
+    state = json.loads((tmp_path / "cut" / CHECKPOINT_DIR / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    resumed = run(tmp_path / "cut", steps=8, grad_accum=2, save_every=2, resume=True, model=make_model(seed=123))
+    assert_same(uninterrupted, adapter_tensors(resumed))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_after_kill_9_in_a_real_process(tmp_path):
+    """A separate process trains with checkpoints and is killed with SIGKILL mid-run."""
+    script = f"""
+import sys, os, signal
+sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+import test_train as t
+model = t.make_model()
+calls = {{"n": 0}}
+def kill(module, args):
+    calls["n"] += 1
+    if calls["n"] == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+model.base.register_forward_pre_hook(kill)
+t.run(__import__("pathlib").Path({str(tmp_path / 'cut')!r}), steps=8, save_every=2, model=model)
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert process.returncode == -9, process.stderr.decode()
+    resumed = run(tmp_path / "cut", steps=8, save_every=2, resume=True)
+    assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = make_model()
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            return output * float("nan")
+
+    model.base.model.norm.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
+        run(tmp_path, steps=8, save_every=2, model=model)
+    checkpoint = tmp_path / CHECKPOINT_DIR
+    fresh = ak.AdapterModel(model.base)
+    fresh.load_adapter(checkpoint)  # a checkpoint is itself a loadable adapter
+    assert all(torch.isfinite(t).all() for t in fresh.adapter_state_dict("de").values())
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = TrainConfig(steps=100, lr=1.0, warmup_ratio=0.1)
+    rates = [lr_at(step, 100, config) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert rates[-1] < 0.001
+
+
+def test_only_the_adapter_trains_under_hf_trainer(tmp_path):
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments
+
+    from adapterkit.data import collate, tokenize_all
+
+    model = make_model()
+    model.train_adapter("de")
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    adapter_before = adapter_tensors(model)
+    tokenizer = tiny_tokenizer()
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in tokenize_all(EXAMPLES, tokenizer, 32)]
+
+    def collator(rows):
+        from adapterkit.data import TokenizedExample
+
+        return collate([TokenizedExample(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, logging_steps=100,
+    )
+    HFTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    assert_same(base_before, model.base.state_dict())
+    after = model.adapter_state_dict("de")
+    assert any(not torch.equal(adapter_before[k], after[k]) for k in after)
