@@ -1,0 +1,293 @@
+"""The OpenAI-compatible server, on a tiny Llama with a word-level tokenizer built here."""
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import adapterkit as ak
+from adapterkit.serve import AdapterPool, ApiError, Engine, Server, create_app
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant"] + [f"w{i}" for i in range(57)]
+CONTEXT = 48
+KEY = "test-key-123"
+ADAPTERS = {
+    "houlsby": ak.BottleneckConfig(bottleneck_size=8),
+    "parallel": ak.BottleneckConfig(placement="parallel", bottleneck_size=6),
+    "pfeiffer": ak.BottleneckConfig(placement="pfeiffer", bottleneck_size=4, activation="relu"),
+    "lora": ak.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+PROMPTS = ["w1 w2 w3", "w10 w4", "w5 w6 w7 w8 w9", "w20"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    model = models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wrapped.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+    return wrapped
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(WORDS), max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
+    """Strong random weights, so that each adapter answers differently from the others."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.adapter_layers[name].parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved base, an adapters folder (4 good adapters, a corrupt one, one for another base, a
+    link out of the folder) and the greedy answers of each adapter computed without the server."""
+    root = tmp_path_factory.mktemp("serve")
+    base_dir, adapters_dir = root / "tiny-base", root / "adapters"
+    tiny_llama(0).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    base, tokenizer = ak.load_base(base_dir)
+    reference = ak.AdapterModel(base)
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        reference.add_adapter(name, config)
+        randomise(reference, name, seed)
+        reference.save_adapter(name, adapters_dir / name)
+    reference.save_adapter("houlsby", adapters_dir / "broken")
+    weights = adapters_dir / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+    other = ak.AdapterModel(tiny_llama(1))
+    other.add_adapter("foreign", ak.BottleneckConfig(bottleneck_size=4))
+    other.save_adapter("foreign", adapters_dir / "foreign")
+    outside = root / "outside"
+    reference.save_adapter("houlsby", outside / "secret")
+    (adapters_dir / "escape").symlink_to(outside / "secret")
+
+    answers = {}
+    for name in [None, *ADAPTERS]:
+        reference.set_active(name)
+        for prompt in PROMPTS:
+            ids = torch.tensor([tokenizer.encode(prompt)])
+            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            answers[name or "tiny-base", prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"base_dir": base_dir, "adapters_dir": adapters_dir, "answers": answers, "outside": outside}
+
+
+def make_server(world, **options) -> Server:
+    base, tokenizer = ak.load_base(world["base_dir"])
+    settings = dict(api_key=KEY, max_batch_size=16, batch_window_ms=20, max_loaded_adapters=8) | options
+    return Server(ak.AdapterModel(base), tokenizer, world["adapters_dir"], "tiny-base", **settings)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    with TestClient(create_app(make_server(world))) as test_client:
+        yield test_client
+
+
+def complete(client, model, prompt, **fields):
+    return client.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 8} | fields)
+
+
+def test_answers_differ_between_adapters(world):
+    assert len({world["answers"][name, PROMPTS[0]] for name in ["tiny-base", *ADAPTERS]}) >= 4
+
+
+def test_models_health_and_each_adapter_answers_as_alone(client, world):
+    listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert listed == ["tiny-base", "broken", "foreign", "houlsby", "lora", "parallel", "pfeiffer"]
+    for name in ["tiny-base", *ADAPTERS]:
+        response = complete(client, name, PROMPTS[2])
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["text"] == world["answers"][name, PROMPTS[2]]
+        assert body["usage"]["prompt_tokens"] == 5
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and set(health["loaded_adapters"]) == set(ADAPTERS)
+
+
+def test_a_list_of_prompts_gives_one_choice_each(client, world):
+    body = complete(client, "lora", PROMPTS).json()
+    assert [c["text"] for c in body["choices"]] == [world["answers"]["lora", p] for p in PROMPTS]
+
+
+def _sse_payloads(response) -> list:
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_streaming_completion_and_chat(client, world):
+    response = complete(client, "parallel", PROMPTS[0], stream=True)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse_payloads(response)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == world["answers"]["parallel", PROMPTS[0]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+    messages = [{"role": "user", "content": "w3 w4"}]
+    chat = {"model": "houlsby", "messages": messages, "temperature": 0, "max_tokens": 6}
+    whole = client.post("/v1/chat/completions", json=chat).json()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
+    chunks = _sse_payloads(client.post("/v1/chat/completions", json=chat | {"stream": True}))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
+
+
+def test_stop_strings_and_seeds(client, world):
+    full = world["answers"]["houlsby", PROMPTS[1]].split(" ")
+    stopped = complete(client, "houlsby", PROMPTS[1], stop=[full[2]]).json()["choices"][0]
+    assert stopped["text"] == " ".join(full[: full.index(full[2])]) + " " and stopped["finish_reason"] == "stop"
+    sampled = [complete(client, "lora", PROMPTS[0], temperature=1.5, top_p=0.9, seed=seed).json()["choices"][0]["text"] for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+    assert complete(client, "lora", PROMPTS[0], max_tokens=3).json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, status, code",
+    [
+        ({"json": {"model": "nobody", "prompt": "w1"}}, 404, "model_not_found"),
+        ({"content": b'{"model": "houlsby", "prompt": ', "headers": {"content-type": "application/json"}}, 400, "invalid_request"),
+        ({"json": {"model": "houlsby"}}, 400, "invalid_request"),
+        ({"json": {"model": "houlsby", "prompt": "w1", "temperature": 5}}, 400, "invalid_request"),
+        ({"json": {"model": "houlsby", "prompt": "w1", "max_tokens": 0}}, 400, "invalid_request"),
+        ({"json": {"model": "houlsby", "prompt": " ".join(["w1"] * 45), "max_tokens": 8}}, 400, "context_length_exceeded"),
+        ({"json": {"model": "houlsby", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}}, 400, "invalid_stop"),
+        ({"json": {"model": "../adapters/houlsby", "prompt": "w1"}}, 400, "invalid_model_name"),
+        ({"json": {"model": "escape", "prompt": "w1"}}, 400, "invalid_model_name"),
+    ],
+)
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, world, request_kwargs, status, code):
+    response = client.post("/v1/completions", **request_kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
+    assert complete(client, "pfeiffer", PROMPTS[3]).json()["choices"][0]["text"] == world["answers"]["pfeiffer", PROMPTS[3]]
+
+
+def test_corrupt_and_foreign_adapters_are_refused_with_the_reason(client, world):
+    broken = complete(client, "broken", "w1")
+    assert broken.status_code == 400 and "corrupt" in broken.json()["error"]["message"]
+    foreign = complete(client, "foreign", "w1")
+    assert foreign.status_code == 400 and "another base" in foreign.json()["error"]["message"]
+    assert complete(client, "lora", PROMPTS[1]).json()["choices"][0]["text"] == world["answers"]["lora", PROMPTS[1]]
+
+
+def test_adapter_management_needs_the_key(client, world):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        assert client.post("/v1/adapters", json={"name": "houlsby"}, headers=headers).status_code == 401
+        assert client.delete("/v1/adapters/houlsby", headers=headers).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    loaded = client.post("/v1/adapters", json={"name": "houlsby"}, headers=auth)
+    assert loaded.status_code == 200 and loaded.json()["method"] == "bottleneck"
+    assert client.delete("/v1/adapters/houlsby", headers=auth).json() == {"name": "houlsby", "loaded": False}
+    assert "houlsby" not in client.get("/health").json()["loaded_adapters"]
+    assert client.delete("/v1/adapters/houlsby", headers=auth).status_code == 404
+    for name in ("../outside/secret", "escape", ".."):
+        assert client.post("/v1/adapters", json={"name": name}, headers=auth).status_code == 400
+    assert client.post("/v1/adapters", json={"name": "broken"}, headers=auth).status_code == 400
+    assert complete(client, "houlsby", PROMPTS[0]).json()["choices"][0]["text"] == world["answers"]["houlsby", PROMPTS[0]]
+
+
+def test_management_is_off_without_a_key(world):
+    with TestClient(create_app(make_server(world, api_key=None))) as test_client:
+        assert test_client.post("/v1/adapters", json={"name": "lora"}, headers={"Authorization": "Bearer x"}).status_code == 403
+
+
+def test_least_recently_used_adapters_are_evicted_under_the_cap(world):
+    with TestClient(create_app(make_server(world, max_loaded_adapters=2))) as test_client:
+        for name in ["houlsby", "lora", "houlsby", "parallel", "pfeiffer"]:
+            assert complete(test_client, name, PROMPTS[0]).json()["choices"][0]["text"] == world["answers"][name, PROMPTS[0]]
+        assert test_client.get("/health").json()["loaded_adapters"] == ["parallel", "pfeiffer"]
+        assert "adapterkit_loaded_adapters 2" in test_client.get("/metrics").text
+
+
+def test_a_held_adapter_is_never_evicted(world):
+    server = make_server(world, max_loaded_adapters=2)
+    pool = server.pool
+
+    async def scenario():
+        await pool.acquire("houlsby")
+        await pool.acquire("lora")
+        waiting = asyncio.create_task(pool.acquire("parallel"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and list(pool.recent) == ["houlsby", "lora"]
+        await pool.release("lora")
+        await asyncio.wait_for(waiting, 5)
+        assert list(pool.recent) == ["houlsby", "parallel"]
+        with pytest.raises(ApiError, match="serving 1 request"):
+            await pool.unload("houlsby")
+
+    asyncio.run(scenario())
+
+
+def test_metrics_are_prometheus_text_per_adapter(client):
+    complete(client, "lora", PROMPTS[0])
+    text = client.get("/metrics").text
+    assert '# TYPE adapterkit_requests_total counter' in text
+    assert 'adapterkit_requests_total{adapter="lora",outcome="ok"}' in text
+    assert 'adapterkit_completion_tokens_total{adapter="lora"}' in text
+    assert 'adapterkit_request_latency_seconds_bucket{adapter="lora",le="+Inf"}' in text
+    assert 'adapterkit_http_errors_total{status="404"}' in text
+
+
+# ---- a real server on the loopback interface -----------------------------------------------------
+@pytest.fixture(scope="module")
+def live(world):
+    server = make_server(world, max_batch_size=32, batch_window_ms=50)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(server), log_level="warning")
+    runner = uvicorn.Server(config)
+    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not runner.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    runner.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_32_concurrent_requests_over_4_adapters_get_their_own_answers(live, world):
+    jobs = [(list(ADAPTERS)[i % 4], PROMPTS[i * 7 % 4]) for i in range(32)]
+
+    def ask(job):
+        name, prompt = job
+        response = httpx.post(f"{live}/v1/completions", json={"model": name, "prompt": prompt, "temperature": 0, "max_tokens": 8}, timeout=60)
+        return response.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [world["answers"][job] for job in jobs]
+    metrics = httpx.get(f"{live}/metrics").text
+    batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adapterkit_batches_total")))
+    assert batches < 32  # requests shared forward passes
+
+
+def test_the_openai_client_gets_the_right_adapter(live, world):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key="unused")
+    for name in ["lora", "tiny-base", "pfeiffer"]:
+        completion = client.completions.create(model=name, prompt=PROMPTS[1], temperature=0, max_tokens=8)
+        assert completion.choices[0].text == world["answers"][name, PROMPTS[1]]
+    stream = client.chat.completions.create(model="parallel", messages=[{"role": "user", "content": "w5"}], temperature=0, max_tokens=5, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="w1")
