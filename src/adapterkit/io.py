@@ -103,8 +103,16 @@ def _check_base(saved: dict[str, Any], base: nn.Module, path: Path) -> None:
 
 
 # ---- saving --------------------------------------------------------------------------------------
-def save_adapter(model: "AdapterModel", name: str, path: str | Path) -> None:
-    path = Path(path)
+def save_adapter(model: "AdapterModel", name: str, path: str | Path, format: str = FORMAT) -> None:
+    """Write one adapter as a folder, in adapterkit's format or (format="peft") peft's."""
+    if format not in (FORMAT, "peft"):
+        raise ConfigError(f"format must be {FORMAT!r} or 'peft', got {format!r}")
+    files = peft_adapter_files(model, name) if format == "peft" else adapter_files(model, name)
+    write_folder_atomically(Path(path), files)
+
+
+def adapter_files(model: "AdapterModel", name: str) -> dict[str, bytes]:
+    """The bytes of a saved adapter folder, by file name (config last: see write_folder_atomically)."""
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in model.adapter_state_dict(name).items()}
     weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
     config = model.adapters[name]
@@ -117,8 +125,7 @@ def save_adapter(model: "AdapterModel", name: str, path: str | Path) -> None:
         "base": base_fingerprint(model.base),
         "weights_crc32": zlib.crc32(weights),
     }
-    files = {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2) + "\n").encode()}
-    write_folder_atomically(path, files)
+    return {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2) + "\n").encode()}
 
 
 def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
@@ -199,6 +206,8 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 def load_adapter(model: "AdapterModel", path: str | Path, name: str | None = None) -> str:
     path = Path(path)
     document = read_adapter_config(path)
+    if is_peft_config(document):
+        return load_peft_adapter(model, path, document, name)
     if document.get("format") != FORMAT:
         raise AdapterFileError(f"{path / CONFIG_FILE} is not an adapterkit adapter (format {document.get('format')!r})")
     version = document.get("format_version")
@@ -320,3 +329,109 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
             owner._buffers[leaf] = tensor
+
+
+# ---- peft's format -------------------------------------------------------------------------------
+# peft's ``save_pretrained`` writes adapter_config.json (the LoraConfig/AdaLoraConfig fields plus
+# "peft_type") and adapter_model.safetensors keyed "base_model.model.<module>.lora_A.weight" (LoRA)
+# or "base_model.model.<module>.lora_A" / lora_E / lora_B (AdaLoRA, only the kept triplets of each
+# module, as rank_pattern {"<module>.lora_E": [bool] * init_r} says). A peft folder has no base
+# fingerprint, so the base is checked through the tensor names and shapes alone.
+PEFT_PREFIX = "base_model.model."
+_PEFT_FIELDS = {  # peft field -> our field, per method
+    "lora": {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+             "use_rslora": "use_rslora", "layers_to_transform": "layers"},
+    "adalora": {"init_r": "init_r", "target_r": "target_r", "beta1": "beta1", "beta2": "beta2", "tinit": "tinit",
+                "tfinal": "tfinal", "deltaT": "deltaT", "target_modules": "target_modules", "lora_alpha": "alpha",
+                "lora_dropout": "dropout", "orth_reg_weight": "orth_reg_weight", "total_step": "total_step",
+                "layers_to_transform": "layers", "rank_pattern": "rank_pattern"},
+}
+_PEFT_TYPES = {"LORA": "lora", "ADALORA": "adalora"}
+# Fields that say nothing about the adapter's maths (bookkeeping, or how fresh weights were drawn).
+_PEFT_HARMLESS = {
+    "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "fan_in_fan_out", "layers_pattern", "init_lora_weights", "megatron_core", "qalora_group_size", "r",
+}
+_PEFT_FRESH_INITS = (True, False, "gaussian")  # other inits (pissa, olora, loftq, ...) also change the base weights
+
+
+def is_peft_config(document: dict[str, Any]) -> bool:
+    return "peft_type" in document and "format" not in document
+
+
+def config_from_peft(document: dict[str, Any], source: Path):
+    """Our config for a peft adapter_config.json; any field that would change the maths and that we
+    do not reproduce is named in the error."""
+    peft_type = document.get("peft_type")
+    if peft_type not in _PEFT_TYPES:
+        raise AdapterFileError(f"{source} is a peft {peft_type} adapter; adapterkit reads peft's LORA and ADALORA adapters")
+    method = _PEFT_TYPES[peft_type]
+    fields = _PEFT_FIELDS[method]
+    unsupported = sorted(
+        key for key, value in document.items()
+        if key not in fields and key not in _PEFT_HARMLESS and value not in (None, False, {}, [], "none")
+    )
+    if document.get("init_lora_weights", True) not in _PEFT_FRESH_INITS:
+        unsupported.append("init_lora_weights")
+    if unsupported:
+        details = ", ".join(f"{key}={document[key]!r}" for key in unsupported)
+        raise AdapterFileError(f"{source} uses peft features adapterkit does not reproduce: {details}")
+    values = {ours: document[theirs] for theirs, ours in fields.items() if document.get(theirs) not in (None, {})}
+    if isinstance(values.get("layers"), int):
+        values["layers"] = [values["layers"]]
+    if "rank_pattern" in values:
+        values["rank_pattern"] = {key.removesuffix(".lora_E"): keep for key, keep in values["rank_pattern"].items()}
+    try:
+        return config_class(method)(**values)
+    except (ConfigError, TypeError) as error:
+        raise AdapterFileError(f"{source} holds a peft config adapterkit cannot use: {error}") from None
+
+
+def load_peft_adapter(model: "AdapterModel", path: Path, document: dict[str, Any], name: str | None) -> str:
+    config = config_from_peft(document, path / CONFIG_FILE)
+    name = name or path.name
+    model._check_new_name(name)
+    if not (path / WEIGHTS_FILE).is_file() and (path / "adapter_model.bin").is_file():
+        raise AdapterFileError(
+            f"{path} holds its weights as a pickle (adapter_model.bin), which can run code when loaded; "
+            "re-save it with peft's save_pretrained(safe_serialization=True)"
+        )
+    tensors = {_key_from_peft(key, config.method, path): tensor for key, tensor in _read_weights(path, None).items()}
+    sites = model._sites_for(config)
+    modules = _modules_from_tensors(model, config, sites, tensors, path)
+    model._install(name, config, sites, modules)
+    return name
+
+
+def _key_from_peft(key: str, method: str, path: Path) -> str:
+    module, _, param = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")
+    if not key.startswith(PEFT_PREFIX) or param not in ("lora_A", "lora_B", "lora_E"):
+        raise AdapterFileError(f"{path / WEIGHTS_FILE} holds {key!r}, which is not a {method} tensor of peft's format")
+    return f"{module}.adapter.{param}"
+
+
+def peft_adapter_files(model: "AdapterModel", name: str) -> dict[str, bytes]:
+    """The bytes of a peft folder for a LoRA or AdaLoRA adapter (config last)."""
+    config = model.adapters[name]
+    if config.method not in _PEFT_FIELDS:
+        raise ConfigError(f"adapter {name!r} is a {config.method} adapter; peft's format holds LoRA and AdaLoRA adapters only")
+    suffix = ".weight" if config.method == "lora" else ""
+    tensors = {}
+    for key, tensor in model.adapter_state_dict(name).items():
+        module, _, param = key.partition(".adapter.")
+        tensors[f"{PEFT_PREFIX}{module}.{param}{suffix}"] = tensor.detach().to("cpu").contiguous()
+    ours = config.to_dict()
+    document = {theirs: ours[mine] for theirs, mine in _PEFT_FIELDS[config.method].items()}
+    if config.method == "adalora" and config.rank_pattern is not None:
+        document["rank_pattern"] = {f"{module}.lora_E": keep for module, keep in config.rank_pattern.items()}
+    conv1d = any(not isinstance(model._base_modules[site.module_name], nn.Linear) for site in model._sites[name])
+    document.update(
+        peft_type=_peft_type(config.method), bias="none", fan_in_fan_out=conv1d, inference_mode=True, task_type=None,
+        base_model_name_or_path=getattr(getattr(model.base, "config", None), "_name_or_path", None) or None,
+    )
+    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    return {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _peft_type(method: str) -> str:
+    return next(peft_type for peft_type, ours in _PEFT_TYPES.items() if ours == method)

@@ -290,9 +290,9 @@ class AdapterModel(nn.Module):
         ranks = {}
         for site in self._sites[name]:
             module = self.adapter_layers[name][_key(site)]
-            if not hasattr(module, "low_rank_factors"):
+            if not hasattr(module, "rank"):
                 raise ConfigError(f"adapter {name!r} is a {self._configs[name].method} adapter; only LoRA and AdaLoRA adapters have ranks")
-            ranks[site.module_name] = getattr(module, "rank", None) or module.lora_A.shape[0]
+            ranks[site.module_name] = module.rank
         return ranks
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
@@ -491,6 +491,7 @@ class AdapterModel(nn.Module):
         self.merge(name)
         self._merged = None
         self._unmerged_weights = {}
+        self._sites[name] = []  # its hooks went with the merge
         for other in list(self._configs):
             self.delete_adapter(other)
         from .io import forget_base_fingerprint
@@ -520,11 +521,12 @@ class AdapterModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- files -----------------------------------------------------------------------------
-    def save_adapter(self, name: str, path: str | Path) -> None:
-        """Write one adapter to a folder (adapter_config.json + adapter_model.safetensors), atomically."""
+    def save_adapter(self, name: str, path: str | Path, format: str = "adapterkit") -> None:
+        """Write one adapter to a folder (adapter_config.json + adapter_model.safetensors), atomically.
+        format="peft" writes a LoRA or AdaLoRA adapter as peft's ``save_pretrained`` does."""
         from .io import save_adapter
 
-        save_adapter(self, name, path)
+        save_adapter(self, name, path, format=format)
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a saved adapter under ``name`` (default: the name it was saved with); returns the name."""

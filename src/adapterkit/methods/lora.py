@@ -108,6 +108,10 @@ class LoraAdapter(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(x)
 
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A [r, in], B [out, r], scale): delta(x) = scale * (x @ A.T) @ B.T in eval mode."""
         return self.lora_A, self.lora_B, self.scale

@@ -1,0 +1,256 @@
+import math
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.io import base_fingerprint
+
+from conftest import batch, logits, make_base
+
+# GPT-2 adapts Conv1D layers (weight [in, out]); Llama adapts nn.Linear (weight [out, in]).
+TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
+LINEAR_ARCHS = sorted(TARGETS)
+
+
+def lora_model(arch, r=4, **kwargs):
+    base = make_base(arch)
+    model = ak.AdapterModel(base)
+    model.add_adapter("lora", ak.LoraConfig(r=r, alpha=8, target_modules=TARGETS[arch], **kwargs))
+    return base, model
+
+
+def randomize(model, name, seed=1):
+    """Give an adapter non-zero weights, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.adapter_layers[name].parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def train(model, name, steps=3, seed=0):
+    model.train_adapter(name)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        inputs = batch(seed + step)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        model.step(step)
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_new_lora_is_an_exact_identity(arch):
+    base, model = lora_model(arch)
+    before = logits(base)
+    model.set_active("lora")
+    assert torch.equal(logits(model), before)
+    module = next(iter(model.adapter_layers["lora"].values()))
+    assert torch.count_nonzero(module.lora_A) > 0 and torch.count_nonzero(module.lora_B) == 0
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_lora_output_is_base_plus_scaled_low_rank_update(arch):
+    base, model = lora_model(arch)
+    randomize(model, "lora")
+    model.set_active("lora")
+    name = model._sites["lora"][0].module_name
+    layer = model._base_modules[name]
+    adapter = model.adapter_layers["lora"][name.replace(".", "-")]
+    x = torch.randn(3, adapter.lora_A.shape[1])
+    with model.disabled(), torch.no_grad():
+        plain = layer(x)
+    with torch.no_grad():
+        adapted = layer(x)
+        expected = plain + (x @ adapter.lora_A.T @ adapter.lora_B.T) * (8 / 4)
+        A, B, scale = adapter.low_rank_factors()
+        assert scale == 2.0
+        torch.testing.assert_close(adapted, plain + scale * (x @ A.T) @ B.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-6)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    assert ak.LoraConfig(r=16, alpha=8, target_modules=["q_proj"]).scale == 0.5
+    assert ak.LoraConfig(r=16, alpha=8, target_modules=["q_proj"], use_rslora=True).scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": 2.5}, "r must be a positive integer"),
+        ({"alpha": -1}, "alpha must be a positive number"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"target_modules": None}, "target_modules must name the linear layers"),
+        ({"target_modules": []}, "target_modules must name the linear layers"),
+        ({"layers": [-2]}, "layers must be non-negative"),
+    ],
+)
+def test_invalid_lora_configs_are_refused(kwargs, message):
+    arguments = {"target_modules": ["q_proj"], **kwargs}
+    with pytest.raises(ak.ConfigError, match=message):
+        ak.LoraConfig(**arguments)
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_merge_matches_unmerged_and_unmerge_restores_the_base_bit_for_bit(arch):
+    base, model = lora_model(arch)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    fingerprint = dict(base_fingerprint(base))
+    randomize(model, "lora")
+    model.set_active("lora")
+    unmerged = logits(model)
+    model.merge("lora")
+    assert model.merged == "lora" and model.active == ("lora",)
+    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=1e-5)
+    assert not torch.equal(base.state_dict()[f"{model._sites['lora'][0].module_name}.weight"], original[f"{model._sites['lora'][0].module_name}.weight"])
+    for site in model._sites["lora"]:  # merged layers run with no hook at all
+        assert not model._base_modules[site.module_name]._forward_hooks
+    model.unmerge()
+    assert model.merged is None
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    from adapterkit.io import _compute_fingerprint
+
+    assert _compute_fingerprint(base) == fingerprint
+    assert torch.equal(logits(model), unmerged)
+
+
+def test_merge_of_an_inactive_adapter_activates_it():
+    base, model = lora_model("llama")
+    randomize(model, "lora")
+    model.set_active("lora")
+    expected = logits(model)
+    model.set_active(None)
+    model.merge("lora")
+    assert model.active == ("lora",)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+
+
+def test_while_merged_conflicting_operations_raise_and_others_work(tmp_path):
+    base, model = lora_model("llama")
+    randomize(model, "lora")
+    model.add_adapter("other", ak.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("bottleneck", ak.BottleneckConfig(bottleneck_size=4))
+    model.set_active("lora")
+    expected = logits(model)
+    model.merge("lora")
+    with pytest.raises(ak.MergeError, match="'lora' is merged.*unmerge"):
+        model.set_active("other")
+    with pytest.raises(ak.MergeError, match="unmerge"):
+        with model.disabled():
+            pass
+    with pytest.raises(ak.MergeError, match="unmerge"):
+        model.delete_adapter("lora")
+    with pytest.raises(ak.MergeError, match="unmerge"):
+        model.train_adapter("lora")
+    with pytest.raises(ak.MergeError, match="already merged"):
+        model.merge("other")
+    assert model.active == ("lora",)
+    # Saving the merged adapter writes its own tensors and the true base fingerprint.
+    model.save_adapter("lora", tmp_path / "lora")
+    fresh = ak.AdapterModel(make_base("llama"))
+    fresh.load_adapter(tmp_path / "lora")
+    fresh.set_active("lora")
+    torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=1e-5)
+    # Adding an output adapter on top of the merged one keeps it.
+    model.set_active(["lora", "bottleneck"])
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    model.unmerge()
+    with pytest.raises(ak.MergeError, match="no adapter is merged"):
+        model.unmerge()
+
+
+def test_bottleneck_adapters_cannot_merge():
+    model = ak.AdapterModel(make_base("gpt2"))
+    model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
+    with pytest.raises(ak.MergeError, match="bottleneck adapter; only LoRA and AdaLoRA"):
+        model.merge("b")
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_merge_and_unload_gives_a_plain_model_that_round_trips(arch, tmp_path):
+    base, model = lora_model(arch)
+    randomize(model, "lora")
+    model.set_active("lora")
+    expected = logits(model)
+    plain = model.merge_and_unload("lora")
+    assert plain is base and model.adapters == {} and model.active == ()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+    torch.testing.assert_close(logits(plain), expected, rtol=0, atol=1e-5)
+    plain.save_pretrained(tmp_path / "merged")
+    reloaded = type(plain).from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(logits(reloaded), logits(plain))
+    assert base_fingerprint(plain) != base_fingerprint(make_base(arch))
+
+
+def test_adapters_that_change_the_layer_apply_before_bottlenecks_in_any_order():
+    base = make_base("llama")
+    model = ak.AdapterModel(base)
+    model.add_adapter("lora", ak.LoraConfig(r=4, target_modules=["o_proj"]))
+    model.add_adapter("houlsby", ak.BottleneckConfig(bottleneck_size=8, init="bert"))
+    randomize(model, "lora")
+    model.set_active(["houlsby", "lora"])
+    first = logits(model)
+    model.set_active(["lora", "houlsby"])
+    assert torch.equal(logits(model), first)
+    layer = base.model.layers[0].self_attn.o_proj
+    key = "model-layers-0-self_attn-o_proj"
+    lora, houlsby = model.adapter_layers["lora"][key], model.adapter_layers["houlsby"][key]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, layer.weight)
+        assert torch.equal(layer(x), houlsby(x, lora(x, plain)))
+
+
+def test_mixed_kinds_live_on_one_base_and_save_and_load_each(tmp_path):
+    base = make_base("llama")
+    model = ak.AdapterModel(base)
+    model.add_adapter("houlsby", ak.BottleneckConfig(bottleneck_size=8, init="bert"))
+    model.add_adapter("lora", ak.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("ada", ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], total_step=4))
+    randomize(model, "lora", seed=2)
+    randomize(model, "ada", seed=3)
+    outputs = {}
+    for name in ("houlsby", "lora", "ada"):
+        model.set_active(name)
+        outputs[name] = logits(model)
+        model.save_adapter(name, tmp_path / name)
+    assert len({tuple(o.flatten()[:5].tolist()) for o in outputs.values()}) == 3
+    fresh = ak.AdapterModel(make_base("llama"))
+    for name in ("ada", "houlsby", "lora"):
+        fresh.load_adapter(tmp_path / name)
+    for name, expected in outputs.items():
+        fresh.set_active(name)
+        assert torch.equal(logits(fresh), expected), name
+    assert fresh.adapters["ada"].method == "adalora" and fresh.adapters["lora"].method == "lora"
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_training_changes_only_the_lora_and_gives_b_a_gradient(arch):
+    base, model = lora_model(arch, dropout=0.1)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    train(model, "lora")
+    assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in model.adapter_layers["lora"].values())
+
+
+def test_print_trainable_parameters_counts_lora(capsys):
+    base, model = lora_model("llama", r=4)
+    model.train_adapter("lora")
+    # per layer: q_proj 32->32, v_proj 32->16, down_proj 64->32; two layers
+    trainable = 2 * 4 * ((32 + 32) + (32 + 16) + (64 + 32))
+    total = sum(p.numel() for p in base.parameters()) + trainable
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}\n"
+    )
+    assert model.adapter_ranks("lora") == {s.module_name: 4 for s in model._sites["lora"]}
+
+
+def test_lora_scale_uses_alpha_over_rank_in_the_forward():
+    base, model = lora_model("llama", r=16)
+    module = next(iter(model.adapter_layers["lora"].values()))
+    assert math.isclose(module.scale, 0.5)
