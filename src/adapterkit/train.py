@@ -147,6 +147,7 @@ class Trainer:
         if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             self._restore()
         self._trim_metrics()
+        was_training = self.model.training
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.config.progress, dynamic_ncols=True)
         tokens_seen, started = 0, time.perf_counter()
@@ -165,6 +166,7 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            self.model.train(was_training)
             self.plot_losses()
         result = self._evaluate() if self.eval_examples else {}
         if self.adapter_name is not None:
