@@ -1,0 +1,362 @@
+"""The ``adapterkit`` command: train, eval, generate, info, and data conversion.
+
+Each subcommand is one ``add_<name>_command(subparsers)`` function that adds its parser and sets
+``handler``; ``main`` builds the parser from the list ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import AdapterkitError, ConfigError
+
+DEFAULT_BASE = "smollm2-135m"
+
+
+# ---- train ---------------------------------------------------------------------------------------
+# Adapter options with their own flags; anything else goes through --set KEY=VALUE or a config file.
+ADAPTER_FLAGS = {
+    "placement": str, "bottleneck_size": int, "reduction_factor": float, "activation": str, "dropout": float,
+    "r": int, "alpha": float, "target_modules": str, "init_r": int, "target_r": int, "layers": str,
+}
+
+
+def add_train_command(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train an adapter on a JSONL file", description=(
+        "Train one adapter over a frozen base. Options can also come from --config FILE (YAML or TOML, "
+        "the same names with underscores; an 'adapter' table holds method options); flags win."
+    ))
+    parser.add_argument("--config", type=Path, help="YAML or TOML file of options")
+    parser.add_argument("--train", help="training JSONL ({prompt, completion} or {messages})")
+    parser.add_argument("--eval", help="held-out JSONL, scored every --eval-every steps and at the end")
+    parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png")
+    parser.add_argument("--base", help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
+    parser.add_argument("--name", help="adapter name (default: the output folder's name)")
+    parser.add_argument("--method", choices=["bottleneck", "lora", "adalora"], help="default bottleneck")
+    for option, kind in ADAPTER_FLAGS.items():
+        parser.add_argument("--" + option.replace("_", "-"), type=kind, dest=f"adapter.{option}", help=argparse.SUPPRESS if option in ("reduction_factor", "activation") else None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int)
+    group.add_argument("--epochs", type=float)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--grad-accum", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--warmup-ratio", type=float)
+    group.add_argument("--weight-decay", type=float)
+    group.add_argument("--max-grad-norm", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--max-length", type=int)
+    group.add_argument("--eval-every", type=int)
+    group.add_argument("--save-every", type=int)
+    group.add_argument("--metric", choices=["chrf", "exact", "none"])
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint if it exists")
+    group.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_train)
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """File options overlaid with the flags that were given."""
+    options: dict[str, Any] = _read_options_file(args.config) if args.config else {}
+    adapter = dict(options.pop("adapter", None) or {})
+    for key, value in vars(args).items():
+        if value is None or key in ("config", "handler", "command", "set", "resume", "no_progress"):
+            continue
+        if key.startswith("adapter."):
+            adapter[key.split(".", 1)[1]] = value
+        else:
+            options[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        import yaml
+
+        adapter[key.strip()] = yaml.safe_load(value)
+    if isinstance(adapter.get("layers"), str):
+        adapter["layers"] = parse_layers(adapter["layers"])
+    if isinstance(adapter.get("target_modules"), str) and "," in adapter["target_modules"]:
+        adapter["target_modules"] = [m.strip() for m in adapter["target_modules"].split(",")]
+    options["adapter"] = adapter
+    if args.no_progress:
+        options["progress"] = False
+    for required in ("train", "output"):
+        if not options.get(required):
+            raise ConfigError(f"give --{required} (or '{required}' in the config file)")
+    return options
+
+
+def parse_layers(text: str) -> list[int]:
+    """ "15-29" or "0,2,4" or "0-3,8" -> layer indices."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            layers.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ConfigError(f"layers must look like '15-29' or '0,2,4', got {text!r}") from None
+    return layers
+
+
+def _read_options_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a table of options")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import read_jsonl
+    from .methods import config_class
+    from .model import AdapterModel
+    from .train import Trainer, TrainConfig, planned_steps
+
+    options = train_options(args)
+    output = Path(options.pop("output"))
+    train_examples = read_jsonl(options.pop("train"))  # every line checked before any training
+    eval_path = options.pop("eval", None)
+    eval_examples = read_jsonl(eval_path) if eval_path else []
+    base_name = options.pop("base", DEFAULT_BASE)
+    name = options.pop("name", None) or output.name
+    method = options.pop("method", "bottleneck")
+    adapter_options = options.pop("adapter")
+    config = TrainConfig.from_dict(options)
+    if method == "adalora" and adapter_options.get("total_step") is None:
+        adapter_options["total_step"] = planned_steps(len(train_examples), config)
+    adapter_config = config_class(method).from_dict(adapter_options)
+
+    from .bases import load_base
+
+    base, tokenizer = load_base(base_name)
+    model = AdapterModel(base)
+    torch.manual_seed(config.seed)  # the adapter's initial weights are part of "same seed, same adapter"
+    model.add_adapter(name, adapter_config)
+    model.train_adapter(name)
+    model.print_trainable_parameters()
+    trainer = Trainer(model, tokenizer, train_examples, config, output, eval_examples, adapter_name=name)
+    started = time.perf_counter()
+    result = trainer.train(resume=args.resume)
+    print(f"trained {trainer.total_steps} steps in {time.perf_counter() - started:.0f} s; adapter saved to {output / 'adapter'}")
+    if result:
+        print(format_table([_row(name, result, config.metric)]))
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+def add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="score adapters (or the bare base) on a JSONL file")
+    parser.add_argument("data", help="JSONL file of prompt/completion or messages examples")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several); none: the bare base")
+    parser.add_argument("--with-base", action="store_true", help="also score the bare base")
+    parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--json", type=Path, help="also write the scores (and predictions) to this file")
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import read_jsonl
+    from .evaluate import evaluate
+
+    examples = read_jsonl(args.data)
+    model, tokenizer, names = _model_with_adapters(args.base, args.adapter)
+    runs = ([None] if args.with_base or not names else []) + names
+    rows, report = [], {}
+    for name in runs:
+        model.set_active(name)
+        result = evaluate(model, tokenizer, examples, args.metric, args.batch_size, args.max_new_tokens)
+        label = name or "base"
+        rows.append(_row(label, result, args.metric))
+        report[label] = result
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def add_generate_command(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer prompts with one or more adapters, side by side")
+    parser.add_argument("prompts", nargs="+", help="prompt texts (put into --template)")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several)")
+    parser.add_argument("--with-base", action="store_true", help="also answer with the bare base")
+    parser.add_argument("--template", default="{prompt}", help=r"prompt template, e.g. 'English: {prompt}\nGerman:' (\n is a newline)")
+    parser.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.set_defaults(handler=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .evaluate import generate_batched
+
+    model, tokenizer, names = _model_with_adapters(args.base, args.adapter)
+    template = args.template.replace("\\n", "\n")
+    texts = [template.format(prompt=p) for p in args.prompts]
+    if args.chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
+    runs = ([None] if args.with_base or not names else []) + names
+    answers = {}
+    for name in runs:
+        model.set_active(name)
+        answers[name or "base"] = generate_batched(model, tokenizer, texts, args.max_new_tokens, stop=None if args.chat else "\n")
+    for i, prompt in enumerate(args.prompts):
+        print(f"> {prompt}")
+        for label, outputs in answers.items():
+            print(f"  [{label}] {outputs[i]}")
+    return 0
+
+
+# ---- info ----------------------------------------------------------------------------------------
+def add_info_command(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="describe a saved adapter folder")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the description as JSON")
+    parser.set_defaults(handler=run_info)
+
+
+def describe_adapter(path: Path) -> dict[str, Any]:
+    """Method, size, parameter count and base of a saved adapter, read without loading any model."""
+    from safetensors import safe_open
+
+    from .io import WEIGHTS_FILE, read_adapter_config
+
+    document = read_adapter_config(path)
+    weights = path / WEIGHTS_FILE
+    parameters = 0
+    if weights.is_file():
+        with safe_open(weights, "pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for n in shape:
+                    count *= n
+                parameters += count
+    base = document.get("base") or {}
+    return {
+        "path": str(path),
+        "name": document.get("name"),
+        "method": document.get("method"),
+        "config": document.get("config"),
+        "parameters": parameters,
+        "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "weights_sha256")},
+        "format_version": document.get("format_version"),
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = describe_adapter(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    base = info["base"]
+    options = ", ".join(f"{k}={v}" for k, v in (info["config"] or {}).items() if v is not None)
+    print(f"adapter     {info['name']}  ({info['path']})")
+    print(f"method      {info['method']}: {options}")
+    print(f"parameters  {info['parameters']:,}")
+    print(f"size        {info['size_bytes'] / 1e6:.2f} MB on disk")
+    base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
+    print(f"base        {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, weights sha256 {str(base.get('weights_sha256'))[:16]}…)")
+    return 0
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def add_data_command(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="prepare training data")
+    tools = parser.add_subparsers(dest="tool", required=True)
+    po = tools.add_parser("po2jsonl", help="gettext catalogs (.po) -> prompt/completion JSONL")
+    po.add_argument("catalogs", nargs="+", type=Path)
+    po.add_argument("--lang", required=True, help="the catalogs' language code, e.g. de")
+    po.add_argument("-o", "--output", required=True, type=Path)
+    po.set_defaults(handler=run_po2jsonl)
+
+
+def run_po2jsonl(args: argparse.Namespace) -> int:
+    from .data import po_to_jsonl
+
+    count = po_to_jsonl(args.catalogs, args.lang, args.output)
+    print(f"wrote {count} pairs to {args.output}")
+    return 0
+
+
+# ---- shared --------------------------------------------------------------------------------------
+def _model_with_adapters(base_name: str, paths: Sequence[str]):
+    """(model, tokenizer, adapter names): the base with each adapter loaded under its saved name
+    (made unique with a numeric suffix when two share one)."""
+    from .bases import load_base
+    from .io import read_adapter_config
+    from .model import AdapterModel
+
+    base, tokenizer = load_base(base_name)
+    model = AdapterModel(base)
+    names: list[str] = []
+    for path in paths:
+        saved = read_adapter_config(path).get("name") or "adapter"
+        name, n = saved, 1
+        while name in names:
+            n += 1
+            name = f"{saved}-{n}"
+        names.append(model.load_adapter(path, name=name))
+    return model, tokenizer, names
+
+
+def _row(label: str, result: dict, metric: str) -> dict[str, str]:
+    row = {"model": label, "examples": str(result["examples"]), "loss": f"{result['loss']:.3f}"}
+    if metric != "none":
+        row[metric] = f"{result[metric]:.1f}"
+    row["seconds"] = f"{result['seconds']:.1f}"
+    return row
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """A plain aligned text table."""
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+COMMANDS: list[Callable] = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_data_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapterkit", description="Adapters over one frozen base model.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except AdapterkitError as error:
+        print(f"adapterkit: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
