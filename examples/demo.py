@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import adapterkit as ak
-from adapterkit.data import catalog_pairs, format_prompt, parse_po, split_held_out, tokenize_example, unique_pairs, write_jsonl
+from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, tokenize_example, write_jsonl
 from adapterkit.evaluate import evaluate, generate_batched
 from adapterkit.train import Trainer, TrainConfig
 
@@ -50,7 +50,7 @@ def build_datasets(out: Path, quick: bool) -> dict[str, tuple[list[dict], list[d
     datasets = {}
     for code in LANGUAGES:
         catalogs = django_catalogs(code)
-        pairs = unique_pairs(p for c in catalogs for p in catalog_pairs(parse_po(c.read_text(encoding="utf-8"), str(c)), code))
+        pairs = pairs_from_catalogs(catalogs, code)
         train, held_out = split_held_out(pairs, 0.10, seed=0)
         if quick:
             train, held_out = train[:64], held_out[:12]

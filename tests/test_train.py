@@ -136,29 +136,55 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[-1] < 0.001
 
 
-def test_only_the_adapter_trains_under_hf_trainer(tmp_path):
+def adapter_step_callback(model):
+    from transformers import TrainerCallback
+
+    class AdapterStep(TrainerCallback):
+        def __init__(self, model):
+            self.model = model
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.model.step(state.global_step + 1)
+
+    return AdapterStep(model)
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "adalora"])
+def test_only_the_adapter_trains_under_hf_trainer(tmp_path, method):
+    import warnings
+
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
-    from adapterkit.data import collate, tokenize_all
+    from adapterkit.data import TokenizedExample, collate, tokenize_all
 
-    model = make_model()
+    model = ak.AdapterModel(tiny_llama())
+    torch.manual_seed(0)
+    if method == "adalora":
+        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=1, tfinal=1, deltaT=1, total_step=6)
+    else:
+        config = ak.BottleneckConfig(bottleneck_size=8, init="bert")
+    model.add_adapter("de", config)
     model.train_adapter("de")
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     adapter_before = adapter_tensors(model)
     tokenizer = tiny_tokenizer()
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in tokenize_all(EXAMPLES, tokenizer, 32)]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in tokenize_all(EXAMPLES, tokenizer, 32)]
 
-    def collator(rows):
-        from adapterkit.data import TokenizedExample
-
-        return collate([TokenizedExample(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id)
+    def collator(batch):
+        return collate([TokenizedExample(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id)
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, logging_steps=100,
     )
-    HFTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    trainer = HFTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[adapter_step_callback(model)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without rank allocation.*")
+        trainer.train()
     assert_same(base_before, model.base.state_dict())
     after = model.adapter_state_dict("de")
-    assert any(not torch.equal(adapter_before[k], after[k]) for k in after)
+    assert any(not torch.equal(adapter_before[k], after[k]) for k in after if k in adapter_before)
+    if method == "adalora":
+        ranks = model.adapter_ranks("de")
+        assert sum(ranks.values()) < 4 * len(ranks)  # the allocation pruned ranks

@@ -144,12 +144,17 @@ def format_prompt(text: str, target_language: str, context: str | None = None) -
     return f"{label}: {text}\n{target_language}:"
 
 
-def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Path) -> int:
-    """Write the unique pairs of one or more catalogs to a JSONL file; returns how many."""
-    pairs = unique_pairs(
+def pairs_from_catalogs(catalogs: Iterable[str | Path], language: str) -> list[dict[str, str]]:
+    """The unique prompt/completion pairs of one or more catalogs, in catalog order."""
+    return unique_pairs(
         pair for catalog in catalogs
         for pair in catalog_pairs(parse_po(Path(catalog).read_text(encoding="utf-8"), str(catalog)), language)
     )
+
+
+def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Path) -> int:
+    """Write the unique pairs of one or more catalogs to a JSONL file; returns how many."""
+    pairs = pairs_from_catalogs(catalogs, language)
     write_jsonl(output, pairs)
     return len(pairs)
 

@@ -153,11 +153,13 @@ class Trainer:
         tokens_seen, started = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
+                tic = time.perf_counter()
                 loss, tokens = self._optimizer_step()
+                seconds = time.perf_counter() - tic
                 self.step += 1
                 tokens_seen += tokens
                 rate = tokens_seen / (time.perf_counter() - started)
-                self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens})
+                self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens, "seconds": seconds})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
