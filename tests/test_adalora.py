@@ -207,3 +207,10 @@ def test_ranks_are_only_for_low_rank_adapters():
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
     with pytest.raises(ak.ConfigError, match="only LoRA and AdaLoRA adapters have ranks"):
         model.adapter_ranks("b")
+
+
+def test_the_final_budget_is_exact_even_when_scores_tie():
+    _, model = ada_model()
+    model.train_adapter("ada")
+    model.step(10)  # at total_step - tfinal, with no importance gathered: every score is zero
+    assert sum(model.adapter_ranks("ada").values()) == 3 * 4

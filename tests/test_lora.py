@@ -132,6 +132,7 @@ def test_merge_of_an_inactive_adapter_activates_it():
 def test_while_merged_conflicting_operations_raise_and_others_work(tmp_path):
     base, model = lora_model("llama")
     randomize(model, "lora")
+    model.train_adapter("lora")
     model.add_adapter("other", ak.LoraConfig(r=2, target_modules=["q_proj"]))
     model.add_adapter("bottleneck", ak.BottleneckConfig(bottleneck_size=4))
     model.set_active("lora")
@@ -148,6 +149,7 @@ def test_while_merged_conflicting_operations_raise_and_others_work(tmp_path):
         model.train_adapter("lora")
     with pytest.raises(ak.MergeError, match="already merged"):
         model.merge("other")
+    assert not any(p.requires_grad for p in model.adapter_layers["lora"].parameters())
     assert model.active == ("lora",)
     # Saving the merged adapter writes its own tensors and the true base fingerprint.
     model.save_adapter("lora", tmp_path / "lora")

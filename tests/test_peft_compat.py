@@ -170,3 +170,11 @@ def test_other_peft_methods_and_bottlenecks_are_refused(tmp_path):
         model.save_adapter("b", tmp_path / "b", format="peft")
     with pytest.raises(ak.ConfigError, match="format must be"):
         model.save_adapter("b", tmp_path / "b", format="pickle")
+
+
+def test_a_peft_folder_is_named_after_its_folder_or_by_the_caller(tmp_path):
+    peft_lora("llama", tmp_path / "my adapter", r=2)
+    model = ak.AdapterModel(make_base("llama"))
+    with pytest.raises(ak.AdapterNameError, match="folder name 'my adapter' is not a valid one; pass name="):
+        model.load_adapter(tmp_path / "my adapter")
+    assert model.load_adapter(tmp_path / "my adapter", "mine") == "mine"

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from .errors import AdapterFileError, BaseMismatchError, ConfigError, ShapeMismatchError
+from .errors import AdapterFileError, AdapterNameError, BaseMismatchError, ConfigError, ShapeMismatchError
 from .methods import config_class
 
 if TYPE_CHECKING:
@@ -388,7 +388,11 @@ def config_from_peft(document: dict[str, Any], source: Path):
 
 
 def load_peft_adapter(model: "AdapterModel", path: Path, document: dict[str, Any], name: str | None) -> str:
+    from .model import _VALID_NAME
+
     config = config_from_peft(document, path / CONFIG_FILE)
+    if name is None and not _VALID_NAME.fullmatch(path.name):
+        raise AdapterNameError(f"a peft folder carries no adapter name and its folder name {path.name!r} is not a valid one; pass name=")
     name = name or path.name
     model._check_new_name(name)
     if not (path / WEIGHTS_FILE).is_file() and (path / "adapter_model.bin").is_file():

@@ -447,7 +447,7 @@ class AdapterModel(nn.Module):
     def merge(self, name: str) -> None:
         """Fold a LoRA or AdaLoRA adapter into the base weights, W += s * B A (transposed for
         GPT-2's Conv1D). The layers it adapts then run at the bare base's cost, with no hook work.
-        It stays active; switching it off, deleting or training it is refused until ``unmerge()``,
+        It stays active and is frozen; switching it off, deleting or training it is refused until ``unmerge()``,
         which restores the base weights bit for bit."""
         self._check_known(name)
         if self._merged is not None:
@@ -461,6 +461,7 @@ class AdapterModel(nn.Module):
         from .io import base_fingerprint
 
         base_fingerprint(self.base)  # taken (and kept) from the unmerged weights
+        modules.requires_grad_(False)  # training it now would silently diverge from the merged copy
         for site in self._sites[name]:
             layer = self._base_modules[site.module_name]
             self._unmerged_weights[site.module_name] = layer.weight.detach().clone()

@@ -273,13 +273,13 @@ class RankAllocator:
 
     @torch.no_grad()
     def _mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Keep the ``budget`` most important triplets over all modules (exactly that many, even
+        when scores tie) and zero the values of the rest."""
         scores = self._triplet_scores()
-        prune = self.initial_budget - budget
-        if prune <= 0:
-            pattern = {name: [True] * len(score) for name, score in scores.items()}
-        else:
-            threshold = torch.kthvalue(torch.cat(list(scores.values())), prune).values
-            pattern = {name: (score > threshold).tolist() for name, score in scores.items()}
+        ranking = torch.argsort(torch.cat(list(scores.values())), descending=True, stable=True)
+        keep = torch.zeros(self.initial_budget, dtype=torch.bool, device=ranking.device)
+        keep[ranking[:budget]] = True
+        pattern = {name: part.tolist() for name, part in zip(scores, keep.split([len(s) for s in scores.values()]))}
         self._apply(pattern)
         return pattern
 
