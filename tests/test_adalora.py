@@ -93,18 +93,21 @@ def test_rank_budget_after_the_schedule_is_target_r_per_module(arch, capsys):
         assert int(torch.count_nonzero(module.lora_E)) == rank
 
 
-def test_masks_are_applied_at_the_deltaT_cadence_and_fixed_after():
+def test_masks_are_applied_at_the_deltaT_cadence_and_fixed_after(monkeypatch):
     _, model = ada_model(tinit=2, tfinal=2, deltaT=3, total_step=14)
-    masked_at, zero_values = [], []
+    allocator = model._allocators["ada"]
+    mask_to_budget = allocator._mask_to_budget
+    masked_at, zero_values = [], []  # zero_values gets one entry per finished step
+
+    def recording_mask(budget):
+        masked_at.append(len(zero_values))
+        return mask_to_budget(budget)
+
+    monkeypatch.setattr(allocator, "_mask_to_budget", recording_mask)
 
     def record(step):
-        pattern = model._configs["ada"].rank_pattern
-        if pattern is not None and (not masked_at or pattern is not record.last):
-            masked_at.append(step)
-        record.last = pattern
         zero_values.append(sum(int((m.lora_E == 0).sum()) for m in model.adapter_layers["ada"].values()))
 
-    record.last = None
     train(model, 16, on_step=record)
     # pruning starts after tinit, every deltaT steps, and the final mask comes at total_step - tfinal
     assert masked_at == [3, 6, 9, 12]
@@ -214,3 +217,18 @@ def test_the_final_budget_is_exact_even_when_scores_tie():
     model.train_adapter("ada")
     model.step(10)  # at total_step - tfinal, with no importance gathered: every score is zero
     assert sum(model.adapter_ranks("ada").values()) == 3 * 4
+
+
+def test_an_adapter_saved_mid_schedule_keeps_every_triplet_and_can_go_on(tmp_path):
+    _, model = ada_model()
+    train(model, 5)  # pruned at steps 3 and 4 (deltaT 2: step 4), final ranks not fixed yet
+    assert model.adapters["ada"].rank_pattern is None
+    assert any(int((m.lora_E == 0).sum()) for m in model.adapter_layers["ada"].values())
+    model.set_active("ada")
+    expected = logits(model)
+    model.save_adapter("ada", tmp_path / "ada")
+    fresh = ak.AdapterModel(make_base("llama"))
+    fresh.load_adapter(tmp_path / "ada")
+    fresh.set_active("ada")
+    assert torch.equal(logits(fresh), expected)
+    assert not fresh._allocators["ada"].finished

@@ -113,7 +113,7 @@ def save_adapter(model: "AdapterModel", name: str, path: str | Path, format: str
 
 def adapter_files(model: "AdapterModel", name: str) -> dict[str, bytes]:
     """The bytes of a saved adapter folder, by file name (config last: see write_folder_atomically)."""
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in model.adapter_state_dict(name).items()}
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in saved_tensors(model, name).items()}
     weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
     config = model.adapters[name]
     document = {
@@ -421,7 +421,7 @@ def peft_adapter_files(model: "AdapterModel", name: str) -> dict[str, bytes]:
         raise ConfigError(f"adapter {name!r} is a {config.method} adapter; peft's format holds LoRA and AdaLoRA adapters only")
     suffix = ".weight" if config.method == "lora" else ""
     tensors = {}
-    for key, tensor in model.adapter_state_dict(name).items():
+    for key, tensor in saved_tensors(model, name).items():
         module, _, param = key.partition(".adapter.")
         tensors[f"{PEFT_PREFIX}{module}.{param}{suffix}"] = tensor.detach().to("cpu").contiguous()
     ours = config.to_dict()
@@ -435,6 +435,25 @@ def peft_adapter_files(model: "AdapterModel", name: str) -> dict[str, bytes]:
     )
     weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
     return {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def saved_tensors(model: "AdapterModel", name: str) -> dict[str, torch.Tensor]:
+    """An adapter's tensors as a saved folder holds them: an AdaLoRA adapter whose final ranks are
+    fixed (config.rank_pattern) keeps only its kept triplets, as peft saves them."""
+    tensors = model.adapter_state_dict(name)
+    pattern = getattr(model.adapters[name], "rank_pattern", None)
+    if not pattern:
+        return tensors
+    kept = {}
+    for key, tensor in tensors.items():
+        module, _, param = key.partition(".adapter.")
+        keep = pattern.get(module)
+        rank_dim = 1 if param == "lora_B" else 0
+        if keep is not None and tensor.shape[rank_dim] == len(keep):  # not yet cut down (a loaded one is)
+            mask = torch.tensor(keep, dtype=torch.bool, device=tensor.device)
+            tensor = tensor[:, mask] if rank_dim else tensor[mask]
+        kept[key] = tensor
+    return kept
 
 
 def _peft_type(method: str) -> str:

@@ -278,7 +278,7 @@ class AdapterModel(nn.Module):
         for name, allocator in self._allocators.items():
             if self._trains(name):
                 pattern = allocator.step(global_step)
-                if pattern is not None:
+                if pattern is not None:  # the final ranks: saving keeps only these
                     self._configs[name] = dataclasses.replace(self._configs[name], rank_pattern=pattern)
 
     def _trains(self, name: str) -> bool:
@@ -542,7 +542,7 @@ class AdapterModel(nn.Module):
         return {
             f"{site.module_name}.adapter.{param}": tensor
             for site in self._sites[name]
-            for param, tensor in _saved_state(modules[_key(site)]).items()
+            for param, tensor in modules[_key(site)].state_dict().items()
         }
 
     # ---- mixed batches ---------------------------------------------------------------------
@@ -599,12 +599,6 @@ class AdapterModel(nn.Module):
 
     def _base_weight(self, module_name: str) -> torch.Tensor:
         return self._base_modules[module_name].weight
-
-
-def _saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """What a saved adapter holds of a module: AdaLoRA keeps only the triplets it did not prune."""
-    saved_state = getattr(module, "saved_state", None)
-    return saved_state() if saved_state is not None else module.state_dict()
 
 
 def _weight_update(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:

@@ -42,8 +42,9 @@ class AdaLoraConfig(AdapterConfig):
     total_step: the number of optimizer steps of the training run (required).
     alpha: scale numerator; dropout: on the layer input; orth_reg_weight: weight of the
     orthogonality penalty; target_modules / layers: as LoraConfig.
-    rank_pattern: which triplets each module keeps ({module: [bool] * init_r}); written by the
-    rank allocation and by saving, so that a saved adapter holds only its kept ranks."""
+    rank_pattern: which triplets each module keeps ({module: [bool] * init_r}), set when the rank
+    allocation fixes the final ranks; a saved adapter then holds only those. Before that, a saved
+    adapter holds all init_r triplets (the pruned ones with E = 0) and can go on training."""
 
     method = "adalora"
 
@@ -163,13 +164,6 @@ class AdaLoraAdapter(nn.Module):
     def rank(self) -> int:
         return self.lora_E.shape[0] if self.keep is None else int(self.keep.sum())
 
-    def saved_state(self) -> dict[str, torch.Tensor]:
-        """The tensors of the kept triplets only (what a saved adapter holds)."""
-        if self.keep is None:
-            return self.state_dict()
-        keep = self.keep
-        return {"lora_A": self.lora_A[keep], "lora_E": self.lora_E[keep], "lora_B": self.lora_B[:, keep]}
-
     @torch.no_grad()
     def apply_mask(self, keep: torch.Tensor) -> None:
         self.keep = keep
@@ -211,7 +205,7 @@ class RankAllocator:
         return budget, step % config.deltaT == 0
 
     def step(self, global_step: int) -> dict[str, list[bool]] | None:
-        """Update importance and mask; returns the new rank pattern when it changed."""
+        """Update importance and mask; returns the final rank pattern on the step that fixes it."""
         if self.finished:
             return None
         pattern = None
@@ -225,7 +219,7 @@ class RankAllocator:
             self._update_importance()
             budget, mask = self.budget(global_step)
             if mask:
-                pattern = self._mask_to_budget(budget)
+                self._mask_to_budget(budget)
         self._seen = self._version()
         return pattern
 
