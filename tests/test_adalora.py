@@ -232,3 +232,17 @@ def test_an_adapter_saved_mid_schedule_keeps_every_triplet_and_can_go_on(tmp_pat
     fresh.set_active("ada")
     assert torch.equal(logits(fresh), expected)
     assert not fresh._allocators["ada"].finished
+
+
+@pytest.mark.slow
+def test_the_lessons_adalora_example_on_the_default_base(capsys):
+    base, _ = ak.load_base("smollm2-135m")
+    model = ak.AdapterModel(base)
+    model.add_adapter("ada", ak.AdaLoraConfig(
+        init_r=12, target_r=8, beta1=0.85, beta2=0.85, tinit=200, tfinal=1000, deltaT=10,
+        target_modules=["q_proj", "v_proj"], total_step=1500,
+    ))
+    model.train_adapter("ada")
+    model.print_trainable_parameters()
+    # 30 layers; q_proj 576->576, v_proj 576->192: 12 * (576 + 576) + 12 + 12 * (576 + 192) + 12 per layer
+    assert capsys.readouterr().out == "trainable params: 691,920 || all params: 135,206,928 || trainable%: 0.5117\n"
