@@ -18,7 +18,6 @@ mask is then held fixed. An orthogonality penalty, orth_reg_weight times the mea
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import ClassVar
 
