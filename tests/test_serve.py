@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import json
+import os
 import socket
 import threading
 import time
@@ -291,3 +292,40 @@ def test_the_openai_client_gets_the_right_adapter(live, world):
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="w1")
+
+
+def test_the_serve_command_runs_the_server(world):
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "adapterkit.cli", "serve", "--base", str(world["base_dir"]), "--adapters",
+               str(world["adapters_dir"]), "--port", str(port), "--max-loaded-adapters", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, ADAPTERKIT_API_KEY=KEY))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8}, timeout=30)
+        assert answer.json()["choices"][0]["text"] == world["answers"]["lora", PROMPTS[0]]
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "houlsby"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-base"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_the_serve_command_checks_its_options(tmp_path, capsys):
+    from adapterkit.cli import main
+
+    assert main(["serve", "--adapters", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
+    assert "no adapters folder" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -338,7 +339,37 @@ def format_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS: list[Callable] = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_data_command]
+# ---- serve ---------------------------------------------------------------------------------------
+def add_serve_command(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server over one base and a folder of adapters", description=(
+        "Serve /v1/completions and /v1/chat/completions; a request's 'model' names an adapter folder inside "
+        "--adapters (or the base's name). Concurrent requests run together as mixed-adapter batches."
+    ))
+    parser.add_argument("--base", default=DEFAULT_BASE, help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
+    parser.add_argument("--adapters", required=True, type=Path, help="folder whose sub-folders are saved adapters")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a request waits for others to share its batch")
+    parser.add_argument("--max-loaded-adapters", type=int, default=8, help="least recently used idle adapters are unloaded beyond this")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    for option in ("max_batch_size", "max_loaded_adapters"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.batch_window_ms < 0:
+        raise ConfigError("--batch-window-ms cannot be negative")
+    api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
+    serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms, args.max_loaded_adapters)
+    return 0
+
+
+COMMANDS: list[Callable] = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_data_command, add_serve_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
