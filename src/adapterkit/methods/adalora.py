@@ -150,10 +150,10 @@ class AdaLoraAdapter(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
-        return F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * self.scale
+        return F.linear(F.linear(x, self.lora_A * self.lora_E) * self.scale, self.lora_B)  # scaled at width r
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.delta(x)
+        return self.delta(x).add_(y)  # into the fresh delta: no third tensor
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A * E [r, in], B [out, r], scale): pruned triplets have E = 0, so their rows are zero."""

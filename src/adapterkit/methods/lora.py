@@ -103,10 +103,10 @@ class LoraAdapter(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)  # scaled at width r: cheapest
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.delta(x)
+        return self.delta(x).add_(y)  # into the fresh delta: no third tensor
 
     @property
     def rank(self) -> int:
