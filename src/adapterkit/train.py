@@ -134,7 +134,7 @@ class Trainer:
         if not self.parameters:
             raise ConfigError("nothing to train: no parameter of the model requires grad")
         torch.manual_seed(config.seed)
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
 
