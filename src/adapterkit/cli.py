@@ -40,7 +40,7 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
     parser.add_argument("--method", choices=["bottleneck", "lora", "adalora"], help="default bottleneck")
     for option, kind in ADAPTER_FLAGS.items():
-        parser.add_argument("--" + option.replace("_", "-"), type=kind, dest=f"adapter.{option}", help=argparse.SUPPRESS if option in ("reduction_factor", "activation") else None)
+        parser.add_argument("--" + option.replace("_", "-"), type=kind, dest=f"adapter.{option}", metavar=option.upper())
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int)
