@@ -132,7 +132,7 @@ def _stack(kind: _Kind, modules: list[nn.Module]) -> dict[str, torch.Tensor]:
 
 def _grouped_delta(kind: _Kind, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     if kind.method == "bottleneck":
-        return grouped_bottleneck_delta(h, weights, kind.activation)
+        return grouped_bottleneck_delta(h, weights, kind.activation, kind.layer_norm)
     return torch.bmm(torch.bmm(h, weights["down_t"]), weights["up_t"])
 
 

@@ -149,30 +149,35 @@ def stack_bottlenecks(adapters: list[BottleneckAdapter]) -> dict[str, torch.Tens
     """The weights of several adapters at one site as [adapters, ...] tensors, transposed for bmm.
 
     Widths are zero-padded to the largest: a zero down-row gives act(0) = 0 for every supported
-    activation and a zero up-column adds nothing, so padding is exact. ``scaling`` is folded into
-    the up-projection. All adapters must agree on layer_norm (callers group them by it)."""
+    activation and a zero up-column adds nothing, so padding is exact. The LayerNorm's scale and
+    shift are folded into the down-projection (W (n * g + b) = (W g) n + W b) and ``scaling`` into
+    the up-projection, which saves two passes over the activations. All adapters must agree on
+    layer_norm (callers group them by it)."""
     r = max(adapter.down_weight.shape[0] for adapter in adapters)
 
     def pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
         missing = r - tensor.shape[dim]
         return F.pad(tensor, (0, missing) if dim == -1 else (0, 0, 0, missing)) if missing else tensor
 
+    def down(a: BottleneckAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+        if a.ln_weight is None:
+            return a.down_weight, a.down_bias
+        return a.down_weight * a.ln_weight, torch.addmv(a.down_bias, a.down_weight, a.ln_bias)
+
+    downs = [down(a) for a in adapters]
     stacked = {
-        "down_t": torch.stack([pad(a.down_weight, 0).t() for a in adapters]),
-        "down_bias": torch.stack([pad(a.down_bias, -1) for a in adapters]).unsqueeze(1),
+        "down_t": torch.stack([pad(weight, 0).t() for weight, _ in downs]),
+        "down_bias": torch.stack([pad(bias, -1) for _, bias in downs]).unsqueeze(1),
         "up_t": torch.stack([(pad(a.up_weight, -1) * a.scaling).t() for a in adapters]),
         "up_bias": torch.stack([a.up_bias * a.scaling for a in adapters]).unsqueeze(1),
     }
-    if adapters[0].ln_weight is not None:
-        stacked["ln_weight"] = torch.stack([a.ln_weight for a in adapters]).unsqueeze(1)
-        stacked["ln_bias"] = torch.stack([a.ln_bias for a in adapters]).unsqueeze(1)
     return {key: tensor.contiguous() for key, tensor in stacked.items()}
 
 
-def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], activation) -> torch.Tensor:
+def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], activation, layer_norm: bool) -> torch.Tensor:
     """Each group's adapter applied to its slice of ``h`` [groups, tokens, d], as batched products;
     ``weights`` come from ``stack_bottlenecks`` with one entry per group."""
-    if "ln_weight" in weights:
-        h = torch.addcmul(weights["ln_bias"], F.layer_norm(h, h.shape[-1:]), weights["ln_weight"])
+    if layer_norm:
+        h = F.layer_norm(h, h.shape[-1:])
     hidden = activation(torch.baddbmm(weights["down_bias"], h, weights["down_t"]))
     return torch.baddbmm(weights["up_bias"], hidden, weights["up_t"])
