@@ -144,9 +144,10 @@ def interleaved_step_ratio(rounds: int) -> dict:
     return {"houlsby_s": houlsby, "full_s": full_ft, "ratio": houlsby / full_ft, "rounds": rounds}
 
 
-def write_report(rows: list[dict], timing: dict, steps: int, command: str, docs: Path) -> None:
-    full = next(r for r in rows if r["method"] == "full fine-tuning")
-    houlsby = next(r for r in rows if r["method"] == "Houlsby r=64")
+def write_report(rows: list[dict], timing: dict | None, steps: int, command: str, docs: Path, complete: bool) -> None:
+    """docs/quality.md and the chart; rewritten after every method, so an interrupted run leaves
+    what it measured (marked as partial)."""
+    by_name = {r["method"]: r for r in rows}
     lines = [
         "# Quality: adapters vs full fine-tuning",
         "",
@@ -156,8 +157,13 @@ def write_report(rows: list[dict], timing: dict, steps: int, command: str, docs:
         "of batch 16 (length-bucketed, seed 0), AdamW with 10% warmup and cosine decay, gradient clipping at 1.0. "
         "Learning rate 2e-3 for adapters (3e-3 for the upper-layer Houlsby, as in the demo), 5e-5 for full "
         "fine-tuning (2e-3 would wreck a full fine-tune). Each method ran in its own process: peak memory is that "
-        "process's peak RSS during training (VmHWM, reset after loading), base weights included.",
+        "process's peak RSS during training (VmHWM, reset after loading), base weights included. Seconds per step "
+        "are medians over the run, on a machine shared with other jobs: compare them within this table only.",
         "",
+    ]
+    if not complete:
+        lines += ["**Partial run**: the methods below are those measured before the run was stopped.", ""]
+    lines += [
         "| method | held-out chrF | trainable params | trainable % | s/step (median) | peak RSS | on disk |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -166,18 +172,25 @@ def write_report(rows: list[dict], timing: dict, steps: int, command: str, docs:
             f"| {r['method']} | {r['chrf']:.1f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['step_seconds']:.2f} | "
             f"{r['peak_rss_mb']:,.0f} MB | {r['size_bytes'] / 1e6:.1f} MB |"
         )
+    lines.append("")
+    houlsby, full = by_name.get("Houlsby r=64"), by_name.get("full fine-tuning")
+    if houlsby and full:
+        lines += [
+            f"- Houlsby r=64 vs full fine-tuning: chrF {houlsby['chrf']:.1f} vs {full['chrf']:.1f} "
+            f"({houlsby['chrf'] - full['chrf']:+.1f}) with {houlsby['trainable_pct']:.2f}% of the parameters trained.",
+            f"- Peak memory, Houlsby / full fine-tuning: {houlsby['peak_rss_mb']:,.0f} / {full['peak_rss_mb']:,.0f} MB = "
+            f"**{houlsby['peak_rss_mb'] / full['peak_rss_mb']:.2f}**.",
+        ]
+    if timing:
+        lines.append(
+            f"- Step time, Houlsby / full fine-tuning, interleaved on identical batches in one process "
+            f"(median of {timing['rounds']}): {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = **{timing['ratio']:.2f}**."
+        )
     lines += [
-        "",
-        f"- Houlsby r=64 vs full fine-tuning: chrF {houlsby['chrf']:.1f} vs {full['chrf']:.1f} "
-        f"({houlsby['chrf'] - full['chrf']:+.1f}) with {houlsby['trainable_pct']:.2f}% of the parameters trained.",
-        f"- Step time, Houlsby / full fine-tuning, interleaved on identical batches in one process "
-        f"(median of {timing['rounds']}): {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = **{timing['ratio']:.2f}**.",
-        f"- Peak memory, Houlsby / full fine-tuning: {houlsby['peak_rss_mb']:,.0f} / {full['peak_rss_mb']:,.0f} MB = "
-        f"**{houlsby['peak_rss_mb'] / full['peak_rss_mb']:.2f}**.",
         "",
         "![chrF and step time per method](quality.png)",
         "",
-        "Regenerate (about 25 minutes on 2 cores):",
+        "Regenerate (each method trains in its own process; tens of minutes on 2 cores):",
         "",
         "```",
         command,
@@ -219,12 +232,15 @@ def main() -> int:
     if args.method:
         print(json.dumps(run_one(args.method, args.steps, args.held_out)))
         return 0
-    rows = []
-    for name in method_configs(args.steps):
-        command = [sys.executable, __file__, "--method", name, "--steps", str(args.steps)]
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    command = "flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py" + ("" if args.steps == 60 else f" --steps {args.steps}")
+    methods = list(method_configs(args.steps))
+    rows, timing = [], None
+    for name in methods:
+        child_command = [sys.executable, __file__, "--method", name, "--steps", str(args.steps)]
         if args.held_out:
-            command += ["--held-out", str(args.held_out)]
-        child = subprocess.run(command, capture_output=True, text=True)
+            child_command += ["--held-out", str(args.held_out)]
+        child = subprocess.run(child_command, capture_output=True, text=True)
         if child.returncode:
             print(child.stderr, file=sys.stderr)
             return child.returncode
@@ -232,13 +248,13 @@ def main() -> int:
         r = rows[-1]
         print(f"{name:28s} chrF {r['chrf']:5.1f}  trainable {r['trainable_pct']:6.2f}%  {r['step_seconds']:.2f} s/step  "
               f"peak {r['peak_rss_mb']:,.0f} MB  {r['size_bytes'] / 1e6:.1f} MB", flush=True)
-    timing = interleaved_step_ratio(args.rounds)
-    print(f"interleaved step time Houlsby / full FT: {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = {timing['ratio']:.2f}")
+        if name == "full fine-tuning":
+            timing = interleaved_step_ratio(args.rounds)
+            print(f"interleaved step time Houlsby / full FT: {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = {timing['ratio']:.2f}", flush=True)
+        if not args.no_write:
+            docs.mkdir(exist_ok=True)
+            write_report(rows, timing, args.steps, command, docs, complete=len(rows) == len(methods))
     if not args.no_write:
-        docs = Path(__file__).resolve().parent.parent / "docs"
-        docs.mkdir(exist_ok=True)
-        command = "flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py" + ("" if args.steps == 60 else f" --steps {args.steps}")
-        write_report(rows, timing, args.steps, command, docs)
         print(f"wrote {docs / 'quality.md'} and {docs / 'quality.png'}")
     return 0
 
