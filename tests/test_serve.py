@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import adapterkit as ak
-from adapterkit.serve import AdapterPool, ApiError, Engine, Server, create_app
+from adapterkit.serve import ApiError, Server, create_app
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant"] + [f"w{i}" for i in range(57)]
 CONTEXT = 48

@@ -10,21 +10,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterkitError, AdapterNameError, ConfigError, MergeError
 from .inject import Site
 from .methods import AdapterConfig
-from .methods.bottleneck import BottleneckAdapter, grouped_bottleneck_delta, stack_bottlenecks
+from .mixed import BASE, Kind, MixedPlan, stack_weights
+
+if TYPE_CHECKING:
+    from .methods.adalora import RankAllocator
 
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
@@ -42,11 +43,11 @@ class _Routing:
         self._local = threading.local()
 
     @property
-    def mixed(self) -> "_MixedPlan | None":
+    def mixed(self) -> "MixedPlan | None":
         return getattr(self._local, "plan", None)
 
     @mixed.setter
-    def mixed(self, plan: "_MixedPlan | None") -> None:
+    def mixed(self, plan: "MixedPlan | None") -> None:
         self._local.plan = plan
 
 
@@ -96,140 +97,7 @@ class _Attachment:
         return y
 
 
-BASE = "base"  # in a mixed batch, the row runs through the bare base
 _STACK_CACHE_ENTRIES = 256  # (module, adapters) stacks kept between calls
-
-
-class _Kind(NamedTuple):
-    """Adapters of one kind at one module are computed together: same maths, same input."""
-
-    method: str  # "bottleneck" or "low_rank"
-    reads: str  # "output" (serial bottleneck), "input" (LoRA, parallel on the layer itself) or "tap"
-    tap: "_Tap | None" = None
-    activation: object = None
-    layer_norm: bool = False
-
-
-def _kind(module: nn.Module, tap: _Tap | None) -> _Kind:
-    if isinstance(module, BottleneckAdapter):
-        reads = "tap" if tap is not None else "input" if module.parallel else "output"
-        return _Kind("bottleneck", reads, tap, module.activation, module.ln_weight is not None)
-    if hasattr(module, "low_rank_factors"):
-        return _Kind("low_rank", "input")
-    raise AdapterkitError(f"{type(module).__name__} adapters cannot run in a mixed-adapter batch")
-
-
-@torch.no_grad()
-def _stack(kind: _Kind, modules: list[nn.Module]) -> dict[str, torch.Tensor]:
-    if kind.method == "bottleneck":
-        return stack_bottlenecks(modules)
-    factors = [module.low_rank_factors() for module in modules]
-    r = max(a.shape[0] for a, _, _ in factors)
-    down = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in factors])
-    up = torch.stack([F.pad(b * scale, (0, r - b.shape[1])) for _, b, scale in factors])
-    return {"down_t": down.transpose(1, 2).contiguous(), "up_t": up.transpose(1, 2).contiguous()}
-
-
-def _grouped_delta(kind: _Kind, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    if kind.method == "bottleneck":
-        return grouped_bottleneck_delta(h, weights, kind.activation, kind.layer_norm)
-    return torch.bmm(torch.bmm(h, weights["down_t"]), weights["up_t"])
-
-
-class _Group:
-    """The rows one kind of adapter serves at one module, laid out for batched matrix products.
-
-    Rows are packed into equal-sized groups, each group holding rows of one adapter; an adapter
-    with many rows takes several groups. With group size ceil(rows / adapters) the padding never
-    exceeds one group per adapter, so an uneven mix costs at most twice the adapter FLOPs of an
-    even one, and an even one costs the same as a single adapter."""
-
-    def __init__(self, kind: _Kind, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
-        self.kind = kind
-        device = next(iter(stacked.values())).device
-        members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
-        self.rows = None if len(members) == len(row_adapter) else torch.tensor(members, device=device)
-        positions: dict[int, list[int]] = {}
-        for position, row in enumerate(members):
-            positions.setdefault(row_adapter[row], []).append(position)
-        self.size = math.ceil(len(members) / len(positions))
-        group_adapter, slot_rows, row_slot = [], [], [0] * len(members)
-        for adapter, adapter_positions in positions.items():
-            for start in range(0, len(adapter_positions), self.size):
-                chunk = adapter_positions[start : start + self.size]
-                for offset, position in enumerate(chunk):
-                    row_slot[position] = len(slot_rows) + offset
-                slot_rows += chunk + [chunk[0]] * (self.size - len(chunk))
-                group_adapter.append(adapter)
-        self.in_order = slot_rows == list(range(len(members)))
-        self.slot_rows = torch.tensor(slot_rows, device=device)
-        self.row_slot = torch.tensor(row_slot, device=device)
-        if group_adapter == list(range(len(next(iter(stacked.values()))))):
-            self.weights = stacked
-        else:
-            index = torch.tensor(group_adapter, device=device)
-            self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
-
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        kind = self.kind
-        source = kind.tap.value if kind.reads == "tap" else x if kind.reads == "input" else y
-        n = y.shape[0]
-        h = source.reshape(n, -1, source.shape[-1])
-        if self.rows is not None:
-            h = h.index_select(0, self.rows)
-        if not self.in_order:
-            h = h.index_select(0, self.slot_rows)
-        length = h.shape[1]
-        delta = _grouped_delta(kind, h.reshape(-1, self.size * length, h.shape[-1]), self.weights)
-        delta = delta.reshape(-1, length, delta.shape[-1])
-        if not self.in_order:
-            delta = delta.index_select(0, self.row_slot)
-        out = y.reshape(n, -1, y.shape[-1])
-        out = out + delta if self.rows is None else out.index_add(0, self.rows, delta)
-        return out.reshape(y.shape)
-
-
-class _MixedPlan:
-    """One adapter per row for the length of a call (or a ``mixed_adapters`` block).
-
-    Per hooked module, the rows are grouped by kind of adapter once and reused for every forward
-    pass of the call, so generation pays for the layout only at the first step."""
-
-    def __init__(self, model: "AdapterModel", rows: list[str | None]) -> None:
-        self.model = model
-        self.rows = rows
-        self.names = frozenset(name for name in rows if name is not None)
-        self._groups: dict[tuple[_Attachment, int], list[_Group]] = {}
-
-    def apply(self, attachment: "_Attachment", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        repeat, remainder = divmod(y.shape[0], len(self.rows))
-        if remainder or not repeat:
-            raise AdapterkitError(f"the batch has {y.shape[0]} rows but adapter_names names {len(self.rows)}")
-        key = (attachment, repeat)
-        groups = self._groups.get(key)
-        if groups is None:
-            groups = self._groups[key] = self._layout(attachment, repeat)
-        if not groups:
-            return None
-        for group in groups:
-            y = group.apply(x, y)
-        for group in groups:
-            if group.kind.tap is not None:
-                group.kind.tap.value = None
-        return y
-
-    def _layout(self, attachment: "_Attachment", repeat: int) -> list[_Group]:
-        """Rows repeated ``repeat`` times each: generate expands rows for beams and samples."""
-        by_kind: dict[_Kind, list[str]] = {}
-        for name in sorted(self.names & attachment.adapters.keys()):
-            module, tap = attachment.adapters[name]
-            by_kind.setdefault(_kind(module, tap), []).append(name)
-        groups = []
-        for kind, names in by_kind.items():
-            index = {name: i for i, name in enumerate(names)}
-            row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
-            groups.append(_Group(kind, self.model._stacked(attachment, kind, names), row_adapter))
-        return groups
 
 
 class AdapterModel(nn.Module):
@@ -546,7 +414,7 @@ class AdapterModel(nn.Module):
         }
 
     # ---- mixed batches ---------------------------------------------------------------------
-    def _mixed_plan(self, adapter_names: Sequence[str | None], rows: int | None) -> _MixedPlan:
+    def _mixed_plan(self, adapter_names: Sequence[str | None], rows: int | None) -> MixedPlan:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
             raise AdapterNameError(f"adapter_names must be a non-empty list with one name (or None) per row, got {adapter_names!r}")
         if rows is not None and len(adapter_names) != rows:
@@ -558,9 +426,9 @@ class AdapterModel(nn.Module):
         names = [None if name in (None, BASE) else name for name in adapter_names]
         for name in set(names) - {None}:
             self._check_known(name)
-        return _MixedPlan(self, names)
+        return MixedPlan(self, names)
 
-    def _stacked(self, attachment: _Attachment, kind: _Kind, names: list[str]) -> dict[str, torch.Tensor]:
+    def _stacked(self, attachment: _Attachment, kind: Kind, names: list[str]) -> dict[str, torch.Tensor]:
         """The weights of ``names`` at one module, stacked; kept between calls until a parameter
         changes (its version counter moves) or one of the adapters is deleted."""
         modules = [attachment.adapters[name][0] for name in names]
@@ -570,7 +438,7 @@ class AdapterModel(nn.Module):
         if cached is not None and cached[0] == signature:
             self._stacks.move_to_end(key)
             return cached[1]
-        stacked = _stack(kind, modules)
+        stacked = stack_weights(kind, modules)
         self._stacks[key] = (signature, stacked)
         if len(self._stacks) > _STACK_CACHE_ENTRIES:
             self._stacks.popitem(last=False)
