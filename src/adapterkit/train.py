@@ -26,6 +26,7 @@ from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_a
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, evaluate
 from .io import WEIGHTS_FILE, adapter_files, write_folder_atomically
+from .methods import dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
@@ -75,11 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known options are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "training option", "options")
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:

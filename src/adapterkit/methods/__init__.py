@@ -33,11 +33,16 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, f"{cls.__name__} field", "fields")
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], unknown_label: str, known_label: str):
+    """``cls(**data)``, refusing keys the dataclass does not have by name (files from newer versions)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {unknown_label}(s) {unknown}; known {known_label} are {sorted(known)}")
+    return cls(**data)
 
 
 def config_class(method: str) -> type[AdapterConfig]:
