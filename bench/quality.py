@@ -26,7 +26,7 @@ import adapterkit as ak
 from adapterkit.data import collate, length_bucketed_batches, pairs_from_catalogs, split_held_out, tokenize_all, tokenize_example
 from adapterkit.evaluate import evaluate
 from adapterkit.methods import AdapterConfig
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import Trainer, TrainConfig, training_loss
 
 LANGUAGE = "de"
 TRAIN_MAX_TOKENS = 64
@@ -135,7 +135,7 @@ def interleaved_step_ratio(rounds: int) -> dict:
         batch = collate([examples[j] for j in batches[i % len(batches)]], tokenizer.pad_token_id)
         for name, (model, optimizer) in runners.items():
             tic = time.perf_counter()
-            model(**batch).loss.backward()
+            training_loss(model, batch).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if i:  # round 0 warms up

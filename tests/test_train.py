@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
 from adapterkit.errors import TrainingError
@@ -126,6 +126,43 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     fresh.load_adapter(checkpoint)  # a checkpoint is itself a loadable adapter
     assert all(torch.isfinite(t).all() for t in fresh.adapter_state_dict("de").values())
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("method", ["bottleneck", "adalora"])
+def test_completion_only_logits_give_the_models_own_loss(build, method):
+    from adapterkit.data import collate, tokenize_all
+    from adapterkit.evaluate import completion_loss
+    from adapterkit.train import training_loss
+
+    model = ak.AdapterModel(build())
+    torch.manual_seed(0)
+    if method == "adalora":
+        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["c_attn", "q_proj", "v_proj"], tinit=1, tfinal=1, deltaT=1, total_step=6)
+    else:
+        config = ak.BottleneckConfig(bottleneck_size=8, init="bert")
+    model.add_adapter("de", config)
+    model.train_adapter("de")
+    model.eval()  # no dropout, so both passes see the same network
+    tokenizer = tiny_tokenizer()
+    batch = collate(tokenize_all(EXAMPLES[:5], tokenizer, 32), tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(training_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
+        model.train()
+        if method == "adalora":  # the orthogonality penalty is part of the training loss
+            assert model.regularization_loss() > 0
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        ours = training_loss(model, batch)
+        torch.manual_seed(1)
+        assert torch.allclose(ours, model(**batch).loss, rtol=1e-5, atol=1e-6)
+        model.eval()
+    summed = sum(
+        model(**collate(tokenize_all([e], tokenizer, 32), tokenizer.pad_token_id)).loss.item()
+        * sum(label != -100 for label in tokenize_all([e], tokenizer, 32)[0].labels[1:])
+        for e in EXAMPLES
+    )
+    tokens = sum(sum(label != -100 for label in t.labels[1:]) for t in tokenize_all(EXAMPLES, tokenizer, 32))
+    assert completion_loss(model, tokenizer, EXAMPLES, batch_size=4, max_length=32) == pytest.approx(summed / tokens, rel=1e-5)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -132,13 +132,23 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
                 return self.base(*args, **kwargs)
-        training = [self._allocators[n] for n in self.active if n in self._allocators and self._trains(n)] if self.training else []
-        for allocator in training:
+        for allocator in self._training_allocators():
             allocator.check_stepped()
         outputs = self.base(*args, **kwargs)
-        if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
-            outputs.loss = outputs.loss + sum(allocator.orthogonality_penalty() for allocator in training)
+        if isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            outputs.loss = outputs.loss + self.regularization_loss()
         return outputs
+
+    def regularization_loss(self) -> torch.Tensor | float:
+        """What training adds to the task loss: AdaLoRA's orthogonality penalty for the active
+        adapters being trained, 0 otherwise. ``forward`` adds it to the loss it returns; a loss
+        computed from the logits must add it itself."""
+        return sum((allocator.orthogonality_penalty() for allocator in self._training_allocators()), 0.0)
+
+    def _training_allocators(self) -> list["RankAllocator"]:
+        if not self.training:
+            return []
+        return [self._allocators[n] for n in self.active if n in self._allocators and self._trains(n)]
 
     def step(self, global_step: int) -> None:
         """Call after every optimizer step (before zero_grad): runs AdaLoRA's rank allocation for the

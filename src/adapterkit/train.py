@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
-from .evaluate import METRICS, evaluate
+from .evaluate import METRICS, completion_logits, evaluate
 from .io import WEIGHTS_FILE, adapter_files, write_folder_atomically
 from .methods import dataclass_from_dict
 
@@ -86,6 +86,16 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's completion tokens, plus the adapters' regularization
+    (AdaLoRA's orthogonality penalty). The same value as ``model(**batch).loss``, computed with the
+    LM head on completion positions only."""
+    logits, targets = completion_logits(model, batch)
+    loss = nn.functional.cross_entropy(logits.float(), targets)
+    regularization = getattr(model, "regularization_loss", None)  # a plain base (full fine-tuning) has none
+    return loss + regularization() if regularization else loss
 
 
 def planned_steps(n_examples: int, config: TrainConfig) -> int:
@@ -181,7 +191,7 @@ class Trainer:
         total_loss, tokens = 0.0, 0
         for micro in range(self.config.grad_accum):
             batch = self._batch(self.step * self.config.grad_accum + micro)
-            loss = self.model(**batch).loss
+            loss = training_loss(self.model, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {self.step + 1}; training stopped. "
