@@ -97,7 +97,12 @@ def test_chrf_equals_sacrebleu_on_a_fixture():
 def test_evaluate_scores_its_own_greedy_predictions(data):
     from adapterkit.data import read_jsonl
 
+    from adapterkit.evaluate import score_generations
+
     examples = read_jsonl(data)
-    result = evaluate(tiny_llama(), tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3)
+    model = tiny_llama().train()
+    result = evaluate(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3)
     assert len(result["predictions"]) == len(examples) and result["loss"] > 0
     assert result["exact"] == 100 * sum(p == g for p, (_, g) in zip(result["predictions"], PAIRS)) / len(PAIRS)
+    assert score_generations(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3) == (result["exact"], result["predictions"])
+    assert model.training  # scoring leaves the mode as it found it

@@ -3,9 +3,10 @@ or exact match of batched greedy generations."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -106,26 +107,43 @@ def evaluate(
     max_new_tokens: int = 48,
     max_length: int = 256,
 ) -> dict:
-    """{"examples", "loss", metric, "predictions", "seconds"}; the model is left in the mode it was in."""
+    """{"examples", "loss", "perplexity", metric, "predictions", "seconds"}; the model is left in
+    the mode it was in."""
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {list(METRICS)}")
+    started = time.perf_counter()
+    with _eval_mode(model):
+        loss = completion_loss(model, tokenizer, examples, batch_size, max_length)
+    result: dict = {"examples": len(examples), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if metric != "none":
+        result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size, max_new_tokens)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def score_generations(
+    model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32, max_new_tokens: int = 48
+) -> tuple[float, list[str]]:
+    """(chrF or exact match, predictions) of greedy answers to the examples' prompts. Without the
+    loss pass of ``evaluate``, which costs as much as a third of the scoring on CPU."""
+    if metric not in ("chrf", "exact"):
+        raise ConfigError(f"metric {metric!r} is not one of ['chrf', 'exact']")
+    prompts = [prompt_and_completion(e, tokenizer)[0] for e in examples]
+    references = [reference_of(e) for e in examples]
+    stop = None if any("messages" in e for e in examples) else "\n"
+    with _eval_mode(model):
+        predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
+    return (chrf if metric == "chrf" else exact_match)(predictions, references), predictions
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
-    started = time.perf_counter()
     try:
-        result: dict = {"examples": len(examples), "loss": completion_loss(model, tokenizer, examples, batch_size, max_length)}
-        if metric != "none":
-            prompts = [prompt_and_completion(e, tokenizer)[0] for e in examples]
-            references = [reference_of(e) for e in examples]
-            stop = None if any("messages" in e for e in examples) else "\n"
-            predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
-            result[metric] = (chrf if metric == "chrf" else exact_match)(predictions, references)
-            result["predictions"] = predictions
+        yield
     finally:
         model.train(was_training)
-    result["seconds"] = time.perf_counter() - started
-    result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    return result
 
 
 def _pad_id(tokenizer) -> int:
