@@ -27,11 +27,12 @@ from adapterkit.train import Trainer, TrainConfig
 LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 SHOWCASE = "Please correct the errors below."
 
-# The recipe. Adapters sit only in the upper layers (AdapterDrop, Rücklé et al. 2021): the
-# backward pass then stops at the first adapted layer. Training pairs longer than TRAIN_MAX_TOKENS
-# (a few long help texts) are left out of training: they cost the most compute per step and teach
-# the least. Held-out scoring uses every held-out pair, long ones included.
-ADAPTER = dict(placement="houlsby", bottleneck_size=64, activation="gelu", dropout=0.1, layers=list(range(10, 30)))
+# The recipe: Houlsby adapters after attention and FFN of all 30 layers. Leaving out layers 0-9
+# (AdapterDrop) makes a step cheaper, but cost German 5 chrF at this budget (31.3 vs 36.6).
+# Training pairs longer than TRAIN_MAX_TOKENS (a few long help texts) are left out of training:
+# they cost the most compute per step and teach the least. Held-out scoring uses every held-out
+# pair, long ones included.
+ADAPTER = dict(placement="houlsby", bottleneck_size=64, activation="gelu", dropout=0.1)
 TRAIN = dict(steps=120, batch_size=16, lr=3e-3, warmup_ratio=0.1, max_length=64, seed=0)
 TRAIN_MAX_TOKENS = 64
 QUICK_TRAIN = dict(steps=8, batch_size=8)
