@@ -1,3 +1,4 @@
+import logging
 import warnings
 
 import pytest
@@ -79,16 +80,18 @@ def test_budget_falls_on_a_cubic_schedule():
 
 
 @pytest.mark.parametrize("arch", sorted(TARGETS))
-def test_rank_budget_after_the_schedule_is_target_r_per_module(arch, capsys):
+def test_rank_budget_after_the_schedule_is_target_r_per_module(arch, capsys, caplog):
     _, model = ada_model(arch)
-    train(model, 14)
+    with caplog.at_level(logging.INFO, logger="adapterkit"):
+        train(model, 14)
     ranks = model.adapter_ranks("ada")
     modules = {"gpt2": 6, "llama": 4}[arch]  # GPT-2's "c_proj" names both attention and MLP projections
     assert len(ranks) == modules and sum(ranks.values()) == 3 * modules
-    printed = capsys.readouterr().out
-    assert f"final ranks, {3 * modules} in all (target {3 * modules} = 3 x {modules} modules, from {6 * modules})" in printed
+    assert capsys.readouterr().out == ""  # library code does not print
+    logged = caplog.text
+    assert f"final ranks, {3 * modules} in all (target {3 * modules} = 3 x {modules} modules, from {6 * modules})" in logged
     for module_name, rank in ranks.items():
-        assert f"{module_name}: {rank}" in printed
+        assert f"{module_name}: {rank}" in logged
         module = model.adapter_layers["ada"][module_name.replace(".", "-")]
         assert int(torch.count_nonzero(module.lora_E)) == rank
 
@@ -232,6 +235,17 @@ def test_an_adapter_saved_mid_schedule_keeps_every_triplet_and_can_go_on(tmp_pat
     fresh.set_active("ada")
     assert torch.equal(logits(fresh), expected)
     assert not fresh._allocators["ada"].finished
+
+
+def test_only_adalora_keeps_training_state_and_a_checkpoint_without_it_is_refused():
+    model = ak.AdapterModel(make_base("llama"))
+    model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
+    assert model.training_state("b") == {}  # checkpoints of other methods hold nothing more
+    _, model = ada_model()
+    train(model, 3)
+    assert set(model.training_state("ada")) >= {"final", "model.layers.0.self_attn.q_proj.lora_E.sensitivity"}
+    with pytest.raises(ak.AdapterFileError, match="holds no rank-allocation state"):
+        model.load_training_state("ada", model.adapter_state_dict("ada"), {})
 
 
 @pytest.mark.slow

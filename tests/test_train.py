@@ -225,3 +225,93 @@ def test_only_the_adapter_trains_under_hf_trainer(tmp_path, method):
     if method == "adalora":
         ranks = model.adapter_ranks("de")
         assert sum(ranks.values()) < 4 * len(ranks)  # the allocation pruned ranks
+
+
+# ---- AdaLoRA: the rank allocation resumes too ------------------------------------------------------
+ADA_STEPS = 8  # tinit 2, masks every 2 steps, final ranks fixed at step 6 and held to step 8
+
+
+def make_ada_model(seed: int = 0) -> ak.AdapterModel:
+    model = ak.AdapterModel(tiny_llama())
+    torch.manual_seed(seed)
+    model.add_adapter("de", ak.AdaLoraConfig(
+        init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=2, tfinal=2, deltaT=2,
+        total_step=ADA_STEPS, dropout=0.1,
+    ))
+    return model
+
+
+def record_allocation(model) -> dict[int, dict[str, torch.Tensor]]:
+    """The allocation's state (importance averages, masks) after each step, as checkpoints hold it."""
+    states = {}
+    step = model.step
+
+    def recording_step(global_step):
+        step(global_step)
+        states[global_step] = model.training_state("de")
+
+    model.step = recording_step
+    return states
+
+
+def ada_outcome(model, folder, states) -> dict:
+    """All a run leaves: live tensors, masks, rank pattern, the bytes of the saved adapter folder, and
+    the allocation's state after each step."""
+    modules = model.adapter_layers["de"]
+    return {
+        "states": states,
+        "tensors": adapter_tensors(model),
+        "keep": {key: module.keep.clone() for key, module in modules.items()},
+        "rank_pattern": model.adapters["de"].rank_pattern,
+        "files": {path.name: path.read_bytes() for path in sorted((folder / ADAPTER_DIR).iterdir())},
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ada(tmp_path_factory):
+    folder, model = tmp_path_factory.mktemp("whole"), make_ada_model()
+    states = record_allocation(model)
+    return ada_outcome(run(folder, steps=ADA_STEPS, model=model), folder, states)
+
+
+@pytest.mark.parametrize("checkpoint_step", [1, 4, 5, 6, 7], ids=lambda s: f"step{s}")
+def test_adalora_resumes_bit_identically_from_any_step(tmp_path, uninterrupted_ada, checkpoint_step, capsys):
+    """Checkpoints before tinit (1), just after a mask (4), between masks (5: pruned values the
+    optimizer moved off zero), when the final ranks are fixed (6) and after (7)."""
+
+    class Killed(Exception):
+        pass
+
+    model = make_ada_model()
+    calls = {"n": 0}
+
+    def die(module, args):
+        calls["n"] += 1
+        if calls["n"] == checkpoint_step + 1:
+            raise Killed
+
+    handle = model.base.register_forward_pre_hook(die)
+    with pytest.raises(Killed):
+        run(tmp_path, steps=ADA_STEPS, save_every=1, model=model)
+    handle.remove()
+    assert json.loads((tmp_path / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"] == checkpoint_step
+    resumed = make_ada_model(seed=123)
+    states = record_allocation(resumed)
+    outcome = ada_outcome(run(tmp_path, steps=ADA_STEPS, save_every=1, resume=True, model=resumed), tmp_path, states)
+    assert sorted(outcome["states"]) == list(range(checkpoint_step + 1, ADA_STEPS + 1))
+    for step, state in outcome["states"].items():
+        assert_same(uninterrupted_ada["states"][step], state)
+    assert_same(uninterrupted_ada["tensors"], outcome["tensors"])
+    assert_same(uninterrupted_ada["keep"], outcome["keep"])
+    assert outcome["rank_pattern"] == uninterrupted_ada["rank_pattern"] is not None
+    assert outcome["files"] == uninterrupted_ada["files"]
+    assert capsys.readouterr().out == ""  # the final ranks go to the log, not stdout
+
+
+def test_an_adalora_checkpoint_after_the_final_ranks_loads_as_the_cut_adapter(tmp_path):
+    model = make_ada_model()
+    run(tmp_path, steps=ADA_STEPS, model=model, save_every=7)
+    fresh = ak.AdapterModel(tiny_llama())
+    fresh.load_adapter(tmp_path / CHECKPOINT_DIR)
+    assert fresh.adapters["de"].rank_pattern == model.adapters["de"].rank_pattern
+    assert fresh.adapter_ranks("de") == model.adapter_ranks("de")

@@ -423,6 +423,26 @@ class AdapterModel(nn.Module):
             for param, tensor in modules[_key(site)].state_dict().items()
         }
 
+    def training_state(self, name: str) -> dict[str, torch.Tensor]:
+        """What training ``name`` carries between steps besides its saved tensors (AdaLoRA's rank
+        allocation), for checkpoints; empty for methods that keep nothing."""
+        self._check_known(name)
+        allocator = self._allocators.get(name)
+        return {} if allocator is None else allocator.state_dict()
+
+    @torch.no_grad()
+    def load_training_state(self, name: str, saved: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """Put ``name`` back as a checkpoint left it: ``saved``, its tensors as a saved folder holds
+        them, and ``state``, what ``training_state`` gave."""
+        self._check_known(name)
+        allocator = self._allocators.get(name)
+        if allocator is not None:
+            saved = allocator.load_state_dict(state, saved)
+            if allocator.final_pattern is not None:  # saving keeps only the final ranks, as step() set it
+                self._configs[name] = dataclasses.replace(self._configs[name], rank_pattern=allocator.final_pattern)
+        for key, tensor in self.adapter_state_dict(name).items():
+            tensor.copy_(saved[key])
+
     # ---- mixed batches ---------------------------------------------------------------------
     def _mixed_plan(self, adapter_names: Sequence[str | None], rows: int | None) -> MixedPlan:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:

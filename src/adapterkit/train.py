@@ -34,6 +34,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+TRAINING_STATE_PREFIX = "adapter_state."  # in OPTIMIZER_FILE: AdapterModel.training_state's tensors
 
 
 @dataclasses.dataclass
@@ -280,6 +281,8 @@ class Trainer:
                     tensors[f"state.{index}.{key}"] = value.contiguous()
                 else:
                     scalars.setdefault(str(index), {})[key] = value
+        for key, value in self.model.training_state(self.adapter_name).items():
+            tensors[TRAINING_STATE_PREFIX + key] = value.contiguous()
         document = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -303,10 +306,9 @@ class Trainer:
                 f"{self.total_steps}; resume with the same options or use another output folder"
             )
         weights = load_safetensors_bytes((folder / WEIGHTS_FILE).read_bytes())
-        with torch.no_grad():
-            for key, tensor in self.model.adapter_state_dict(self.adapter_name).items():
-                tensor.copy_(weights[key])
         tensors = load_safetensors_bytes((folder / OPTIMIZER_FILE).read_bytes())
+        training_state = {key.removeprefix(TRAINING_STATE_PREFIX): t for key, t in tensors.items() if key.startswith(TRAINING_STATE_PREFIX)}
+        self.model.load_training_state(self.adapter_name, weights, training_state)
         state: dict[int, dict[str, Any]] = {}
         for key, tensor in tensors.items():
             if key.startswith("state."):

@@ -11,13 +11,15 @@ step) scores every triplet (row of A, value of E, column of B) by its sensitivit
 smoothed with beta1 times its uncertainty smoothed with beta2, and zeroes the values E of the least
 important triplets so that the total rank follows a cubic schedule from init_r per module (until
 step tinit) to target_r per module (at step total_step - tfinal), every deltaT steps. The final
-mask is then held fixed. An orthogonality penalty, orth_reg_weight times the mean of
-||A Aᵀ - I|| and ||Bᵀ B - I||, keeps A and B close to singular vectors.
+mask is then held fixed, and the final ranks are logged (logger "adapterkit.methods.adalora", level
+INFO). An orthogonality penalty, orth_reg_weight times the mean of ||A Aᵀ - I|| and ||Bᵀ B - I||,
+keeps A and B close to singular vectors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from typing import ClassVar
 
@@ -25,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterFileError, ConfigError
 from ..inject import Site, find_sites
 from . import AdapterConfig
 from .lora import check_dropout, check_layers, check_target_modules
 
 RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
+FACTORS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # each factor and its rank dimension
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -213,7 +218,7 @@ class RankAllocator:
         elif global_step >= self.end:
             pattern = self.final_pattern = self._mask_to_budget(self.target_budget)
             self.scores = {}
-            print(self.summary())
+            logger.info(self.summary())
         else:
             self._update_importance()
             budget, mask = self.budget(global_step)
@@ -227,7 +232,7 @@ class RankAllocator:
         beta1, beta2 = self.config.beta1, self.config.beta2
         missing = False
         for module_name, module in self.modules.items():
-            for param_name in ("lora_A", "lora_E", "lora_B"):
+            for param_name in FACTORS:
                 param = getattr(module, param_name)
                 if param.grad is None:
                     missing = True
@@ -255,7 +260,7 @@ class RankAllocator:
             r = module.lora_E.shape[0]
             zeros = torch.zeros(r, device=module.lora_E.device)
             parts = {}
-            for param_name in ("lora_A", "lora_E", "lora_B"):
+            for param_name in FACTORS:
                 entry = self.scores.get((module_name, param_name))
                 parts[param_name] = None if entry is None else entry[0] * entry[1]
             score_E = zeros if parts["lora_E"] is None else parts["lora_E"].view(-1)
@@ -280,6 +285,61 @@ class RankAllocator:
         for module_name, keep in pattern.items():
             module = self.modules[module_name]
             module.apply_mask(torch.tensor(keep, dtype=torch.bool, device=module.lora_E.device))
+
+    # ---- training checkpoints --------------------------------------------------------------------
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the allocation carries from step to step, for a training checkpoint: whether the final
+        ranks are fixed ("final"), each module's mask, the importance averages and, once the final
+        ranks are fixed, the pruned triplets. A saved adapter leaves those out, yet training still
+        moves them (the orthogonality penalty spans all init_r rows), so an exact resume needs them."""
+        if self.finished:
+            return {}
+        final = self.final_pattern is not None
+        state = {"final": torch.tensor(final)}
+        for module_name, module in self.modules.items():
+            if module.keep is None:
+                continue
+            state[f"{module_name}.keep"] = module.keep.clone()
+            if final:
+                for param_name, dim in FACTORS.items():
+                    state[f"{module_name}.{param_name}.pruned"] = _select(getattr(module, param_name), ~module.keep, dim)
+        for (module_name, param_name), (smoothed, uncertainty) in self.scores.items():
+            state[f"{module_name}.{param_name}.sensitivity"] = smoothed.clone()
+            state[f"{module_name}.{param_name}.uncertainty"] = uncertainty.clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Take back ``state_dict()``; returns the checkpoint's adapter tensors ``saved`` (keyed as
+        ``AdapterModel.adapter_state_dict``) at full width, the pruned triplets back in their rows.
+
+        Masks are restored as they were, not re-applied: between maskings the optimizer may have
+        moved a pruned value away from zero, and the run goes on from exactly that."""
+        if self.finished:
+            return saved
+        if "final" not in state:
+            raise AdapterFileError(
+                f"the checkpoint of AdaLoRA adapter {self.name!r} holds no rank-allocation state (an older "
+                "adapterkit wrote it), so training cannot resume exactly; train again into a new output folder"
+            )
+        final = bool(state["final"])
+        full, pattern, self.scores = dict(saved), {}, {}
+        for module_name, module in self.modules.items():
+            keep = state.get(f"{module_name}.keep")
+            module.keep = None if keep is None else keep.to(module.lora_E.device)
+            if final:
+                pattern[module_name] = keep.tolist()
+            for param_name, dim in FACTORS.items():
+                prefix, device = f"{module_name}.{param_name}", getattr(module, param_name).device
+                if final:
+                    key = f"{module_name}.adapter.{param_name}"
+                    full[key] = _unselect(saved[key], state[f"{prefix}.pruned"], keep, dim)
+                if f"{prefix}.sensitivity" in state:
+                    smoothed, uncertainty = state[f"{prefix}.sensitivity"], state[f"{prefix}.uncertainty"]
+                    self.scores[(module_name, param_name)] = (smoothed.to(device), uncertainty.to(device))
+        self.final_pattern = pattern if final else None
+        return full
 
     def ranks(self) -> dict[str, int]:
         return {module_name: module.rank for module_name, module in self.modules.items()}
@@ -319,3 +379,19 @@ class RankAllocator:
     def _version(self) -> tuple[int, int]:
         param = next(iter(self.modules.values())).lora_E
         return id(param), param._version
+
+
+def _select(tensor: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """The triplets ``rows`` (bool) of one factor: rows of A and E, columns of B."""
+    return tensor.movedim(dim, 0)[rows].movedim(0, dim).contiguous()
+
+
+def _unselect(kept: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """The full factor from its kept and pruned triplets (the inverse of two ``_select`` calls)."""
+    shape = list(kept.shape)
+    shape[dim] = len(keep)
+    full = kept.new_empty(shape)
+    keep = keep.to(kept.device)
+    full.movedim(dim, 0)[keep] = kept.movedim(dim, 0)
+    full.movedim(dim, 0)[~keep] = pruned.to(kept.device).movedim(dim, 0)
+    return full
