@@ -106,3 +106,16 @@ def test_evaluate_scores_its_own_greedy_predictions(data):
     assert result["exact"] == 100 * sum(p == g for p, (_, g) in zip(result["predictions"], PAIRS)) / len(PAIRS)
     assert score_generations(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3) == (result["exact"], result["predictions"])
     assert model.training  # scoring leaves the mode as it found it
+
+
+def test_adalora_training_shows_its_final_ranks(tmp_path, base_dir, data, capsys):
+    code = main([
+        "train", "--train", str(data), "-o", str(tmp_path / "run"), "--base", str(base_dir), "--method", "adalora",
+        "--init-r", "4", "--target-r", "2", "--target-modules", "q_proj,v_proj", "--set", "tinit=1", "--set", "tfinal=1",
+        "--set", "deltaT=1", "--steps", "6", "--batch-size", "3", "--metric", "none", "--no-progress",
+    ])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "rank" in captured.err and "q_proj" in captured.err
+    info = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert info["config"]["rank_pattern"]

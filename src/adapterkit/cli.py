@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -382,11 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_library_messages()
     try:
         return args.handler(args)
     except AdapterkitError as error:
         print(f"adapterkit: error: {error}", file=sys.stderr)
         return 2
+
+
+def show_library_messages() -> None:
+    """The library logs what a user at a terminal wants to see (AdaLoRA's final ranks): print it."""
+    logger = logging.getLogger("adapterkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 accumulation, length-bucketed batches, periodic evaluation, and checkpoints that resume exactly.
 
 A checkpoint is one folder, ``<output>/checkpoint``, replaced atomically: the adapter's own files
-(so a checkpoint loads as an adapter), ``optimizer.safetensors`` (AdamW's moment tensors and the
-torch RNG state) and ``trainer_state.json`` (step, scalars). No pickle anywhere. Resuming from it
+(so a checkpoint loads as an adapter), ``optimizer.safetensors`` (AdamW's moment tensors, the
+torch RNG state and the method's own training state, such as AdaLoRA's rank allocation) and
+``trainer_state.json`` (step, scalars). No pickle anywhere. Resuming from it
 gives bit-for-bit the adapter an uninterrupted run gives: the data order is a function of the seed
 and the step, and the dropout RNG state is saved with the rest.
 """
