@@ -6,7 +6,7 @@ default base (SmolLM2-135M-Instruct) on CPU, scores base zero-shot vs each adapt
 held-out strings, saves the adapters, reloads them into a fresh model, and translates one English
 string into all three languages by switching adapters on the same frozen base.
 
-    python examples/demo.py            # the full run (about 20 minutes on 2 cores)
+    python examples/demo.py            # the full run (about 30 minutes on 2 cores)
     python examples/demo.py --quick    # a smoke run of a minute or two
 """
 
