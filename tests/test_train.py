@@ -62,24 +62,29 @@ def test_same_seed_and_data_give_bit_identical_adapters(tmp_path):
     assert not all(torch.equal(first[k], other_seed[k]) for k in first)
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
-    uninterrupted = adapter_tensors(run(tmp_path / "whole", steps=8, grad_accum=2))
+class Killed(Exception):
+    pass
 
-    class Killed(Exception):
-        pass
 
-    model = make_model()
+def run_until_killed(folder, model, forward: int, **options) -> None:
+    """Train until the ``forward``-th forward pass of the base, where a simulated crash stops it."""
     calls = {"n": 0}
 
-    def die_in_step_six(module, args):
+    def die(module, args):
         calls["n"] += 1
-        if calls["n"] == 2 * 5 + 1:  # first forward of step 6 (two micro-batches per step)
+        if calls["n"] == forward:
             raise Killed
 
-    handle = model.base.register_forward_pre_hook(die_in_step_six)
+    handle = model.base.register_forward_pre_hook(die)
     with pytest.raises(Killed):
-        run(tmp_path / "cut", steps=8, grad_accum=2, save_every=2, model=model)
+        run(folder, model=model, **options)
     handle.remove()
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    uninterrupted = adapter_tensors(run(tmp_path / "whole", steps=8, grad_accum=2))
+    # dies in the first forward of step 6 (two micro-batches per step)
+    run_until_killed(tmp_path / "cut", make_model(), 2 * 5 + 1, steps=8, grad_accum=2, save_every=2)
     state = json.loads((tmp_path / "cut" / CHECKPOINT_DIR / "trainer_state.json").read_text())
     assert state["step"] == 4
     resumed = run(tmp_path / "cut", steps=8, grad_accum=2, save_every=2, resume=True, model=make_model(seed=123))
@@ -278,22 +283,7 @@ def uninterrupted_ada(tmp_path_factory):
 def test_adalora_resumes_bit_identically_from_any_step(tmp_path, uninterrupted_ada, checkpoint_step, capsys):
     """Checkpoints before tinit (1), just after a mask (4), between masks (5: pruned values the
     optimizer moved off zero), when the final ranks are fixed (6) and after (7)."""
-
-    class Killed(Exception):
-        pass
-
-    model = make_ada_model()
-    calls = {"n": 0}
-
-    def die(module, args):
-        calls["n"] += 1
-        if calls["n"] == checkpoint_step + 1:
-            raise Killed
-
-    handle = model.base.register_forward_pre_hook(die)
-    with pytest.raises(Killed):
-        run(tmp_path, steps=ADA_STEPS, save_every=1, model=model)
-    handle.remove()
+    run_until_killed(tmp_path, make_ada_model(), checkpoint_step + 1, steps=ADA_STEPS, save_every=1)
     assert json.loads((tmp_path / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"] == checkpoint_step
     resumed = make_ada_model(seed=123)
     states = record_allocation(resumed)
