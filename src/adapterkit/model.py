@@ -132,18 +132,19 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
                 return self.base(*args, **kwargs)
-        for allocator in self._training_allocators():
+        training = self._training_allocators()
+        for allocator in training:
             allocator.check_stepped()
         outputs = self.base(*args, **kwargs)
-        if isinstance(getattr(outputs, "loss", None), torch.Tensor):
-            outputs.loss = outputs.loss + self.regularization_loss()
+        if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            outputs.loss = outputs.loss + _orthogonality_penalty(training)
         return outputs
 
     def regularization_loss(self) -> torch.Tensor | float:
         """What training adds to the task loss: AdaLoRA's orthogonality penalty for the active
         adapters being trained, 0 otherwise. ``forward`` adds it to the loss it returns; a loss
         computed from the logits must add it itself."""
-        return sum((allocator.orthogonality_penalty() for allocator in self._training_allocators()), 0.0)
+        return _orthogonality_penalty(self._training_allocators())
 
     def _training_allocators(self) -> list["RankAllocator"]:
         if not self.training:
@@ -497,6 +498,10 @@ class AdapterModel(nn.Module):
 
     def _base_weight(self, module_name: str) -> torch.Tensor:
         return self._base_modules[module_name].weight
+
+
+def _orthogonality_penalty(allocators: list["RankAllocator"]) -> torch.Tensor | float:
+    return sum((allocator.orthogonality_penalty() for allocator in allocators), 0.0)
 
 
 def _weight_update(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:
