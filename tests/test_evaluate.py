@@ -26,26 +26,49 @@ def stop_char_ending_rows_at_different_steps(free_runs: list[list[int]], tokeniz
     return max(ids, key=lambda c: (len(first_steps(ids[c])), c))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_greedy_answers_equal_one_prompt_at_a_time_and_finished_rows_leave_the_batch(arch):
-    model, tokenizer = make_base(arch), tiny_tokenizer()
+@pytest.fixture(params=["llama", "gpt2"])
+def case(request):
+    """A tiny model, its tokenizer, a stop character that ends rows at different steps, and the
+    answers of HF's ``generate`` run on one prompt at a time."""
+    model, tokenizer = make_base(request.param), tiny_tokenizer()
     eos = tokenizer.eos_token_id
     free_runs = [one_at_a_time(model, tokenizer, p, [eos]) for p in PROMPTS]
     stop = stop_char_ending_rows_at_different_steps(free_runs, tokenizer)
     stop_id = tokenizer.convert_tokens_to_ids(stop)
-    expected = [tokenizer.decode(one_at_a_time(model, tokenizer, p, [eos, stop_id]), skip_special_tokens=True) for p in PROMPTS]
-    expected = [text.split(stop, 1)[0].strip() for text in expected]
+    runs = [one_at_a_time(model, tokenizer, p, [eos, stop_id]) for p in PROMPTS]
+    expected = [tokenizer.decode(run, skip_special_tokens=True).split(stop, 1)[0].strip() for run in runs]
+    return model, tokenizer, stop, expected, runs
 
+
+def generate_counting_rows(model, tokenizer, stop, batch_size):
     rows_per_forward = []
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        answers = generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=len(PROMPTS), stop=stop)
+        return generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=batch_size, stop=stop), rows_per_forward
     finally:
         hook.remove()
 
+
+def test_batched_greedy_answers_equal_one_prompt_at_a_time_and_finished_rows_leave_the_batch(case):
+    model, tokenizer, stop, expected, _ = case
+    answers, rows_per_forward = generate_counting_rows(model, tokenizer, stop, batch_size=len(PROMPTS))
     assert answers == expected
     assert any(a for a in answers) and any(len(a) < NEW_TOKENS for a in answers)
     # rows that stopped were dropped: the batch shrinks step by step, never grows
     assert rows_per_forward[0] == len(PROMPTS)
     assert rows_per_forward == sorted(rows_per_forward, reverse=True)
     assert len(Counter(rows_per_forward)) >= 2
+
+
+@pytest.mark.parametrize("case", ["llama"], indirect=True)  # tiny GPT-2's answers are all 1 or 12 tokens long
+def test_waiting_prompts_take_the_places_of_finished_rows(case):
+    model, tokenizer, stop, expected, runs = case
+    answers, rows_per_forward = generate_counting_rows(model, tokenizer, stop, batch_size=3)
+    assert answers == expected
+    assert max(rows_per_forward) == 3
+    # Batches of three run one after another until their longest answer ends would need this many
+    # forwards (a row needs one forward per token, its stop token included); refilling needs fewer.
+    forwards_needed = [len(run) for run in runs]
+    by_length = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
+    fixed_batches = sum(max(forwards_needed[i] for i in by_length[k : k + 3]) for k in range(0, len(PROMPTS), 3))
+    assert len(rows_per_forward) < fixed_batches
