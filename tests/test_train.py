@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
-from adapterkit.errors import TrainingError
+from adapterkit.errors import ConfigError, TrainingError
 from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, Trainer, TrainConfig, lr_at
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
@@ -305,3 +305,16 @@ def test_an_adalora_checkpoint_after_the_final_ranks_loads_as_the_cut_adapter(tm
     fresh.load_adapter(tmp_path / CHECKPOINT_DIR)
     assert fresh.adapters["de"].rank_pattern == model.adapters["de"].rank_pattern
     assert fresh.adapter_ranks("de") == model.adapter_ranks("de")
+
+
+def test_resuming_with_other_adapter_options_is_refused_and_keeps_the_checkpoint(tmp_path):
+    run_until_killed(tmp_path, make_model(), 5, steps=8, save_every=2)
+    checkpoint = tmp_path / CHECKPOINT_DIR
+    before = {f.name: f.read_bytes() for f in checkpoint.iterdir()}
+    other = ak.AdapterModel(tiny_llama())
+    other.add_adapter("de", ak.BottleneckConfig(bottleneck_size=4, dropout=0.1, init="bert"))
+    with pytest.raises(ConfigError, match=r"bottleneck_size: 8 there, 4 here"):
+        run(tmp_path, steps=8, save_every=2, resume=True, model=other)
+    assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
+    resumed = run(tmp_path, steps=8, save_every=2, resume=True, model=make_model(seed=123))
+    assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))

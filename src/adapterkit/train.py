@@ -26,7 +26,7 @@ from torch import nn
 from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, adapter_files, write_folder_atomically
+from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_folder_atomically
 from .methods import dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
@@ -36,6 +36,7 @@ LOSS_PLOT = "loss.png"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_PREFIX = "adapter_state."  # in OPTIMIZER_FILE: AdapterModel.training_state's tensors
+SET_BY_TRAINING = {"rank_pattern"}  # config fields a run changes itself (AdaLoRA's final ranks)
 
 
 @dataclasses.dataclass
@@ -306,6 +307,7 @@ class Trainer:
                 f"the checkpoint in {folder} belongs to a run of {document['total_steps']} steps, this one has "
                 f"{self.total_steps}; resume with the same options or use another output folder"
             )
+        self._check_same_adapter_options(folder)
         weights = load_safetensors_bytes((folder / WEIGHTS_FILE).read_bytes())
         tensors = load_safetensors_bytes((folder / OPTIMIZER_FILE).read_bytes())
         training_state = {key.removeprefix(TRAINING_STATE_PREFIX): t for key, t in tensors.items() if key.startswith(TRAINING_STATE_PREFIX)}
@@ -320,6 +322,27 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.step = document["step"]
+
+    def _check_same_adapter_options(self, folder: Path) -> None:
+        """A checkpoint only resumes the adapter it was saved from; other options would meet its
+        tensors with wrong shapes, or silently continue a different adapter."""
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+        current = self.model.adapters[self.adapter_name]
+        ours = json.loads(json.dumps(current.to_dict()))
+        theirs = saved["config"]
+        if saved["method"] != current.method:
+            differences = [f"method: {saved['method']!r} there, {current.method!r} here"]
+        else:
+            differences = [
+                f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here"
+                for key in sorted(set(ours) | set(theirs))
+                if key not in SET_BY_TRAINING and theirs.get(key) != ours.get(key)
+            ]
+        if differences:
+            raise ConfigError(
+                f"the checkpoint in {folder} was saved from an adapter with other options ({'; '.join(differences)}); "
+                "resume with the same adapter options or use another output folder"
+            )
 
     def _last_good_checkpoint(self) -> str:
         folder = self.output_dir / CHECKPOINT_DIR
