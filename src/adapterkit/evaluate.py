@@ -85,6 +85,7 @@ def generate_batched(
     return answers
 
 
+@torch.no_grad()
 def greedy_continuations(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, batch_size: int = 32
 ) -> list[list[int]]:
