@@ -26,7 +26,7 @@ from torch import nn
 from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_folder_atomically
+from .io import WEIGHTS_FILE, adapter_files, read_adapter_config, write_folder_atomically
 from .methods import dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
@@ -326,7 +326,7 @@ class Trainer:
     def _check_same_adapter_options(self, folder: Path) -> None:
         """A checkpoint only resumes the adapter it was saved from; other options would meet its
         tensors with wrong shapes, or silently continue a different adapter."""
-        saved = json.loads((folder / CONFIG_FILE).read_text())
+        saved = read_adapter_config(folder)
         current = self.model.adapters[self.adapter_name]
         ours = json.loads(json.dumps(current.to_dict()))
         theirs = saved["config"]
