@@ -70,7 +70,7 @@ def test_invalid_adalora_configs_are_refused(kwargs, message):
 
 def test_budget_falls_on_a_cubic_schedule():
     _, model = ada_model(init_r=6, target_r=3, tinit=10, tfinal=10, total_step=110)
-    allocator = model._allocators["ada"]
+    allocator = model.method_training("ada")
     modules = 4
     assert allocator.budget(0) == (6 * modules, False) and allocator.budget(10) == (6 * modules, False)
     assert allocator.budget(100) == (3 * modules, True) and allocator.budget(105) == (3 * modules, True)
@@ -98,15 +98,15 @@ def test_rank_budget_after_the_schedule_is_target_r_per_module(arch, capsys, cap
 
 def test_masks_are_applied_at_the_deltaT_cadence_and_fixed_after(monkeypatch):
     _, model = ada_model(tinit=2, tfinal=2, deltaT=3, total_step=14)
-    allocator = model._allocators["ada"]
-    mask_to_budget = allocator._mask_to_budget
+    allocator = model.method_training("ada")
+    mask_to_budget = allocator.mask_to_budget
     masked_at, zero_values = [], []  # zero_values gets one entry per finished step
 
     def recording_mask(budget):
         masked_at.append(len(zero_values))
         return mask_to_budget(budget)
 
-    monkeypatch.setattr(allocator, "_mask_to_budget", recording_mask)
+    monkeypatch.setattr(allocator, "mask_to_budget", recording_mask)
 
     def record(step):
         zero_values.append(sum(int((m.lora_E == 0).sum()) for m in model.adapter_layers["ada"].values()))
@@ -211,7 +211,7 @@ def test_print_trainable_parameters_counts_adalora(capsys):
 def test_ranks_are_only_for_low_rank_adapters():
     model = ak.AdapterModel(make_base("llama"))
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
-    with pytest.raises(ak.ConfigError, match="only LoRA and AdaLoRA adapters have ranks"):
+    with pytest.raises(ak.ConfigError, match="bottleneck adapter, which has no rank"):
         model.adapter_ranks("b")
 
 
@@ -234,7 +234,7 @@ def test_an_adapter_saved_mid_schedule_keeps_every_triplet_and_can_go_on(tmp_pat
     fresh.load_adapter(tmp_path / "ada")
     fresh.set_active("ada")
     assert torch.equal(logits(fresh), expected)
-    assert not fresh._allocators["ada"].finished
+    assert not fresh.method_training("ada").finished
 
 
 def test_only_adalora_keeps_training_state_and_a_checkpoint_without_it_is_refused():

@@ -70,7 +70,7 @@ def test_missing_files_are_named(tmp_path):
     with pytest.raises(ak.AdapterFileError, match="no adapter folder"):
         model.load_adapter(tmp_path / "nowhere", name="x")
     (path / "adapter_model.safetensors").unlink()
-    with pytest.raises(ak.AdapterFileError, match="holds no adapter_model.safetensors"):
+    with pytest.raises(ak.AdapterFileError, match="adapter_model.safetensors is missing"):
         model.load_adapter(path, name="x")
     (path / "adapter_config.json").unlink()
     with pytest.raises(ak.AdapterFileError, match="holds no adapter_config.json"):
@@ -94,14 +94,25 @@ def test_corrupt_files_are_refused(tmp_path):
     assert list(model.adapters) == ["a"]
 
 
-def test_safetensors_header_is_checked(tmp_path):
+def test_hostile_safetensors_headers_get_our_error(tmp_path):
+    model, path = _saved(tmp_path)
+    _edit_config(path, lambda d: d.pop("weights_crc32"))  # so the header itself is what gets checked
+    weights = path / "adapter_model.safetensors"
     bad_offsets = json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 100]}}).encode()
-    with pytest.raises(ak.AdapterFileError, match="do not fit"):
-        io.parse_safetensors(bytearray(len(bad_offsets).to_bytes(8, "little") + bad_offsets + bytes(16)), tmp_path)
-    with pytest.raises(ak.AdapterFileError, match="header length"):
-        io.parse_safetensors(bytearray((10**9).to_bytes(8, "little") + b"{}"), tmp_path)
-    with pytest.raises(ak.AdapterFileError, match="too short"):
-        io.parse_safetensors(bytearray(b"abc"), tmp_path)
+    huge_shape = json.dumps({"t": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}).encode()
+    negative = json.dumps({"t": {"dtype": "F32", "shape": [0, -1], "data_offsets": [0, 0]}}).encode()
+    for data in (
+        len(bad_offsets).to_bytes(8, "little") + bad_offsets + bytes(16),
+        len(huge_shape).to_bytes(8, "little") + huge_shape + bytes(4),
+        len(negative).to_bytes(8, "little") + negative,
+        (10**12).to_bytes(8, "little") + b"{}",  # a header claiming a terabyte
+        b"abc",
+        b"",
+    ):
+        weights.write_bytes(data)
+        with pytest.raises(ak.AdapterFileError, match=r"adapter_model\.safetensors is corrupt"):
+            model.load_adapter(path, name="x")
+    assert list(model.adapters) == ["a"]
 
 
 def _edit_config(path, edit):
@@ -142,14 +153,14 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
 
     calls = []
 
-    def crash_on_second_file(file, data):
-        calls.append(file.name)
-        if len(calls) == 2:
+    def crash_on_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the weights are written and synced; the config is not
             raise KeyboardInterrupt("killed mid-save")
-        real_write(file, data)
+        real_fsync(fd)
 
-    real_write = io._write_durably
-    monkeypatch.setattr(io, "_write_durably", crash_on_second_file)
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", crash_on_second_file)
     with pytest.raises(KeyboardInterrupt):
         model.save_adapter("a", path)
     monkeypatch.undo()
@@ -173,7 +184,7 @@ def test_save_replaces_an_existing_adapter_and_never_clobbers_other_folders(tmp_
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(ak.AdapterFileError, match="holds no adapter; refusing"):
+    with pytest.raises(ak.AdapterFileError, match="holds no adapter; save into a new"):
         model.save_adapter("a", precious)
     assert (precious / "notes.txt").read_text() == "keep me"
 

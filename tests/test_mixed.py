@@ -134,7 +134,7 @@ def test_unknown_names_and_misuse_are_refused():
     with pytest.raises(ak.AdapterkitError, match="inference.*model.eval"):
         model(**inputs, adapter_names=["a", None])
     model.eval()
-    assert model._routing.mixed is None
+    assert model.hooks.routing.mixed is None
 
 
 def test_the_call_leaves_routing_as_it_was():
@@ -143,11 +143,11 @@ def test_the_call_leaves_routing_as_it_was():
     model.set_active("a")
     before = logits(model, inputs)
     _mixed(model, inputs, ["b", "base"])
-    assert model.active == ("a",) and model._routing.mixed is None
+    assert model.active == ("a",) and model.hooks.routing.mixed is None
     assert torch.equal(logits(model, inputs), before)
     with pytest.raises(IndexError):
         model(input_ids=torch.full((2, 4), VOCAB + 5), adapter_names=["b", "b"])
-    assert model._routing.mixed is None
+    assert model.hooks.routing.mixed is None
 
 
 def test_another_thread_does_not_see_a_mixed_batch():
@@ -176,9 +176,10 @@ def test_stacked_weights_are_reused_and_follow_changes():
     names = ["a", "b", "a"]
     inputs = batch(seed=9, rows=3)
     first = _mixed(model, inputs, names)
-    stacks = {key: value[1] for key, value in model._stacks.items()}
+    stacks = [entry["tensors"] for entry in model.hooks.cached_stacks()]
+    assert stacks
     _mixed(model, inputs, names)
-    assert all(model._stacks[key][1] is value for key, value in stacks.items())
+    assert all(a is b for a, b in zip([entry["tensors"] for entry in model.hooks.cached_stacks()], stacks, strict=True))
 
     with torch.no_grad():  # training-like in-place update of one adapter
         for parameter in model.adapter_layers["b"].parameters():
@@ -187,7 +188,7 @@ def test_stacked_weights_are_reused_and_follow_changes():
     assert torch.equal(changed[0], first[0]) and not torch.allclose(changed[1], first[1])
 
     model.delete_adapter("b")
-    assert not any("b" in key[2] for key in model._stacks)
+    assert not any("b" in entry["adapters"] for entry in model.hooks.cached_stacks())
     torch.manual_seed(55)
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4, init="bert"))
     _assert_rows_match(model, inputs, names)

@@ -49,9 +49,10 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [10, 20]
     assert (tmp_path / LOSS_PLOT).stat().st_size > 0
     assert_same(base_before, model.base.state_dict())
-    reloaded = ak.AdapterModel(model.base)
+    trained = adapter_tensors(model)
+    reloaded = ak.AdapterModel(model.unload())
     reloaded.load_adapter(tmp_path / ADAPTER_DIR)
-    assert_same(adapter_tensors(model), reloaded.adapter_state_dict("de"))
+    assert_same(trained, reloaded.adapter_state_dict("de"))
 
 
 def test_same_seed_and_data_give_bit_identical_adapters(tmp_path):
@@ -127,7 +128,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
         run(tmp_path, steps=8, save_every=2, model=model)
     checkpoint = tmp_path / CHECKPOINT_DIR
-    fresh = ak.AdapterModel(model.base)
+    fresh = ak.AdapterModel(model.unload())
     fresh.load_adapter(checkpoint)  # a checkpoint is itself a loadable adapter
     assert all(torch.isfinite(t).all() for t in fresh.adapter_state_dict("de").values())
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4

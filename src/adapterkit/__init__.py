@@ -1,4 +1,4 @@
-"""adapterkit: bottleneck adapters, LoRA and AdaLoRA over one frozen Hugging Face base model."""
+"""adapterkit: bottleneck adapters, LoRA, AdaLoRA and more over one frozen Hugging Face base model."""
 
 from .bases import load_base
 from .errors import (
@@ -12,16 +12,14 @@ from .errors import (
     MergeError,
     ShapeMismatchError,
 )
-from .methods.adalora import AdaLoraConfig
-from .methods.bottleneck import BottleneckConfig
-from .methods.lora import LoraConfig
+from .methods import CONFIG_CLASSES
 from .model import AdapterModel
+
+globals().update(CONFIG_CLASSES)  # every registered method's config: BottleneckConfig, LoraConfig, ...
 
 __all__ = [
     "AdapterModel",
-    "BottleneckConfig",
-    "LoraConfig",
-    "AdaLoraConfig",
+    *CONFIG_CLASSES,
     "load_base",
     "AdapterkitError",
     "AdapterFileError",

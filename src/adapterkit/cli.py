@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import AdapterkitError, ConfigError
+from .methods import registered_methods
 
 DEFAULT_BASE = "smollm2-135m"
 
@@ -39,7 +40,7 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png")
     parser.add_argument("--base", help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
-    parser.add_argument("--method", choices=["bottleneck", "lora", "adalora"], help="default bottleneck")
+    parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="default bottleneck")
     for option, kind in ADAPTER_FLAGS.items():
         parser.add_argument("--" + option.replace("_", "-"), type=kind, dest=f"adapter.{option}", metavar=option.upper())
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
@@ -237,37 +238,9 @@ def add_info_command(subparsers) -> None:
     parser.set_defaults(handler=run_info)
 
 
-def describe_adapter(path: Path) -> dict[str, Any]:
-    """Method, size, parameter count and base of a saved adapter, read without loading any model."""
-    from safetensors import safe_open
-
-    from .io import WEIGHTS_FILE, read_adapter_config
-
-    document = read_adapter_config(path)
-    weights = path / WEIGHTS_FILE
-    parameters = 0
-    if weights.is_file():
-        with safe_open(weights, "pt") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for n in shape:
-                    count *= n
-                parameters += count
-    base = document.get("base") or {}
-    return {
-        "path": str(path),
-        "name": document.get("name"),
-        "method": document.get("method"),
-        "config": document.get("config"),
-        "parameters": parameters,
-        "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "weights_sha256")},
-        "format_version": document.get("format_version"),
-    }
-
-
 def run_info(args: argparse.Namespace) -> int:
+    from .io import describe_adapter
+
     info = describe_adapter(args.path)
     if args.json:
         print(json.dumps(info, indent=2))

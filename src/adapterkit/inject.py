@@ -30,14 +30,15 @@ class Site:
     out_features: int  # width of the hooked module's output
     reads_from: str | None = None  # module whose *input* the adapter reads (parallel adapters)
     layer: int | None = None  # index of the block holding it, when inside one
+    transposed: bool = False  # the hooked module keeps its weight as [in, out] (GPT-2's Conv1D)
 
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a linear layer with a transposed weight)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
@@ -45,7 +46,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like module."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if _is_conv1d(module):
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     raise InjectionError(f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)")
@@ -110,7 +111,7 @@ def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
     for list_name, blocks_list in blocks:
         for index, block in enumerate(blocks_list):
             prefix = f"{list_name}.{index}."
-            attention, ffn = _sub_layers(block, d_model)
+            attention, ffn = sub_layers(block, d_model)
             groups = (attention if want_attention else []) + ([ffn] if want_ffn and ffn else [])
             for group in groups:
                 sites.append(_site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__))
@@ -125,7 +126,7 @@ def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
     return sites
 
 
-def _sub_layers(block: nn.Module, d_model: int | None) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
+def sub_layers(block: nn.Module, d_model: int | None) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
     """The linear layers of a block, as attention groups (one per attention child) and the feed-forward rest."""
     attention: dict[str, list[tuple[str, nn.Module]]] = {}
     ffn: list[tuple[str, nn.Module]] = []
@@ -159,6 +160,7 @@ def _site_for_sub_layer(group, prefix: str, d_model: int | None, layer: int, par
         out_features=d_model,
         reads_from=prefix + readers[0] if parallel else None,
         layer=layer,
+        transposed=is_conv1d(dict(group)[output]),
     )
 
 
@@ -180,6 +182,7 @@ def _named_sites(model: nn.Module, target_modules: str | list[str], reads_input:
                 out_features=out_features,
                 reads_from=name if reads_input else None,
                 layer=_layer_of(blocks, name),
+                transposed=is_conv1d(module),
             )
         )
     if not sites:

@@ -1,74 +1,33 @@
 """Mixed-adapter batches: one adapter per row, computed for all rows together.
 
-At each adapted layer the rows are grouped by kind of adapter (serial bottleneck, parallel
-bottleneck, LoRA/AdaLoRA); each kind's rows are packed into equal-sized groups of one adapter
-each and run as batched matrix products over the adapters' stacked weights. The base runs once.
+At each adapted module the rows are grouped by kind of adapter (``AdapterModule.mixed_kind``: same
+maths, same input). A kind of ``mixed = "delta"`` packs its rows into equal-sized groups of one
+adapter each and runs them as batched matrix products over the adapters' stacked weights; a kind
+of ``mixed = "scale"`` multiplies each row by its adapter's vector. The base runs once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .errors import AdapterkitError
-from .methods.bottleneck import BottleneckAdapter, grouped_bottleneck_delta, stack_bottlenecks
 
-if TYPE_CHECKING:
-    from .model import AdapterModel, _Attachment, _Tap
-
-BASE = "base"  # in a mixed batch, the row runs through the bare base
-
-
-class Kind(NamedTuple):
-    """Adapters of one kind at one module are computed together: same maths, same input."""
-
-    method: str  # "bottleneck" or "low_rank"
-    reads: str  # "output" (serial bottleneck), "input" (LoRA, parallel on the layer itself) or "tap"
-    tap: "_Tap | None" = None
-    activation: object = None
-    layer_norm: bool = False
-
-
-def kind_of(module: nn.Module, tap: _Tap | None) -> Kind:
-    if isinstance(module, BottleneckAdapter):
-        reads = "tap" if tap is not None else "input" if module.parallel else "output"
-        return Kind("bottleneck", reads, tap, module.activation, module.ln_weight is not None)
-    if hasattr(module, "low_rank_factors"):
-        return Kind("low_rank", "input")
-    raise AdapterkitError(f"{type(module).__name__} adapters cannot run in a mixed-adapter batch")
-
-
-@torch.no_grad()
-def stack_weights(kind: Kind, modules: list[nn.Module]) -> dict[str, torch.Tensor]:
-    if kind.method == "bottleneck":
-        return stack_bottlenecks(modules)
-    factors = [module.low_rank_factors() for module in modules]
-    r = max(a.shape[0] for a, _, _ in factors)
-    down = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in factors])
-    up = torch.stack([F.pad(b * scale, (0, r - b.shape[1])) for _, b, scale in factors])
-    return {"down_t": down.transpose(1, 2).contiguous(), "up_t": up.transpose(1, 2).contiguous()}
-
-
-def grouped_delta(kind: Kind, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    if kind.method == "bottleneck":
-        return grouped_bottleneck_delta(h, weights, kind.activation, kind.layer_norm)
-    return torch.bmm(torch.bmm(h, weights["down_t"]), weights["up_t"])
+Stacker = Callable[[object, tuple, list[str]], dict[str, torch.Tensor]]
 
 
 class Group:
-    """The rows one kind of adapter serves at one module, laid out for batched matrix products.
+    """The rows one kind of delta adapter serves at one module, laid out for batched products.
 
     Rows are packed into equal-sized groups, each group holding rows of one adapter; an adapter
     with many rows takes several groups. With group size ceil(rows / adapters) the padding never
     exceeds one group per adapter, so an uneven mix costs at most twice the adapter FLOPs of an
     even one, and an even one costs the same as a single adapter."""
 
-    def __init__(self, kind: Kind, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
-        self.kind = kind
+    def __init__(self, kind: tuple, module_class, reads: str, tap, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
+        self.kind, self.module_class, self.reads, self.tap = kind, module_class, reads, tap
         device = next(iter(stacked.values())).device
         members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
         self.rows = None if len(members) == len(row_adapter) else torch.tensor(members, device=device)
@@ -94,8 +53,7 @@ class Group:
             self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        kind = self.kind
-        source = kind.tap.value if kind.reads == "tap" else x if kind.reads == "input" else y
+        source = self.tap.value if self.tap is not None else x if self.reads == "input" else y
         n = y.shape[0]
         h = source.reshape(n, -1, source.shape[-1])
         if self.rows is not None:
@@ -103,7 +61,7 @@ class Group:
         if not self.in_order:
             h = h.index_select(0, self.slot_rows)
         length = h.shape[1]
-        delta = grouped_delta(kind, h.reshape(-1, self.size * length, h.shape[-1]), self.weights)
+        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, self.size * length, h.shape[-1]), self.weights)
         delta = delta.reshape(-1, length, delta.shape[-1])
         if not self.in_order:
             delta = delta.index_select(0, self.row_slot)
@@ -112,44 +70,75 @@ class Group:
         return out.reshape(y.shape)
 
 
+class ScaleRows:
+    """Rows of one kind of scaling adapter: each row times its adapter's vector (ones for rows of
+    other adapters or the bare base)."""
+
+    def __init__(self, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
+        vectors = stacked["scale"]
+        ones = torch.ones_like(vectors[:1])
+        index = torch.tensor(row_adapter, device=vectors.device) + 1
+        self.vectors = torch.cat([ones, vectors]).index_select(0, index).unsqueeze(1)  # [rows, 1, d]
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        return (h.reshape(n, -1, h.shape[-1]) * self.vectors.to(h.dtype)).reshape(h.shape)
+
+
 class MixedPlan:
     """One adapter per row for the length of a call (or a ``mixed_adapters`` block).
 
-    Per hooked module, the rows are grouped by kind of adapter once and reused for every forward
-    pass of the call, so generation pays for the layout only at the first step."""
+    Per hooked module, the rows are grouped by kind once and reused for every forward pass of the
+    call, so generation pays for the layout only at the first step. ``stacked(hooks, kind, names)``
+    gives the stacked weights of ``names`` at a module (the hook layer keeps them between calls)."""
 
-    def __init__(self, model: "AdapterModel", rows: list[str | None]) -> None:
-        self.model = model
+    def __init__(self, rows: list[str | None], stacked: Stacker) -> None:
         self.rows = rows
         self.names = frozenset(name for name in rows if name is not None)
-        self._groups: dict[tuple[_Attachment, int], list[Group]] = {}
+        self._stacked = stacked
+        self._layouts: dict[tuple, list] = {}
 
-    def apply(self, attachment: "_Attachment", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        repeat, remainder = divmod(y.shape[0], len(self.rows))
-        if remainder or not repeat:
-            raise AdapterkitError(f"the batch has {y.shape[0]} rows but adapter_names names {len(self.rows)}")
-        key = (attachment, repeat)
-        groups = self._groups.get(key)
-        if groups is None:
-            groups = self._groups[key] = self._layout(attachment, repeat)
+    def apply_output(self, hooks, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        groups = self._groups(hooks, "output", y.shape[0])
         if not groups:
             return None
         for group in groups:
-            y = group.apply(x, y)
-        for group in groups:
-            if group.kind.tap is not None:
-                group.kind.tap.value = None
+            y = group.apply(x, y) if isinstance(group, Group) else group.apply(y)
+        hooks.clear_taps()
         return y
 
-    def _layout(self, attachment: "_Attachment", repeat: int) -> list[Group]:
+    def apply_input(self, hooks, x: torch.Tensor) -> torch.Tensor:
+        for group in self._groups(hooks, "input", x.shape[0]):
+            x = group.apply(x)
+        return x
+
+    def _groups(self, hooks, place: str, batch_rows: int) -> list:
+        repeat, remainder = divmod(batch_rows, len(self.rows))
+        if remainder or not repeat:
+            raise AdapterkitError(f"the batch has {batch_rows} rows but adapter_names names {len(self.rows)}")
+        key = (hooks, place, repeat)
+        groups = self._layouts.get(key)
+        if groups is None:
+            groups = self._layouts[key] = self._layout(hooks, place, repeat)
+        return groups
+
+    def _layout(self, hooks, place: str, repeat: int) -> list:
         """Rows repeated ``repeat`` times each: generate expands rows for beams and samples."""
-        by_kind: dict[Kind, list[str]] = {}
-        for name in sorted(self.names & attachment.adapters.keys()):
-            module, tap = attachment.adapters[name]
-            by_kind.setdefault(kind_of(module, tap), []).append(name)
+        attached = hooks.inputs if place == "input" else {name: entry[0] for name, entry in hooks.outputs.items()}
+        by_kind: dict[tuple, list[str]] = {}
+        for name in sorted(self.names & attached.keys()):
+            tap = hooks.outputs[name][1] if place == "output" else None
+            by_kind.setdefault((attached[name].mixed_kind(), tap), []).append(name)
         groups = []
-        for kind, names in by_kind.items():
+        for (kind, tap), names in by_kind.items():
+            first = attached[names[0]]
             index = {name: i for i, name in enumerate(names)}
             row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
-            groups.append(Group(kind, self.model._stacked(attachment, kind, names), row_adapter))
+            stacked = self._stacked(hooks, kind, names)
+            if first.mixed == "delta":
+                groups.append(Group(kind, type(first), first.reads, tap, stacked, row_adapter))
+            elif first.mixed == "scale":
+                groups.append(ScaleRows(stacked, row_adapter))
+            else:
+                raise AdapterkitError(f"{type(first).__name__} adapters cannot run in a mixed-adapter batch")
         return groups

@@ -1,103 +1,35 @@
 """AdapterModel: many named adapters over one frozen base model.
 
-Adapters never replace base modules: each adapted layer gets a forward hook that passes the
-layer's output through the active adapters. The base keeps its own structure, parameter names and
+Adapters never replace base modules: the hook layer (``hooks.py``) passes each adapted layer's
+input or output through the active adapters. The base keeps its own structure, parameter names and
 weights, so ``disabled()`` is exactly the base, and switching adapters is one attribute write.
+What differs per method (where it attaches, its maths, merging, training state, file mapping) comes
+from the method registry; this module never names a method.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .errors import AdapterkitError, AdapterNameError, ConfigError, MergeError
+from .errors import AdapterFileError, AdapterkitError, AdapterNameError, ConfigError, MergeError, ShapeMismatchError
+from .hooks import HookLayer
 from .inject import Site
-from .methods import AdapterConfig
-from .mixed import BASE, Kind, MixedPlan, stack_weights
-
-if TYPE_CHECKING:
-    from .methods.adalora import RankAllocator
-
-_VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
+from .io import CONFIG_FILE, adapter_files, base_fingerprint, check_base, forget_base_fingerprint, read_adapter, write_folder_atomically
+from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method
+from .names import BASE, check_adapter_name
 
 
-class _Routing:
-    """Which adapters run, shared by every hook so that switching is a single assignment.
+class AdapterLayers(nn.ModuleDict):
+    """The adapters' modules by adapter name. Unlike nn.ModuleDict it takes every valid adapter
+    name as a key, names of nn.Module attributes such as "training", "to" or "forward" included."""
 
-    A mixed batch (one adapter per row) is kept per thread and only for the call that set it, so
-    two threads running different batches through one model never see each other's rows."""
-
-    __slots__ = ("active", "_local")
-
-    def __init__(self) -> None:
-        self.active: tuple[str, ...] = ()
-        self._local = threading.local()
-
-    @property
-    def mixed(self) -> "MixedPlan | None":
-        return getattr(self._local, "plan", None)
-
-    @mixed.setter
-    def mixed(self, plan: "MixedPlan | None") -> None:
-        self._local.plan = plan
-
-
-class _Tap:
-    """Keeps the input of a base module for parallel adapters that read a sub-layer's input."""
-
-    def __init__(self, module: nn.Module, routing: _Routing) -> None:
-        self.routing = routing
-        self.readers: set[str] = set()
-        self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._keep)
-
-    def _keep(self, module: nn.Module, args: tuple) -> None:
-        plan = self.routing.mixed
-        if not self.readers.isdisjoint(self.routing.active if plan is None else plan.names):
-            self.value = args[0]
-
-
-class _Attachment:
-    """The adapters attached to one base module, applied to its output by a forward hook."""
-
-    def __init__(self, module: nn.Module, routing: _Routing) -> None:
-        self.routing = routing
-        self.adapters: dict[str, tuple[nn.Module, _Tap | None]] = {}
-        self.handle = module.register_forward_hook(self._apply)
-
-    def _apply(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        plan = self.routing.mixed
-        if plan is not None:
-            return plan.apply(self, args[0], output)
-        active = self.routing.active
-        if not active:
-            return None
-        entries = [entry for name in active if (entry := self.adapters.get(name)) is not None]
-        if len(entries) > 1:  # adapters that change the layer itself first, then output transforms in order
-            entries.sort(key=lambda entry: not getattr(entry[0], "acts_on_input", False))
-        x, y, tapped = args[0], output, False
-        for adapter, tap in entries:
-            if tap is not None:
-                y, tapped = adapter(tap.value, y), True
-            else:
-                y = adapter(x, y)
-        if tapped:
-            for _, tap in self.adapters.values():
-                if tap is not None:
-                    tap.value = None
-        return y
-
-
-_STACK_CACHE_ENTRIES = 256  # (module, adapters) stacks kept between calls
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        self._modules[key] = module
 
 
 class AdapterModel(nn.Module):
@@ -105,25 +37,19 @@ class AdapterModel(nn.Module):
     saved and loaded without touching the base or each other.
 
     Calls, ``generate`` and attribute look-ups go to the base model, so an AdapterModel is used
-    like the model it wraps.
+    like the model it wraps. One base takes one AdapterModel at a time (``unload()`` frees it).
     """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
+        self.hooks = HookLayer(base, self)
         self.base = base
         base.requires_grad_(False)
-        self.adapter_layers = nn.ModuleDict()
+        self.adapter_layers = AdapterLayers()
         self._configs: dict[str, AdapterConfig] = {}
-        self._sites: dict[str, list[Site]] = {}
-        self._routing = _Routing()
-        self._attachments: dict[str, _Attachment] = {}
-        self._taps: dict[str, _Tap] = {}
-        self._base_modules: dict[str, nn.Module] = dict(base.named_modules())
-        self._site_cache: dict[str, list[Site]] = {}
-        self._stacks: OrderedDict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = OrderedDict()
-        self._allocators: dict[str, "RankAllocator"] = {}  # AdaLoRA rank allocation, per adapter
+        self._training: dict[str, MethodTraining] = {}  # per adapter, for methods that carry training state
         self._merged: str | None = None
-        self._unmerged_weights: dict[str, torch.Tensor] = {}  # exact copies of the weights merging changed
+        self._unmerged: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # exact weights merging changed
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
@@ -132,45 +58,43 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
                 return self.base(*args, **kwargs)
-        training = self._training_allocators()
-        for allocator in training:
-            allocator.check_stepped()
+        training = self._in_training()
+        for state in training:
+            state.before_forward()
         outputs = self.base(*args, **kwargs)
         if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
-            outputs.loss = outputs.loss + _orthogonality_penalty(training)
+            outputs.loss = outputs.loss + _regularization(training)
         return outputs
 
     def regularization_loss(self) -> torch.Tensor | float:
-        """What training adds to the task loss: AdaLoRA's orthogonality penalty for the active
+        """What training adds to the task loss (AdaLoRA's orthogonality penalty) for the active
         adapters being trained, 0 otherwise. ``forward`` adds it to the loss it returns; a loss
         computed from the logits must add it itself."""
-        return _orthogonality_penalty(self._training_allocators())
+        return _regularization(self._in_training())
 
-    def _training_allocators(self) -> list["RankAllocator"]:
-        if not self.training:
+    def _in_training(self) -> list[MethodTraining]:
+        if not self.training or not self._training:
             return []
-        return [self._allocators[n] for n in self.active if n in self._allocators and self._trains(n)]
+        return [self._training[n] for n in self.active if n in self._training and self._trains(n)]
 
     def step(self, global_step: int) -> None:
-        """Call after every optimizer step (before zero_grad): runs AdaLoRA's rank allocation for the
-        adapters being trained. Does nothing for other kinds."""
-        for name, allocator in self._allocators.items():
+        """Call after every optimizer step (before zero_grad): runs the training-time work of the
+        adapters being trained (AdaLoRA's rank allocation). Does nothing for other methods."""
+        for name, state in self._training.items():
             if self._trains(name):
-                pattern = allocator.step(global_step)
-                if pattern is not None:  # the final ranks: saving keeps only these
-                    self._configs[name] = dataclasses.replace(self._configs[name], rank_pattern=pattern)
+                changed = state.after_step(global_step)
+                if changed is not None:
+                    self._configs[name] = changed
 
     def _trains(self, name: str) -> bool:
         return any(p.requires_grad for p in self.adapter_layers[name].parameters())
 
     def adapter_ranks(self, name: str) -> dict[str, int]:
-        """The rank of each module of a LoRA or AdaLoRA adapter (AdaLoRA: the triplets it keeps)."""
-        self._check_known(name)
+        """The rank of each module of a low-rank adapter (AdaLoRA: the triplets it keeps)."""
         ranks = {}
-        for site in self._sites[name]:
-            module = self.adapter_layers[name][_key(site)]
+        for site, module in self._site_modules(name):
             if not hasattr(module, "rank"):
-                raise ConfigError(f"adapter {name!r} is a {self._configs[name].method} adapter; only LoRA and AdaLoRA adapters have ranks")
+                raise ConfigError(f"adapter {name!r} is a {self._configs[name].method} adapter, which has no rank")
             ranks[site.module_name] = module.rank
         return ranks
 
@@ -189,13 +113,14 @@ class AdapterModel(nn.Module):
         batch; at each adapted layer all rows' adapters are computed together.
 
         Inference only: refused in training mode and while an adapter is merged."""
-        plan = self._mixed_plan(adapter_names, rows)
-        saved = self._routing.mixed
-        self._routing.mixed = plan
+        plan = self.hooks.mixed_plan(self._mixed_rows(adapter_names, rows))
+        routing = self.hooks.routing
+        saved = routing.mixed
+        routing.mixed = plan
         try:
             yield
         finally:
-            self._routing.mixed = saved
+            routing.mixed = saved
 
     def __getattr__(self, name: str):
         try:
@@ -213,66 +138,76 @@ class AdapterModel(nn.Module):
 
     @property
     def active(self) -> tuple[str, ...]:
-        return self._routing.active
+        return self.hooks.routing.active
 
-    def add_adapter(self, name: str, config: AdapterConfig) -> None:
-        """Attach a new adapter. It is inactive and frozen until ``set_active``/``train_adapter``."""
+    def adapter_sites(self, name: str) -> list[Site]:
+        """Where adapter ``name`` is attached in the base."""
+        self._check_known(name)
+        return self.hooks.sites(name)
+
+    def add_adapter(self, name: str, config: AdapterConfig, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Attach a new adapter, inactive and frozen until ``set_active``/``train_adapter``.
+
+        With ``state_dict`` (keyed as ``adapter_state_dict`` gives it), the modules are built
+        without initialising them and take those tensors, after checks of names, shapes, dtypes
+        and values; this is how every format loads."""
         self._check_new_name(name)
         if not isinstance(config, AdapterConfig):
             raise ConfigError(f"expected an adapter config such as BottleneckConfig, got {type(config).__name__}")
-        sites = self._sites_for(config)
-        modules = nn.ModuleDict()
-        for site in sites:
-            weight = self._base_weight(site.module_name)
-            module = config.build(site).to(device=weight.device, dtype=weight.dtype)
-            modules[_key(site)] = module.requires_grad_(False)
-        self._install(name, config, sites, modules)
-
-    def _install(self, name: str, config: AdapterConfig, sites: list[Site], modules: nn.ModuleDict) -> None:
-        """Register built modules under ``name`` and hook them into the base."""
-        modules.train(self.training)
-        self.adapter_layers[name] = modules
+        method = get_method(config.method)
+        sites = self.hooks.sites_for(config)
+        if state_dict is None:
+            modules = {site.module_name: self._fresh_module(config, site) for site in sites}
+        else:
+            modules = self._modules_from_state(config, sites, state_dict)
+        layers = nn.ModuleDict({_key(site): modules[site.module_name] for site in sites})
+        layers.requires_grad_(False)
+        layers.train(self.training)
+        self.adapter_layers[name] = layers
         self._configs[name] = config
-        self._sites[name] = sites
-        base_modules = self._base_modules
-        for site in sites:
-            tap = None
-            if site.reads_from is not None and site.reads_from != site.module_name:
-                tap = self._taps.get(site.reads_from)
-                if tap is None:
-                    tap = self._taps[site.reads_from] = _Tap(base_modules[site.reads_from], self._routing)
-                tap.readers.add(name)
-            attachment = self._attachments.get(site.module_name)
-            if attachment is None:
-                attachment = self._attachments[site.module_name] = _Attachment(base_modules[site.module_name], self._routing)
-            attachment.adapters[name] = (modules[_key(site)], tap)
-        if config.method == "adalora":
-            from .methods.adalora import RankAllocator
+        self.hooks.attach(name, sites, modules)
+        if method.training is not None:
+            self._training[name] = method.training(name, config, modules)
 
-            by_module = {site.module_name: modules[_key(site)] for site in sites}
-            self._allocators[name] = RankAllocator(name, config, by_module)
+    def _fresh_module(self, config: AdapterConfig, site: Site) -> AdapterModule:
+        weight = self.hooks.base_module(site.module_name).weight
+        return config.build(site).to(device=weight.device, dtype=weight.dtype)
+
+    def _modules_from_state(self, config: AdapterConfig, sites: list[Site], state_dict: dict) -> dict[str, AdapterModule]:
+        """Modules built on the meta device (no initialisation) that take ``state_dict``'s tensors."""
+        if not isinstance(state_dict, dict):
+            raise ShapeMismatchError(f"state_dict must map tensor names to tensors, got {type(state_dict).__name__}")
+        built = {site.module_name: config.build(site, device="meta") for site in sites}
+        expected = {
+            f"{module_name}.adapter.{param}": (module_name, param, tensor.shape)
+            for module_name, module in built.items() for param, tensor in module.state_dict().items()
+        }
+        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ShapeMismatchError(
+                f"the tensors do not fit this {config.method} config on this base: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            )
+        for key, (module_name, param, shape) in expected.items():
+            tensor = state_dict[key]
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise ShapeMismatchError(f"tensor {key} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+            if tensor.shape != shape:
+                raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
+            if not torch.isfinite(tensor).all():
+                raise ShapeMismatchError(f"tensor {key} holds NaN or infinite values")
+            weight = self.hooks.base_module(module_name).weight
+            _assign(built[module_name], param, tensor.to(device=weight.device, dtype=weight.dtype))
+        return built
 
     def delete_adapter(self, name: str) -> None:
         self._check_known(name)
         if name == self._merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() it before deleting it")
-        self._allocators.pop(name, None)
+        self._training.pop(name, None)
         self.set_active(tuple(a for a in self.active if a != name))
-        for site in self._sites.pop(name):
-            attachment = self._attachments[site.module_name]
-            del attachment.adapters[name]
-            if not attachment.adapters:
-                attachment.handle.remove()
-                del self._attachments[site.module_name]
-        for module_name, tap in list(self._taps.items()):
-            tap.readers.discard(name)
-            if not tap.readers:
-                tap.handle.remove()
-                del self._taps[module_name]
+        self.hooks.detach(name)
         del self.adapter_layers[name]
         del self._configs[name]
-        for key in [key for key in self._stacks if name in key[2]]:
-            del self._stacks[key]
 
     def set_active(self, names: str | Sequence[str] | None) -> None:
         """Choose the adapters that run, by name; None for the base.
@@ -292,25 +227,29 @@ class AdapterModel(nn.Module):
             raise AdapterNameError(f"an adapter is named twice in {list(names)}")
         if self._merged is not None and self._merged not in names:
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
-        self._routing.active = names
+        self.hooks.routing.active = names
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the pure base model inside the block."""
         if self._merged is not None:
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights; unmerge() before running the bare base")
-        saved = self._routing.active
-        self._routing.active = ()
+        routing = self.hooks.routing
+        saved = routing.active
+        routing.active = ()
         try:
             yield
         finally:
-            self._routing.active = saved
+            routing.active = saved
 
     def train_adapter(self, name: str) -> None:
-        """Make ``name`` the only trainable part of the model (and active, if it is not already)."""
+        """Make ``name`` the only trainable part of the model (and active, if it is not already).
+        A refused call changes nothing."""
         self._check_known(name)
         if name == self._merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights and cannot train; unmerge() first")
+        if self._merged is not None and name not in self.active:
+            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so {name!r} cannot become the active adapter; unmerge() first")
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
         if name not in self.active:
@@ -324,31 +263,35 @@ class AdapterModel(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold a LoRA or AdaLoRA adapter into the base weights, W += s * B A (transposed for
-        GPT-2's Conv1D). The layers it adapts then run at the bare base's cost, with no hook work.
-        It stays active and is frozen; switching it off, deleting or training it is refused until ``unmerge()``,
-        which restores the base weights bit for bit."""
+        """Fold an adapter into the base weights: an additive one (LoRA, AdaLoRA) adds its update,
+        a multiplicative one (IA³) scales the weight's rows or columns. The layers it adapts then
+        run at the bare base's cost, with no hook work. It stays active and is frozen; switching it
+        off, deleting or training it is refused until ``unmerge()``, which restores the base
+        weights bit for bit."""
         self._check_known(name)
         if self._merged is not None:
             raise MergeError(f"adapter {self._merged!r} is already merged into the base weights; unmerge() it first")
-        modules = self.adapter_layers[name]
-        if not all(hasattr(module, "low_rank_factors") for module in modules.values()):
+        changes = [(site, module, module.weight_update(site)) for site, module in self._site_modules(name)]
+        changes = [(site, module, update, None if update is not None else module.weight_scale()) for site, module, update in changes]
+        if not changes or any(update is None and scale is None for _, _, update, scale in changes):
             raise MergeError(
-                f"adapter {name!r} is a {self._configs[name].method} adapter; only LoRA and AdaLoRA adapters "
-                "can be merged into the weights (a bottleneck is not a linear map)"
+                f"adapter {name!r} is a {self._configs[name].method} adapter, which cannot be merged into the weights "
+                "(it is not a change of a linear layer's weight)"
             )
-        from .io import base_fingerprint
-
         base_fingerprint(self.base)  # taken (and kept) from the unmerged weights
-        modules.requires_grad_(False)  # training it now would silently diverge from the merged copy
-        for site in self._sites[name]:
-            layer = self._base_modules[site.module_name]
-            self._unmerged_weights[site.module_name] = layer.weight.detach().clone()
-            layer.weight.add_(_weight_update(layer, modules[_key(site)]))
-            self._detach(name, site.module_name)
+        self.adapter_layers[name].requires_grad_(False)  # training it now would silently diverge from the merged copy
+        for site, module, update, scale in changes:
+            layer = self.hooks.base_module(site.module_name)
+            bias = getattr(layer, "bias", None)
+            self._unmerged[site.module_name] = (layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
+            if update is not None:
+                layer.weight.add_(update.to(layer.weight.dtype))
+            else:
+                _scale_layer(layer, site, scale, module.scale_dim)
+            self.hooks.detach_site(name, site.module_name)
         self._merged = name
         if name not in self.active:
-            self._routing.active = self.active + (name,)
+            self.hooks.routing.active = self.active + (name,)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -356,35 +299,40 @@ class AdapterModel(nn.Module):
         name = self._merged
         if name is None:
             raise MergeError("no adapter is merged")
-        for site in self._sites[name]:
-            self._base_modules[site.module_name].weight.copy_(self._unmerged_weights.pop(site.module_name))
-            attachment = self._attachments.get(site.module_name)
-            if attachment is None:
-                attachment = self._attachments[site.module_name] = _Attachment(self._base_modules[site.module_name], self._routing)
-            attachment.adapters[name] = (self.adapter_layers[name][_key(site)], None)
+        for site, module in self._site_modules(name):
+            layer = self.hooks.base_module(site.module_name)
+            weight, bias = self._unmerged.pop(site.module_name)
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            self.hooks.attach_site(name, site, module)
         self._merged = None
 
     def merge_and_unload(self, name: str) -> nn.Module:
         """Merge ``name`` for good and return the plain transformers model, free of every adapter
         and hook (``save_pretrained`` writes it as an ordinary checkpoint). This AdapterModel is
-        left empty."""
+        left empty and lets go of the base."""
         self.merge(name)
         self._merged = None
-        self._unmerged_weights = {}
-        self._sites[name] = []  # its hooks went with the merge
-        for other in list(self._configs):
-            self.delete_adapter(other)
-        from .io import forget_base_fingerprint
-
+        self._unmerged = {}
+        self.hooks.forget_sites(name)  # its hooks went with the merge
+        self._release()
         forget_base_fingerprint(self.base)
         return self.base
 
-    def _detach(self, name: str, module_name: str) -> None:
-        attachment = self._attachments[module_name]
-        del attachment.adapters[name]
-        if not attachment.adapters:
-            attachment.handle.remove()
-            del self._attachments[module_name]
+    def unload(self) -> nn.Module:
+        """Remove every adapter and hook and return the bare base, weights as they were (a merged
+        adapter is unmerged first). This AdapterModel is left empty and lets go of the base, which
+        another AdapterModel may then wrap."""
+        if self._merged is not None:
+            self.unmerge()
+        self._release()
+        return self.base
+
+    def _release(self) -> None:
+        for other in list(self._configs):
+            self.delete_adapter(other)
+        self.hooks.release()
 
     # ---- counting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -401,51 +349,76 @@ class AdapterModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- files -----------------------------------------------------------------------------
-    def save_adapter(self, name: str, path: str | Path, format: str = "adapterkit") -> None:
-        """Write one adapter to a folder (adapter_config.json + adapter_model.safetensors), atomically.
-        format="peft" writes a LoRA or AdaLoRA adapter as peft's ``save_pretrained`` does."""
-        from .io import save_adapter
+    def adapter_files(self, name: str, format: str = "adapterkit") -> dict[str, bytes]:
+        """The files a saved folder of ``name`` holds, by file name (the config file last)."""
+        self._check_known(name)
+        return adapter_files(format, name, self._configs[name], self.adapter_state_dict(name), self.base, self.hooks.sites(name))
 
-        save_adapter(self, name, path, format=format)
+    def save_adapter(self, name: str, path: str | Path, format: str = "adapterkit") -> None:
+        """Write one adapter to a folder (adapter_config.json + adapter_model.safetensors), atomically;
+        other files in the folder are left alone. format="peft" writes it as peft's
+        ``save_pretrained`` does (for methods with a peft format)."""
+        path = Path(path)
+        if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+            raise AdapterFileError(f"{path} is a non-empty folder that holds no adapter; save into a new or adapter folder")
+        write_folder_atomically(path, self.adapter_files(name, format))
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
-        """Load a saved adapter under ``name`` (default: the name it was saved with); returns the name."""
-        from .io import load_adapter
-
-        return load_adapter(self, path, name)
+        """Load a saved adapter (adapterkit's or peft's format) under ``name`` (default: the name it
+        was saved with, or a peft folder's name); returns the name."""
+        saved = read_adapter(path)
+        name = name if name is not None else saved.name
+        if name is None:
+            raise AdapterNameError(f"{path} carries no adapter name and its folder name is not a valid one; pass name=")
+        self._check_new_name(name)
+        if saved.base is not None:
+            check_base(saved.base, self.base, Path(path))
+        try:
+            self.add_adapter(name, saved.config, saved.tensors)
+        except ShapeMismatchError as error:
+            raise ShapeMismatchError(f"{path}: {error}") from None
+        return name
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """One adapter's tensors, keyed by the base module they attach to."""
-        self._check_known(name)
-        modules = self.adapter_layers[name]
+        """One adapter's tensors, keyed "<base module>.adapter.<parameter>" (the live tensors)."""
         return {
             f"{site.module_name}.adapter.{param}": tensor
-            for site in self._sites[name]
-            for param, tensor in modules[_key(site)].state_dict().items()
+            for site, module in self._site_modules(name)
+            for param, tensor in module.state_dict().items()
         }
+
+    def method_training(self, name: str) -> MethodTraining | None:
+        """The training-time state its method keeps for ``name`` (AdaLoRA's rank allocation), if any."""
+        self._check_known(name)
+        return self._training.get(name)
 
     def training_state(self, name: str) -> dict[str, torch.Tensor]:
         """What training ``name`` carries between steps besides its saved tensors (AdaLoRA's rank
         allocation), for checkpoints; empty for methods that keep nothing."""
         self._check_known(name)
-        allocator = self._allocators.get(name)
-        return {} if allocator is None else allocator.state_dict()
+        state = self._training.get(name)
+        return {} if state is None else state.state_dict()
 
     @torch.no_grad()
     def load_training_state(self, name: str, saved: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
         """Put ``name`` back as a checkpoint left it: ``saved``, its tensors as a saved folder holds
         them, and ``state``, what ``training_state`` gave."""
         self._check_known(name)
-        allocator = self._allocators.get(name)
-        if allocator is not None:
-            saved = allocator.load_state_dict(state, saved)
-            if allocator.final_pattern is not None:  # saving keeps only the final ranks, as step() set it
-                self._configs[name] = dataclasses.replace(self._configs[name], rank_pattern=allocator.final_pattern)
+        training = self._training.get(name)
+        if training is not None:
+            saved, changed = training.load_state_dict(state, saved)
+            if changed is not None:
+                self._configs[name] = changed
         for key, tensor in self.adapter_state_dict(name).items():
             tensor.copy_(saved[key])
 
-    # ---- mixed batches ---------------------------------------------------------------------
-    def _mixed_plan(self, adapter_names: Sequence[str | None], rows: int | None) -> MixedPlan:
+    # ---- helpers ---------------------------------------------------------------------------
+    def _site_modules(self, name: str) -> list[tuple[Site, AdapterModule]]:
+        self._check_known(name)
+        layers = self.adapter_layers[name]
+        return [(site, layers[_key(site)]) for site in self.hooks.sites(name) if _key(site) in layers]
+
+    def _mixed_rows(self, adapter_names: Sequence[str | None], rows: int | None) -> list[str | None]:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
             raise AdapterNameError(f"adapter_names must be a non-empty list with one name (or None) per row, got {adapter_names!r}")
         if rows is not None and len(adapter_names) != rows:
@@ -457,58 +430,45 @@ class AdapterModel(nn.Module):
         names = [None if name in (None, BASE) else name for name in adapter_names]
         for name in set(names) - {None}:
             self._check_known(name)
-        return MixedPlan(self, names)
+        return names
 
-    def _stacked(self, attachment: _Attachment, kind: Kind, names: list[str]) -> dict[str, torch.Tensor]:
-        """The weights of ``names`` at one module, stacked; kept between calls until a parameter
-        changes (its version counter moves) or one of the adapters is deleted."""
-        modules = [attachment.adapters[name][0] for name in names]
-        signature = tuple((id(p), p._version, p.data_ptr()) for module in modules for p in module.parameters())
-        key = (attachment, kind, tuple(names))
-        cached = self._stacks.get(key)
-        if cached is not None and cached[0] == signature:
-            self._stacks.move_to_end(key)
-            return cached[1]
-        stacked = stack_weights(kind, modules)
-        self._stacks[key] = (signature, stacked)
-        if len(self._stacks) > _STACK_CACHE_ENTRIES:
-            self._stacks.popitem(last=False)
-        return stacked
-
-    # ---- checks ----------------------------------------------------------------------------
     def _check_known(self, name: str) -> None:
-        if name not in self._configs:
+        if not isinstance(name, str) or name not in self._configs:
             known = ", ".join(self._configs) or "none"
             raise AdapterNameError(f"no adapter named {name!r}; adapters: {known}")
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _VALID_NAME.fullmatch(name):
-            raise AdapterNameError(
-                f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
-            )
+        check_adapter_name(name)
         if name in self._configs:
             raise AdapterNameError(f"an adapter named {name!r} already exists; delete_adapter it first or pick another name")
 
-    def _sites_for(self, config: AdapterConfig) -> list[Site]:
-        """Where ``config`` attaches on this base; the base never changes shape, so it is kept."""
-        key = json.dumps([config.method, config.to_dict()], sort_keys=True)
-        if key not in self._site_cache:
-            self._site_cache[key] = config.sites(self.base)
-        return self._site_cache[key]
 
-    def _base_weight(self, module_name: str) -> torch.Tensor:
-        return self._base_modules[module_name].weight
+def _regularization(states: list[MethodTraining]) -> torch.Tensor | float:
+    terms = [term for state in states if (term := state.regularization()) is not None]
+    return sum(terms, 0.0)
 
 
-def _orthogonality_penalty(allocators: list["RankAllocator"]) -> torch.Tensor | float:
-    return sum((allocator.orthogonality_penalty() for allocator in allocators), 0.0)
+def _scale_layer(layer: nn.Module, site: Site, scale: torch.Tensor, dim: str) -> None:
+    """Multiply a linear layer's weight by ``scale`` per output ("out", bias too) or per input ("in")."""
+    vector = scale.reshape(-1).to(layer.weight.dtype)
+    along_rows = (dim == "out") != site.transposed  # nn.Linear keeps [out, in], Conv1D [in, out]
+    layer.weight.mul_(vector.unsqueeze(1) if along_rows else vector.unsqueeze(0))
+    if dim == "out" and getattr(layer, "bias", None) is not None:
+        layer.bias.mul_(vector)
 
 
-def _weight_update(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:
-    """s * B A in the layout of ``layer.weight``: [out, in] for nn.Linear, [in, out] for Conv1D."""
-    A, B, scale = adapter.low_rank_factors()
-    update = (B.float() @ A.float()) * scale
-    return (update if isinstance(layer, nn.Linear) else update.T).to(layer.weight.dtype)
+def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put a loaded tensor in place of a module's meta parameter or buffer (frozen)."""
+    owner_name, _, leaf = key.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _few(keys: list[str]) -> str:
+    return f"{keys[:3]}{'…' if len(keys) > 3 else ''}"
 
 
 def _batch_rows(args: tuple, kwargs: dict) -> int | None:

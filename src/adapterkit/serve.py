@@ -28,7 +28,8 @@ from pydantic import BaseModel, Field
 
 from .errors import AdapterkitError
 from .io import CONFIG_FILE
-from .model import _VALID_NAME, AdapterModel
+from .model import AdapterModel
+from .names import is_valid_name
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -273,7 +274,7 @@ class AdapterPool:
         return self._changed
 
     def path_of(self, name: str) -> Path:
-        if not _VALID_NAME.fullmatch(name):
+        if not is_valid_name(name):
             raise ApiError(400, f"invalid adapter name {name!r}: use letters, digits, '_' or '-'", "invalid_model_name")
         path = self.folder / name
         if path.resolve().parent != self.folder:
@@ -285,7 +286,7 @@ class AdapterPool:
     def available(self) -> list[str]:
         return sorted(
             p.name for p in self.folder.iterdir()
-            if _VALID_NAME.fullmatch(p.name) and p.resolve().parent == self.folder and (p / CONFIG_FILE).is_file()
+            if is_valid_name(p.name) and p.resolve().parent == self.folder and (p / CONFIG_FILE).is_file()
         )
 
     async def acquire(self, name: str) -> None:

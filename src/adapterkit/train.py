@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, adapter_files, read_adapter_config, write_folder_atomically
+from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, write_folder_atomically
 from .methods import dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
@@ -295,7 +294,7 @@ class Trainer:
         files = {
             OPTIMIZER_FILE: save_safetensors_bytes(tensors),
             STATE_FILE: (json.dumps(document, indent=2) + "\n").encode(),
-            **adapter_files(self.model, self.adapter_name),  # its config file goes last
+            **self.model.adapter_files(self.adapter_name),  # its config file goes last
         }
         write_folder_atomically(self.output_dir / CHECKPOINT_DIR, files)
 
@@ -308,8 +307,8 @@ class Trainer:
                 f"{self.total_steps}; resume with the same options or use another output folder"
             )
         self._check_same_adapter_options(folder)
-        weights = load_safetensors_bytes((folder / WEIGHTS_FILE).read_bytes())
-        tensors = load_safetensors_bytes((folder / OPTIMIZER_FILE).read_bytes())
+        weights = read_tensors(folder / WEIGHTS_FILE)
+        tensors = read_tensors(folder / OPTIMIZER_FILE)
         training_state = {key.removeprefix(TRAINING_STATE_PREFIX): t for key, t in tensors.items() if key.startswith(TRAINING_STATE_PREFIX)}
         self.model.load_training_state(self.adapter_name, weights, training_state)
         state: dict[int, dict[str, Any]] = {}

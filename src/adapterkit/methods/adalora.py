@@ -21,16 +21,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError
 from ..inject import Site, find_sites
-from . import AdapterConfig
-from .lora import check_dropout, check_layers, check_target_modules
+from .base import (
+    AdapterConfig,
+    Method,
+    MethodTraining,
+    PeftFormat,
+    check_int,
+    check_layers,
+    check_number,
+    check_target_modules,
+    register_method,
+)
+from .lora import LowRankAdapter, layers_from_peft
 
 RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
 FACTORS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # each factor and its rank dimension
@@ -69,35 +77,26 @@ class AdaLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         for field in ("init_r", "target_r", "deltaT"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            check_int(field, getattr(self, field))
         if self.target_r > self.init_r:
             raise ConfigError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): AdaLoRA only prunes ranks")
         for field in ("beta1", "beta2"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
+            check_number(field, getattr(self, field), 0.0, 1.0)
         for field in ("tinit", "tfinal"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 0:
-                raise ConfigError(f"{field} must be a non-negative integer, got {value!r}")
+            check_int(field, getattr(self, field), minimum=0)
         if self.total_step is None:
             raise ConfigError("AdaLoRA needs total_step, the number of optimizer steps of the training run, to schedule its rank budget")
-        if not _is_int(self.total_step) or self.total_step < 1:
-            raise ConfigError(f"total_step must be a positive integer, got {self.total_step!r}")
+        check_int("total_step", self.total_step)
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(
                 f"the schedule leaves no steps to prune ranks: tinit ({self.tinit}) must be below "
                 f"total_step - tfinal ({self.total_step} - {self.tfinal} = {self.total_step - self.tfinal}); "
                 "lower tinit or tfinal, or raise total_step"
             )
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        check_dropout(self.dropout)
-        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ConfigError(f"orth_reg_weight must be a non-negative number, got {self.orth_reg_weight!r}")
-        self.target_modules = check_target_modules(self.target_modules)
+        check_number("alpha", self.alpha, positive=True)
+        check_number("dropout", self.dropout, 0.0, 1.0)
+        check_number("orth_reg_weight", self.orth_reg_weight, low=0.0)
+        self.target_modules = check_target_modules(self.target_modules, required=True)
         self.layers = check_layers(self.layers)
         if self.rank_pattern is not None:
             self._check_rank_pattern()
@@ -121,19 +120,27 @@ class AdaLoraConfig(AdapterConfig):
     def sites(self, model: nn.Module) -> list[Site]:
         return find_sites(model, "linear", self.layers, self.target_modules)
 
+    def tensors_to_save(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Once the final ranks are fixed, only the kept triplets, as peft saves them."""
+        if not self.rank_pattern:
+            return tensors
+        kept = {}
+        for key, tensor in tensors.items():
+            module, _, param = key.partition(".adapter.")
+            keep = self.rank_pattern.get(module)
+            dim = FACTORS[param]
+            if keep is not None and tensor.shape[dim] == len(keep):  # not yet cut down (a loaded one is)
+                tensor = _select(tensor, torch.tensor(keep, dtype=torch.bool, device=tensor.device), dim)
+            kept[key] = tensor
+        return kept
+
     def build(self, site: Site, device: torch.device | str | None = None) -> "AdaLoraAdapter":
         r = self.rank_of(site.module_name)
         return AdaLoraAdapter(site.in_features, site.out_features, r, self.scale, self.dropout, device)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class AdaLoraAdapter(nn.Module):
+class AdaLoraAdapter(LowRankAdapter):
     """The SVD-shaped update of one linear layer. ``forward(x, y)`` returns y + delta(x)."""
-
-    acts_on_input: ClassVar[bool] = True  # changes the layer itself: runs before output transforms
 
     def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, device=None):
         super().__init__()
@@ -157,9 +164,6 @@ class AdaLoraAdapter(nn.Module):
             x = F.dropout(x, self.dropout)
         return F.linear(F.linear(x, self.lora_A * self.lora_E) * self.scale, self.lora_B)  # scaled at width r
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.delta(x).add_(y)  # into the fresh delta: no third tensor
-
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A * E [r, in], B [out, r], scale): pruned triplets have E = 0, so their rows are zero."""
         return self.lora_A * self.lora_E, self.lora_B, self.scale
@@ -174,7 +178,7 @@ class AdaLoraAdapter(nn.Module):
         self.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
 
 
-class RankAllocator:
+class RankAllocator(MethodTraining):
     """AdaLoRA's budget schedule and importance scores for one adapter being trained.
 
     An adapter loaded with a rank_pattern has finished its schedule (its pruned triplets are gone):
@@ -208,24 +212,32 @@ class RankAllocator:
         budget = int((self.initial_budget - self.target_budget) * remaining**3 + self.target_budget)
         return budget, step % config.deltaT == 0
 
-    def step(self, global_step: int) -> dict[str, list[bool]] | None:
-        """Update importance and mask; returns the final rank pattern on the step that fixes it."""
+    def after_step(self, global_step: int) -> AdaLoraConfig | None:
+        """Update importance and mask; on the step that fixes the final ranks, returns the config
+        with them as its rank_pattern (saving then keeps only those)."""
         if self.finished:
             return None
-        pattern = None
+        fixed = None
         if self.final_pattern is not None:
             self._apply(self.final_pattern)
         elif global_step >= self.end:
-            pattern = self.final_pattern = self._mask_to_budget(self.target_budget)
+            self.final_pattern = self.mask_to_budget(self.target_budget)
             self.scores = {}
             logger.info(self.summary())
+            fixed = dataclasses.replace(self.config, rank_pattern=self.final_pattern)
         else:
             self._update_importance()
             budget, mask = self.budget(global_step)
             if mask:
-                self._mask_to_budget(budget)
+                self.mask_to_budget(budget)
         self._seen = self._version()
-        return pattern
+        return fixed
+
+    def before_forward(self) -> None:
+        self.check_stepped()
+
+    def regularization(self) -> torch.Tensor:
+        return self.orthogonality_penalty()
 
     @torch.no_grad()
     def _update_importance(self) -> None:
@@ -270,7 +282,7 @@ class RankAllocator:
         return scores
 
     @torch.no_grad()
-    def _mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Keep the ``budget`` most important triplets over all modules (exactly that many, even
         when scores tie) and zero the values of the rest."""
         scores = self._triplet_scores()
@@ -310,14 +322,15 @@ class RankAllocator:
         return state
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], AdaLoraConfig | None]:
         """Take back ``state_dict()``; returns the checkpoint's adapter tensors ``saved`` (keyed as
-        ``AdapterModel.adapter_state_dict``) at full width, the pruned triplets back in their rows.
+        ``AdapterModel.adapter_state_dict``) at full width, the pruned triplets back in their rows,
+        and, once the final ranks were fixed, the config holding them.
 
         Masks are restored as they were, not re-applied: between maskings the optimizer may have
         moved a pruned value away from zero, and the run goes on from exactly that."""
         if self.finished:
-            return saved
+            return saved, None
         if "final" not in state:
             raise AdapterFileError(
                 f"the checkpoint of AdaLoRA adapter {self.name!r} holds no rank-allocation state (an older "
@@ -339,7 +352,7 @@ class RankAllocator:
                     smoothed, uncertainty = state[f"{prefix}.sensitivity"], state[f"{prefix}.uncertainty"]
                     self.scores[(module_name, param_name)] = (smoothed.to(device), uncertainty.to(device))
         self.final_pattern = pattern if final else None
-        return full
+        return full, (dataclasses.replace(self.config, rank_pattern=pattern) if final else None)
 
     def ranks(self) -> dict[str, int]:
         return {module_name: module.rank for module_name, module in self.modules.items()}
@@ -395,3 +408,32 @@ def _unselect(kept: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, dim:
     full.movedim(dim, 0)[keep] = kept.movedim(dim, 0)
     full.movedim(dim, 0)[~keep] = pruned.to(kept.device).movedim(dim, 0)
     return full
+
+
+def _adalora_from_peft(values: dict) -> dict:
+    """peft keys rank_pattern by "<module>.lora_E"."""
+    values = layers_from_peft(values)
+    if values.get("rank_pattern"):
+        values["rank_pattern"] = {key.removesuffix(".lora_E"): keep for key, keep in values["rank_pattern"].items()}
+    return values
+
+
+def _adalora_to_peft(config: AdaLoraConfig, sites: list[Site], document: dict) -> None:
+    if config.rank_pattern is not None:
+        document["rank_pattern"] = {f"{module}.lora_E": keep for module, keep in config.rank_pattern.items()}
+    document["fan_in_fan_out"] = any(site.transposed for site in sites)
+    document["bias"] = "none"
+
+
+register_method(Method(
+    "adalora", AdaLoraConfig,
+    training=RankAllocator,
+    peft=PeftFormat(
+        "ADALORA",
+        {"init_r": "init_r", "target_r": "target_r", "beta1": "beta1", "beta2": "beta2", "tinit": "tinit",
+         "tfinal": "tfinal", "deltaT": "deltaT", "target_modules": "target_modules", "lora_alpha": "alpha",
+         "lora_dropout": "dropout", "orth_reg_weight": "orth_reg_weight", "total_step": "total_step",
+         "layers_to_transform": "layers", "rank_pattern": "rank_pattern"},
+        from_peft=_adalora_from_peft, to_peft=_adalora_to_peft,
+    ),
+))

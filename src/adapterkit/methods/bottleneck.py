@@ -15,7 +15,18 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..inject import Site, find_sites
-from . import AdapterConfig
+from .base import (
+    AdapterConfig,
+    AdapterModule,
+    Method,
+    check_bool,
+    check_choice,
+    check_int,
+    check_layers,
+    check_number,
+    check_target_modules,
+    register_method,
+)
 
 PLACEMENTS = ("houlsby", "pfeiffer", "attention", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
@@ -51,28 +62,20 @@ class BottleneckConfig(AdapterConfig):
     target_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ConfigError(f"placement {self.placement!r} is not one of {list(PLACEMENTS)}")
+        check_choice("placement", self.placement, PLACEMENTS)
         if self.bottleneck_size is not None and self.reduction_factor is not None:
             raise ConfigError("give bottleneck_size or reduction_factor, not both")
-        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1):
-            raise ConfigError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
-        if self.reduction_factor is not None and not self.reduction_factor > 0:
-            raise ConfigError(f"reduction_factor must be positive, got {self.reduction_factor!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init {self.init!r} is not one of {list(INITS)}")
-        if self.layers is not None:
-            self.layers = list(self.layers)
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
-                raise ConfigError(f"layers must be non-negative layer indices, got {self.layers!r}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ConfigError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if self.bottleneck_size is not None:
+            check_int("bottleneck_size", self.bottleneck_size)
+        if self.reduction_factor is not None:
+            check_number("reduction_factor", self.reduction_factor, positive=True)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_number("dropout", self.dropout, 0.0, 1.0)
+        check_bool("layer_norm", self.layer_norm)
+        check_number("scaling", self.scaling)
+        check_choice("init", self.init, INITS)
+        self.layers = check_layers(self.layers)
+        self.target_modules = check_target_modules(self.target_modules, required=False)
 
     def width(self, hidden: int) -> int:
         if self.reduction_factor is not None:
@@ -86,7 +89,7 @@ class BottleneckConfig(AdapterConfig):
         return BottleneckAdapter(site.in_features, site.out_features, self, device)
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(AdapterModule):
     """The lesson's adapter layer. Serial: reads the layer's output y and returns y + f(y).
     Parallel: reads the sub-layer's input x and returns y + f(x).
 
@@ -95,10 +98,13 @@ class BottleneckAdapter(nn.Module):
     stack across adapters.
     """
 
+    mixed = "delta"
+
     def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None):
         super().__init__()
         r = config.width(in_features)
         self.parallel = config.placement == "parallel"
+        self.reads = "input" if self.parallel else "output"
         self.scaling = config.scaling
         self.activation = ACTIVATIONS[config.activation]
         self.dropout = config.dropout
@@ -142,6 +148,19 @@ class BottleneckAdapter(nn.Module):
             delta.mul_(self.scaling)
         return delta.add_(y)
 
+    def mixed_kind(self) -> tuple:
+        """Adapters compute together when they read the same input the same way."""
+        return (type(self), self.parallel, self.activation, self.ln_weight is not None)
+
+    @staticmethod
+    def stack(modules: list["BottleneckAdapter"]) -> dict[str, torch.Tensor]:
+        return stack_bottlenecks(modules)
+
+    @staticmethod
+    def grouped_delta(kind: tuple, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, _, activation, layer_norm = kind
+        return grouped_bottleneck_delta(h, weights, activation, layer_norm)
+
 
 # ---- many adapters at one site, for mixed-adapter batches -----------------------------------------
 @torch.no_grad()
@@ -181,3 +200,6 @@ def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], 
         h = F.layer_norm(h, h.shape[-1:])
     hidden = activation(torch.baddbmm(weights["down_bias"], h, weights["down_t"]))
     return torch.baddbmm(weights["up_bias"], hidden, weights["up_t"])
+
+
+register_method(Method("bottleneck", BottleneckConfig))

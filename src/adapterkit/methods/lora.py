@@ -9,41 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
 from ..inject import Site, find_sites
-from . import AdapterConfig
-
-
-def check_target_modules(target_modules) -> list[str] | str:
-    """LoRA-like methods adapt named linear layers; there is no structural default."""
-    if isinstance(target_modules, str) and target_modules:
-        return target_modules
-    if isinstance(target_modules, (list, tuple)) and target_modules and all(isinstance(t, str) and t for t in target_modules):
-        return list(target_modules)
-    raise ConfigError(
-        f"target_modules must name the linear layers to adapt (a list such as ['q_proj', 'v_proj'] "
-        f"or a regular expression), got {target_modules!r}"
-    )
-
-
-def check_layers(layers) -> list[int] | None:
-    if layers is None:
-        return None
-    layers = list(layers)
-    if not all(isinstance(i, int) and i >= 0 for i in layers):
-        raise ConfigError(f"layers must be non-negative layer indices, got {layers!r}")
-    return layers
-
-
-def check_dropout(dropout) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+from .base import (
+    AdapterConfig,
+    AdapterModule,
+    Method,
+    PeftFormat,
+    check_bool,
+    check_int,
+    check_layers,
+    check_number,
+    check_target_modules,
+    register_method,
+)
 
 
 @dataclasses.dataclass
@@ -62,12 +45,11 @@ class LoraConfig(AdapterConfig):
     layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        check_dropout(self.dropout)
-        self.target_modules = check_target_modules(self.target_modules)
+        check_int("r", self.r)
+        check_number("alpha", self.alpha, positive=True)
+        check_number("dropout", self.dropout, 0.0, 1.0)
+        self.target_modules = check_target_modules(self.target_modules, required=True)
+        check_bool("use_rslora", self.use_rslora)
         self.layers = check_layers(self.layers)
 
     @property
@@ -81,10 +63,46 @@ class LoraConfig(AdapterConfig):
         return LoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout, device)
 
 
-class LoraAdapter(nn.Module):
-    """The update of one linear layer. ``forward(x, y)`` returns y + delta(x), x the layer's input."""
+class LowRankAdapter(AdapterModule):
+    """What LoRA and AdaLoRA share: a low-rank change of the layer's own map, y + s B A x, which
+    merges into the weight and stacks with any other low-rank adapter in a mixed batch."""
 
-    acts_on_input: ClassVar[bool] = True  # changes the layer itself: runs before output transforms
+    changes_layer = True
+    mixed = "delta"
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [r, in], B [out, r], scale): delta(x) = scale * (x @ A.T) @ B.T in eval mode."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.delta(x).add_(y)  # into the fresh delta: no third tensor
+
+    def weight_update(self, site: Site) -> torch.Tensor:
+        """s B A in the layout of the layer's weight: [out, in], transposed for GPT-2's Conv1D."""
+        A, B, scale = self.low_rank_factors()
+        update = (B.float() @ A.float()) * scale
+        return update.T if site.transposed else update
+
+    def mixed_kind(self) -> tuple:
+        return (LowRankAdapter,)
+
+    @staticmethod
+    @torch.no_grad()
+    def stack(modules: list["LowRankAdapter"]) -> dict[str, torch.Tensor]:
+        """A and s*B of each adapter, zero-padded to the largest rank (exact: a zero row adds nothing)."""
+        factors = [module.low_rank_factors() for module in modules]
+        r = max(a.shape[0] for a, _, _ in factors)
+        down = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in factors])
+        up = torch.stack([F.pad(b * scale, (0, r - b.shape[1])) for _, b, scale in factors])
+        return {"down_t": down.transpose(1, 2).contiguous(), "up_t": up.transpose(1, 2).contiguous()}
+
+    @staticmethod
+    def grouped_delta(kind: tuple, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.bmm(torch.bmm(h, weights["down_t"]), weights["up_t"])
+
+
+class LoraAdapter(LowRankAdapter):
+    """The update of one linear layer. ``forward(x, y)`` returns y + delta(x), x the layer's input."""
 
     def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, device=None):
         super().__init__()
@@ -105,13 +123,32 @@ class LoraAdapter(nn.Module):
             x = F.dropout(x, self.dropout)
         return F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)  # scaled at width r: cheapest
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.delta(x).add_(y)  # into the fresh delta: no third tensor
-
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A [r, in], B [out, r], scale): delta(x) = scale * (x @ A.T) @ B.T in eval mode."""
         return self.lora_A, self.lora_B, self.scale
+
+
+def layers_from_peft(values: dict) -> dict:
+    """peft writes ``layers_to_transform`` as one int or a list."""
+    if isinstance(values.get("layers"), int):
+        values["layers"] = [values["layers"]]
+    return values
+
+
+def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
+    document["fan_in_fan_out"] = any(site.transposed for site in sites)
+    document["bias"] = "none"
+
+
+register_method(Method(
+    "lora", LoraConfig,
+    peft=PeftFormat(
+        "LORA",
+        {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+         "use_rslora": "use_rslora", "layers_to_transform": "layers"},
+        tensor_suffix=".weight", from_peft=layers_from_peft, to_peft=_lora_to_peft,
+    ),
+))

@@ -1,0 +1,269 @@
+"""The hook layer: adapters attached to a base model's modules, and the routing of each call.
+
+Adapters never replace base modules. An adapted module gets at most one forward hook (for the
+adapters that act on its output) and one forward pre-hook (for those that act on its input); a
+module whose input a parallel adapter reads elsewhere gets a pre-hook that keeps it (a tap). Which
+adapters run is one shared ``Routing`` object, so switching is a single assignment; a mixed batch
+(one adapter per row) is kept per thread, only for the call that set it.
+
+One base carries the hooks of one ``HookLayer`` at a time: a second one over the same base would
+have both fire on every call, so it is refused until the first is released.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterkitError
+from .inject import Site
+from .methods import AdapterConfig, AdapterModule
+from .mixed import MixedPlan
+
+_STACK_CACHE_ENTRIES = 256  # (site, kind, adapters) stacks kept between calls
+_HOLDERS: "weakref.WeakKeyDictionary[nn.Module, HookLayer]" = weakref.WeakKeyDictionary()
+
+
+class Routing:
+    """Which adapters run, shared by every hook of one base."""
+
+    __slots__ = ("active", "_local")
+
+    def __init__(self) -> None:
+        self.active: tuple[str, ...] = ()
+        self._local = threading.local()
+
+    @property
+    def mixed(self) -> MixedPlan | None:
+        return getattr(self._local, "plan", None)
+
+    @mixed.setter
+    def mixed(self, plan: MixedPlan | None) -> None:
+        self._local.plan = plan
+
+    def routed(self) -> frozenset[str] | tuple[str, ...]:
+        """The adapters this thread's call runs: the mixed batch's, or the active ones."""
+        plan = self.mixed
+        return self.active if plan is None else plan.names
+
+
+class Tap:
+    """Keeps the input of a base module for the parallel adapters that read it."""
+
+    def __init__(self, module: nn.Module, routing: Routing) -> None:
+        self.routing = routing
+        self.readers: set[str] = set()
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple) -> None:
+        if not self.readers.isdisjoint(self.routing.routed()):
+            self.value = args[0]
+
+
+class SiteHooks:
+    """The adapters attached to one base module: ``outputs`` act on its output (forward hook),
+    ``inputs`` on its input (pre-hook). Hooks are registered only while they have adapters."""
+
+    def __init__(self, module_name: str, module: nn.Module, routing: Routing) -> None:
+        self.module_name = module_name
+        self.module = module
+        self.routing = routing
+        self.outputs: dict[str, tuple[AdapterModule, Tap | None]] = {}
+        self.inputs: dict[str, AdapterModule] = {}
+        self._output_handle = self._input_handle = None
+
+    def add(self, name: str, adapter: AdapterModule, tap: Tap | None) -> None:
+        if adapter.hook == "input":
+            self.inputs[name] = adapter
+            if self._input_handle is None:
+                self._input_handle = self.module.register_forward_pre_hook(self._apply_input)
+        else:
+            self.outputs[name] = (adapter, tap)
+            if self._output_handle is None:
+                self._output_handle = self.module.register_forward_hook(self._apply_output)
+
+    def remove(self, name: str) -> bool:
+        """Take ``name`` off this module; True when nothing is attached any more."""
+        self.outputs.pop(name, None)
+        self.inputs.pop(name, None)
+        if not self.outputs and self._output_handle is not None:
+            self._output_handle.remove()
+            self._output_handle = None
+        if not self.inputs and self._input_handle is not None:
+            self._input_handle.remove()
+            self._input_handle = None
+        return not self.outputs and not self.inputs
+
+    def adapter(self, name: str) -> AdapterModule:
+        return self.inputs[name] if name in self.inputs else self.outputs[name][0]
+
+    def _apply_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        plan = self.routing.mixed
+        if plan is not None:
+            x = plan.apply_input(self, args[0])
+        else:
+            x = args[0]
+            for name in self.routing.active:
+                adapter = self.inputs.get(name)
+                if adapter is not None:
+                    x = adapter.transform_input(x)
+        return None if x is args[0] else (x, *args[1:])
+
+    def _apply_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        plan = self.routing.mixed
+        if plan is not None:
+            return plan.apply_output(self, args[0], output)
+        entries = [entry for name in self.routing.active if (entry := self.outputs.get(name)) is not None]
+        if not entries:
+            return None
+        if len(entries) > 1:  # changes of the layer itself first, then output transforms in order
+            entries.sort(key=lambda entry: not entry[0].changes_layer)
+        x, y, tapped = args[0], output, False
+        for adapter, tap in entries:
+            if tap is not None:
+                y, tapped = adapter(tap.value, y), True
+            else:
+                y = adapter(x, y)
+        if tapped:
+            self.clear_taps()
+        return y
+
+    def clear_taps(self) -> None:
+        """Let go of kept inputs once read: they hold a whole activation each."""
+        for _, tap in self.outputs.values():
+            if tap is not None:
+                tap.value = None
+
+
+class HookLayer:
+    """Owns every hook adapterkit puts on one base: attaching and detaching adapters by name, the
+    routing, where each adapter sits, and the stacked weights mixed batches compute with."""
+
+    def __init__(self, base: nn.Module, owner: object) -> None:
+        holder = _HOLDERS.get(base)
+        if holder is not None and holder._owner() is not None:
+            raise AdapterkitError(
+                "this base model is already wrapped by another AdapterModel, whose hooks would also run; "
+                "call unload() (or merge_and_unload()) on that one first, or wrap a fresh copy of the base"
+            )
+        if holder is not None:  # its AdapterModel is gone: nothing can reach its hooks any more
+            holder.release()
+        _HOLDERS[base] = self
+        self._owner = weakref.ref(owner)
+        self._base = weakref.ref(base)  # held weakly: _HOLDERS keeps this layer as long as the base lives
+        self.released = False
+        self.routing = Routing()
+        self._modules: dict[str, nn.Module] = {name: module for name, module in base.named_modules() if name}
+        self._sites: dict[str, list[Site]] = {}
+        self._hooks: dict[str, SiteHooks] = {}
+        self._taps: dict[str, Tap] = {}
+        self._site_cache: dict[str, list[Site]] = {}
+        self._stacks: OrderedDict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = OrderedDict()
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base()
+
+    # ---- where adapters go ---------------------------------------------------------------------
+    def sites_for(self, config: AdapterConfig) -> list[Site]:
+        """Where ``config`` attaches on this base; the base never changes shape, so it is kept."""
+        key = json.dumps([config.method, config.to_dict()], sort_keys=True, default=str)
+        if key not in self._site_cache:
+            self._site_cache[key] = config.sites(self.base)
+        return self._site_cache[key]
+
+    def sites(self, name: str) -> list[Site]:
+        """Where adapter ``name`` is attached (empty for an adapter merged for good)."""
+        return list(self._sites[name])
+
+    def base_module(self, module_name: str) -> nn.Module:
+        return self._modules[module_name]
+
+    def hooked_modules(self) -> list[str]:
+        """The base modules that carry an adapterkit hook now."""
+        return sorted(set(self._hooks) | set(self._taps))
+
+    # ---- attaching -----------------------------------------------------------------------------
+    def attach(self, name: str, sites: list[Site], modules: dict[str, AdapterModule]) -> None:
+        """Hook ``modules`` (by base module name) into the base under ``name``."""
+        self._sites[name] = list(sites)
+        for site in sites:
+            self.attach_site(name, site, modules[site.module_name])
+
+    def attach_site(self, name: str, site: Site, adapter: AdapterModule) -> None:
+        if self.released:
+            raise AdapterkitError("this AdapterModel let go of its base (unload / merge_and_unload); wrap the base in a new AdapterModel")
+        tap = None
+        if site.reads_from is not None and site.reads_from != site.module_name:
+            tap = self._taps.get(site.reads_from)
+            if tap is None:
+                tap = self._taps[site.reads_from] = Tap(self._modules[site.reads_from], self.routing)
+            tap.readers.add(name)
+        hooks = self._hooks.get(site.module_name)
+        if hooks is None:
+            hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name], self.routing)
+        hooks.add(name, adapter, tap)
+
+    def detach_site(self, name: str, module_name: str) -> None:
+        """Take one adapter off one module (its tap stays: the adapter may come back)."""
+        hooks = self._hooks[module_name]
+        if hooks.remove(name):
+            del self._hooks[module_name]
+
+    def detach(self, name: str) -> None:
+        """Take adapter ``name`` off the base entirely."""
+        for site in self._sites.pop(name):
+            if site.module_name in self._hooks:
+                self.detach_site(name, site.module_name)
+        for module_name, tap in list(self._taps.items()):
+            tap.readers.discard(name)
+            if not tap.readers:
+                tap.handle.remove()
+                del self._taps[module_name]
+        for key in [key for key in self._stacks if name in key[2]]:
+            del self._stacks[key]
+
+    def forget_sites(self, name: str) -> None:
+        """Record that ``name`` is attached nowhere (its sites were merged into the base for good)."""
+        self._sites[name] = []
+
+    def release(self) -> None:
+        """Remove every hook from the base and let another HookLayer take it."""
+        for name in list(self._sites):
+            self.detach(name)
+        self.released = True
+        base = self.base
+        if base is not None and _HOLDERS.get(base) is self:
+            del _HOLDERS[base]
+
+    # ---- mixed batches -------------------------------------------------------------------------
+    def mixed_plan(self, rows: list[str | None]) -> MixedPlan:
+        return MixedPlan(rows, self.stacked)
+
+    def stacked(self, hooks: SiteHooks, kind: tuple, names: list[str]) -> dict[str, torch.Tensor]:
+        """The weights of ``names`` at one module, stacked; kept between calls until a parameter
+        changes (its version counter moves) or one of the adapters is detached."""
+        modules = [hooks.adapter(name) for name in names]
+        signature = tuple((id(p), p._version, p.data_ptr()) for module in modules for p in module.parameters())
+        key = (hooks, kind, tuple(names))
+        cached = self._stacks.get(key)
+        if cached is not None and cached[0] == signature:
+            self._stacks.move_to_end(key)
+            return cached[1]
+        with torch.no_grad():
+            stacked = type(modules[0]).stack(modules)
+        self._stacks[key] = (signature, stacked)
+        if len(self._stacks) > _STACK_CACHE_ENTRIES:
+            self._stacks.popitem(last=False)
+        return stacked
+
+    def cached_stacks(self) -> list[dict[str, Any]]:
+        """What the stack cache holds: module, adapter names and the stacked tensors, oldest first."""
+        return [{"module": hooks.module_name, "adapters": names, "tensors": tensors} for (hooks, _, names), (_, tensors) in self._stacks.items()]

@@ -1,0 +1,109 @@
+"""Adapter files: adapterkit's format and peft's, read into a config plus a state dict, and written
+from one, atomically. Nothing here knows ``AdapterModel``: loading is "read the folder, then
+``add_adapter(name, config, state_dict)``", saving is "these tensors and this config, as files".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFileError, ConfigError
+from ..inject import Site
+from ..methods import AdapterConfig
+from ..names import is_valid_name
+from .fingerprint import base_fingerprint, check_base, forget_base_fingerprint
+from .folders import read_regular_file, remove_stale_staging, write_folder_atomically
+from .native import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_tensors
+from .peft import is_peft_config, peft_config, peft_files, peft_tensors
+from .tensors import read_tensors, tensors_to_bytes
+
+FORMATS = (FORMAT, "peft")
+
+__all__ = [
+    "CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
+    "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter", "read_adapter_config",
+    "read_tensors", "remove_stale_staging", "tensors_to_bytes", "write_folder_atomically",
+]
+
+
+@dataclasses.dataclass
+class SavedAdapter:
+    """What a saved adapter folder holds: a name (None when the folder does not say), its config,
+    its tensors keyed "<module>.adapter.<parameter>", and the base fingerprint it records (None
+    for formats without one)."""
+
+    name: str | None
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    base: dict[str, Any] | None
+    format: str
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The parsed adapter_config.json of a saved adapter folder, or a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"no adapter folder at {path}")
+    source = path / CONFIG_FILE
+    if not source.exists() and not source.is_symlink():
+        raise AdapterFileError(f"{path} holds no {CONFIG_FILE}; is it an adapter folder?")
+    try:
+        document = json.loads(read_regular_file(source))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{source} is corrupt: not valid JSON ({error})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{source} is corrupt: its JSON is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{source} is corrupt: expected a JSON object")
+    return document
+
+
+def read_adapter(path: str | Path) -> SavedAdapter:
+    """Read an adapter folder in any format we know (detected from its config file)."""
+    path = Path(path)
+    document = read_adapter_config(path)
+    if is_peft_config(document):
+        config = peft_config(document, path)
+        name = path.name if is_valid_name(path.name) else None
+        return SavedAdapter(name, config, peft_tensors(config, path), None, "peft")
+    config = native_config(document, path)
+    base = document.get("base")
+    if not isinstance(base, dict):
+        raise AdapterFileError(f"{path / CONFIG_FILE} is corrupt: 'base' should be the base model's fingerprint, got {base!r}")
+    name = document.get("name")
+    return SavedAdapter(name if isinstance(name, str) else None, config, native_tensors(document, path), base, FORMAT)
+
+
+def adapter_files(
+    format: str, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], base, sites: list[Site]
+) -> dict[str, bytes]:
+    """The files of a saved adapter in ``format`` ("adapterkit" or "peft"), by name, config last."""
+    if format == FORMAT:
+        return native_files(name, config, tensors, base_fingerprint(base))
+    if format == "peft":
+        base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        return peft_files(config, tensors, sites, base_name)
+    raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
+
+
+def describe_adapter(path: str | Path) -> dict[str, Any]:
+    """Format, name, method, config, parameter count, size and base of a saved adapter folder, read
+    and checked without loading any model."""
+    path = Path(path)
+    saved = read_adapter(path)
+    base = saved.base or {}
+    return {
+        "path": str(path),
+        "format": saved.format,
+        "name": saved.name,
+        "method": saved.config.method,
+        "config": saved.config.to_dict(),
+        "parameters": sum(t.numel() for t in saved.tensors.values()),
+        "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()),
+        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "weights_sha256")},
+    }

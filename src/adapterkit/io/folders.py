@@ -1,0 +1,117 @@
+"""Adapter folders on disk: regular files read safely, and atomic writes that lose nothing.
+
+A folder is written beside its target and swapped in with one ``renameat2`` exchange, so a crash
+never leaves a half-written folder in its place and never destroys the previous version. Files in
+the folder that the writer does not own (a user's notes, say) are carried into the new folder as
+hard links before the swap, so saving replaces only the writer's own files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import AdapterFileError
+
+STAGING_SUFFIXES = (".saving", ".old")  # the hidden siblings a write makes: .<name>.<random><suffix>
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file: a symbolic link in an adapter folder
+    could point anywhere on the machine, so it is refused rather than followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} is missing") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise AdapterFileError(f"{path} is a symbolic link; adapter files are read only as regular files") from None
+        raise AdapterFileError(f"{path} cannot be read: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise AdapterFileError(f"{path} is not a regular file")
+        return handle.read()
+
+
+def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into the folder ``path``, replacing those files and keeping any others; the
+    last file is written last (put the one that marks the folder complete there)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"{path} exists and is not a folder; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
+    try:
+        if path.is_dir():
+            _link_others(path, staging, set(files))
+        for file_name, data in files.items():
+            _write_durably(staging / file_name, data)
+        _fsync_dir(staging)
+        if not path.exists():
+            os.rename(staging, path)
+        elif not _exchange(staging, path):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(staging, path)
+            staging = old
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(folder: Path, name: str) -> None:
+    """Remove what a write of ``folder/name`` killed mid-way left behind (hidden staging folders)."""
+    for entry in Path(folder).glob(f".{name}.*"):
+        if entry.name.endswith(STAGING_SUFFIXES) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _link_others(source: Path, target: Path, owned: set[str]) -> None:
+    """Hard-link every entry of ``source`` that the writer does not own into ``target``."""
+    for entry in source.iterdir():
+        if entry.name in owned:
+            continue
+        destination = target / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), destination)
+        elif entry.is_dir():
+            shutil.copytree(entry, destination, symlinks=True, copy_function=os.link)
+        else:
+            os.link(entry, destination)
+
+
+def _write_durably(file: Path, data: bytes) -> None:
+    with open(file, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0

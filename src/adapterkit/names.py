@@ -1,0 +1,25 @@
+"""The one place that says what an adapter name may be."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import AdapterNameError
+
+BASE = "base"  # in a mixed batch or a server request, the bare base model; never an adapter's name
+_VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
+
+
+def is_valid_name(name: object) -> bool:
+    return isinstance(name, str) and _VALID_NAME.fullmatch(name) is not None and name != BASE
+
+
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter (and a folder), else a clear error."""
+    if isinstance(name, str) and name == BASE:
+        raise AdapterNameError(f"{BASE!r} cannot name an adapter: it stands for the bare base model in mixed batches and requests")
+    if not is_valid_name(name):
+        raise AdapterNameError(
+            f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
