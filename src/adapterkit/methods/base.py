@@ -141,7 +141,7 @@ class AdapterModule(nn.Module):
     supply ``scale_vector()`` (each row's input or output multiplied by its adapter's vector).
     """
 
-    hook: ClassVar[str] = "output"
+    hook: str = "output"
     reads: str = "input"  # for mixed deltas: computed from x ("input") or from y ("output")
     changes_layer: ClassVar[bool] = False
     mixed: ClassVar[str | None] = None
