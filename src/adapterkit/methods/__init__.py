@@ -19,5 +19,6 @@ from .base import (
 from .bottleneck import BottleneckConfig
 from .lora import LoraConfig
 from .adalora import AdaLoraConfig
+from .ia3 import IA3Config
 
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
