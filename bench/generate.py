@@ -6,14 +6,13 @@ each batch until its last row ends; ``generate_batched`` drops finished rows and
 prompts take their places. The two run alternately in one process; the script prints the median
 of each, their ratio, and how many answers agree.
 
-    .venv/bin/python bench/generate.py [--repeats 3]
+    .venv/bin/python bench/generate.py [--repeats 3] [--held-out N]
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from harness import print_table, time_interleaved
 from quality import german_data
 
 import adapterkit as ak
@@ -47,29 +46,23 @@ def hf_generate_in_fixed_batches(model, tokenizer, prompts: list[str]) -> list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--held-out", type=int, help="answer only the first N held-out prompts")
     args = parser.parse_args()
     torch.set_num_threads(2)
     base, tokenizer = ak.load_base()
     base.eval()
-    _, held_out = german_data(None, tokenizer)
+    _, held_out = german_data(args.held_out, tokenizer)
     prompts = [prompt_and_completion(e, tokenizer)[0] for e in held_out]
-    runs = {
-        "HF generate, fixed batches": lambda: hf_generate_in_fixed_batches(base, tokenizer, prompts),
-        "generate_batched": lambda: generate_batched(base, tokenizer, prompts, NEW_TOKENS, BATCH),
-    }
-    times: dict[str, list[float]] = {label: [] for label in runs}
     answers: dict[str, list[str]] = {}
-    for _ in range(args.repeats):
-        for label, run in runs.items():
-            start = time.perf_counter()
-            answers[label] = run()
-            times[label].append(time.perf_counter() - start)
-    reference = statistics.median(times["HF generate, fixed batches"])
-    print(f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens, median of {args.repeats} interleaved runs")
-    print(f"{'method':<28}{'median s':>10}{'/ HF':>8}")
-    for label in runs:
-        median = statistics.median(times[label])
-        print(f"{label:<28}{median:>10.1f}{median / reference:>8.2f}")
+
+    def hf_fixed_batches() -> None:
+        answers["HF generate, fixed batches"] = hf_generate_in_fixed_batches(base, tokenizer, prompts)
+
+    def batched() -> None:
+        answers["generate_batched"] = generate_batched(base, tokenizer, prompts, NEW_TOKENS, BATCH)
+
+    times = time_interleaved({"HF generate, fixed batches": hf_fixed_batches, "generate_batched": batched}, args.repeats)
+    print_table(times, "HF generate, fixed batches", f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens")
     same = sum(a == b for a, b in zip(*answers.values()))
     print(f"identical answers: {same} of {len(prompts)}")
 

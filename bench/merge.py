@@ -11,21 +11,14 @@ the bare base.
 
 import argparse
 import copy
-import statistics
-import time
+from functools import partial
 
 import torch
+from harness import print_table, time_interleaved
 
 import adapterkit as ak
 
 LORA = ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-
-
-def time_forward(model, inputs) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(**inputs)
-    return time.perf_counter() - start
 
 
 def with_trained_lora(base) -> ak.AdapterModel:
@@ -60,32 +53,22 @@ def main() -> None:
         adapted.set_active("lora")
         gap = (merged(**inputs).logits - adapted(**inputs).logits).abs().max().item()
 
-    def run(model, active=None):
-        def forward() -> float:
-            if active is not None:
-                model.set_active(active)
-            return time_forward(model, inputs)
-        return forward
+    def forward(model) -> None:
+        with torch.inference_mode():
+            model(**inputs)
 
-    runs = {
-        "bare base": run(bare),
-        "merged LoRA": run(merged),
-        "unmerged LoRA": run(adapted, "lora"),
-        "Houlsby r=64": run(adapted, "houlsby"),
-    }
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for forward in runs.values():  # warm-up
-        forward()
-    for _ in range(args.repeats):
-        for label, forward in runs.items():
-            times[label].append(forward())
-    base_median = statistics.median(times["bare base"])
-    print(f"forward, batch {args.batch} x {args.length}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
+    times = time_interleaved(
+        {
+            "bare base": partial(forward, bare),
+            "merged LoRA": partial(forward, merged),
+            "unmerged LoRA": partial(forward, adapted),
+            "Houlsby r=64": partial(forward, adapted),
+        },
+        args.repeats,
+        setup={"unmerged LoRA": partial(adapted.set_active, "lora"), "Houlsby r=64": partial(adapted.set_active, "houlsby")},
+    )
     print(f"LoRA r=8 on q_proj, v_proj; merged vs unmerged logits differ by at most {gap:.1e}")
-    print(f"{'model':<16}{'median s':>10}{'/ base':>9}")
-    for label in runs:
-        median = statistics.median(times[label])
-        print(f"{label:<16}{median:>10.3f}{median / base_median:>9.3f}")
+    print_table(times, "bare base", f"forward, batch {args.batch} x {args.length}")
 
 
 if __name__ == "__main__":

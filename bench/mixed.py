@@ -9,21 +9,13 @@ also runs peft's own mixed batch (``adapter_names=``) with the same weights on t
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
+from harness import median, print_table, time_interleaved
 
 import adapterkit as ak
 
 ADAPTERS = 8
-
-
-def timed(run) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        run()
-    return time.perf_counter() - start
 
 
 def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
@@ -107,22 +99,14 @@ def main() -> None:
         variants["peft lora: one adapter (set_adapter)"] = peft_single
         variants["peft lora: 8 adapters via adapter_names"] = lambda: twin(**inputs, adapter_names=peft_names)
 
-    times = {label: [] for label in variants}
-    for run in variants.values():  # warm-up
-        timed(run)
-    for _ in range(args.repeats):
-        for label, run in variants.items():
-            times[label].append(timed(run))
-    medians = {label: statistics.median(values) for label, values in times.items()}
-    print(f"forward, batch {args.batch} x {args.length} spread over {ADAPTERS} adapters, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved runs")
-    print(f"{'variant':<44}{'median s':>10}{'/ one adapter':>15}")
-    for label, median in medians.items():
-        family = label.split(":")[0]
-        reference = next(m for l, m in medians.items() if l.split(":")[0] == family and "set_" in l)
-        print(f"{label:<44}{median:>10.3f}{median / reference:>15.3f}")
+    with torch.inference_mode():
+        times = time_interleaved(variants, args.repeats)
+    for family in dict.fromkeys(label.split(":")[0] for label in times):  # each to its own one-adapter batch
+        rows = {label: samples for label, samples in times.items() if label.split(":")[0] == family}
+        reference = next(label for label in rows if "set_" in label)
+        print_table(rows, reference, f"forward, batch {args.batch} x {args.length} spread over {ADAPTERS} adapters")
     if not args.no_peft:
-        ours, theirs = medians["lora: 8 adapters via adapter_names"], medians["peft lora: 8 adapters via adapter_names"]
+        ours, theirs = median(times["lora: 8 adapters via adapter_names"]), median(times["peft lora: 8 adapters via adapter_names"])
         print(f"mixed LoRA batch, adapterkit / peft: {ours / theirs:.3f}")
 
 

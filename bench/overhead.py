@@ -7,19 +7,12 @@ drift in machine speed hits both alike, and prints the median time of each and t
 """
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
+from harness import print_table, time_interleaved
 
 import adapterkit as ak
-
-
-def time_forward(model, inputs) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(**inputs)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -40,20 +33,17 @@ def main() -> None:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.length))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     runs = {"base": None, **{name.split()[0]: name.split()[0] for name in variants}}
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for label, adapter in runs.items():  # warm-up
-        model.set_active(adapter)
-        time_forward(model, inputs)
-    for _ in range(args.repeats):
-        for label, adapter in runs.items():
-            model.set_active(adapter)
-            times[label].append(time_forward(model, inputs))
-    base_median = statistics.median(times["base"])
-    print(f"forward, batch {args.batch} x {args.length}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
-    print(f"{'model':<16}{'median s':>10}{'/ base':>9}")
-    for label in runs:
-        median = statistics.median(times[label])
-        print(f"{label:<16}{median:>10.3f}{median / base_median:>9.3f}")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    times = time_interleaved(
+        {label: forward for label in runs},
+        args.repeats,
+        setup={label: partial(model.set_active, adapter) for label, adapter in runs.items()},
+    )
+    print_table(times, "base", f"forward, batch {args.batch} x {args.length}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
+from harness import median, time_interleaved
 
 import adapterkit as ak
 from adapterkit.data import collate, length_bucketed_batches, pairs_from_catalogs, split_held_out, tokenize_all, tokenize_example
@@ -93,7 +95,7 @@ def run_one(name: str, steps: int, held_out_limit: int | None) -> dict:
     score, _ = score_generations(model, tokenizer, held_out, "chrf", max_new_tokens=64)
     return {
         "method": name, "chrf": score, "trainable": trainable, "trainable_pct": 100 * trainable / total,
-        "step_seconds": statistics.median(step_seconds), "train_seconds": train_seconds,
+        "step_seconds": median(step_seconds), "train_seconds": train_seconds,
         "peak_rss_mb": peak, "size_bytes": size,
         "held_out": len(held_out), "train_pairs": len(train),
     }
@@ -129,22 +131,24 @@ def interleaved_step_ratio(rounds: int) -> dict:
     adapted.train()
     optimizers = {name: torch.optim.AdamW(adapted.adapter_layers[name].parameters(), lr=1e-6) for name in adapted.adapters}
     optimizers["full"] = torch.optim.AdamW(full.parameters(), lr=1e-6)
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for i in range(rounds + 1):
-        batch = collate([examples[j] for j in batches[i % len(batches)]], tokenizer.pad_token_id)
-        for name, optimizer in optimizers.items():
-            if name == "full":
-                model = full
-            else:
-                model = adapted
-                adapted.train_adapter(name)
-            tic = time.perf_counter()
-            training_loss(model, batch).backward()
+    round_batches = [collate([examples[j] for j in batches[i % len(batches)]], tokenizer.pad_token_id) for i in range(rounds + 1)]
+
+    def training_step(model, optimizer) -> Callable[[], None]:
+        remaining = iter(round_batches)  # called once per round (the warm-up first): round i trains on batch i
+
+        def step() -> None:
+            training_loss(model, next(remaining)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if i:  # round 0 warms up
-                times[name].append(time.perf_counter() - tic)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+
+        return step
+
+    times = time_interleaved(
+        {name: training_step(full if name == "full" else adapted, optimizer) for name, optimizer in optimizers.items()},
+        rounds,
+        setup={name: partial(adapted.train_adapter, name) for name in adapted.adapters},
+    )
+    medians = {name: median(values) for name, values in times.items()}
     return {
         "houlsby_s": medians["houlsby"], "houlsby_upper_s": medians["houlsby_upper"], "full_s": medians["full"],
         "ratio": medians["houlsby"] / medians["full"], "upper_ratio": medians["houlsby_upper"] / medians["full"], "rounds": rounds,

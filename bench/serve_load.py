@@ -12,14 +12,15 @@ import argparse
 import concurrent.futures
 import random
 import socket
-import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import torch
+from harness import median, percentile, time_interleaved
 
 import adapterkit as ak
 
@@ -60,18 +61,11 @@ def send(client: httpx.Client, url: str, request: dict) -> tuple[float, int]:
     return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
 
 
-def run(url: str, requests: list[dict], clients: int) -> tuple[float, list[float], int]:
-    """(wall seconds, latencies, completion tokens) for all requests over ``clients`` threads."""
-    with httpx.Client() as client, concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        start = time.perf_counter()
+def send_all(client: httpx.Client, url: str, requests: list[dict], clients: int) -> tuple[list[float], int]:
+    """(latencies, completion tokens) for all requests over ``clients`` threads."""
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda request: send(client, url, request), requests))
-        wall = time.perf_counter() - start
-    return wall, [latency for latency, _ in results], sum(tokens for _, tokens in results)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return [latency for latency, _ in results], sum(tokens for _, tokens in results)
 
 
 def main() -> None:
@@ -98,21 +92,26 @@ def main() -> None:
             {"model": chooser.choice(names), "prompt": chooser.choice(PROMPTS), "max_tokens": args.max_tokens, "temperature": 0}
             for _ in range(args.requests)
         ]
-        run(url, requests[: len(names)], 1)  # warm-up: every adapter loaded once
-        results = {"one at a time": [], f"{args.clients} concurrent clients": []}
-        for _ in range(args.rounds):
-            for label, clients in zip(results, (1, args.clients)):
-                results[label].append(run(url, requests, clients))
+        modes = {"one at a time": 1, f"{args.clients} concurrent clients": args.clients}
+        results: dict[str, list[tuple[list[float], int]]] = {label: [] for label in modes}
+        with httpx.Client() as client:
+
+            def mode(label: str, clients: int) -> Callable[[], None]:
+                return lambda: results[label].append(send_all(client, url, requests, clients))
+
+            # the warm-up round also loads every adapter the requests name
+            walls = time_interleaved({label: mode(label, clients) for label, clients in modes.items()}, args.rounds)
 
     print(f"{args.requests} requests over {len(names)} adapters, {args.max_tokens} tokens each, "
           f"{args.rounds} alternating rounds; figures are medians over rounds")
     print(f"{'mode':<24}{'req/s':>8}{'tokens/s':>10}{'p50 s':>8}{'p95 s':>8}")
     summary = {}
-    for label, rounds in results.items():
-        throughput = statistics.median(len(requests) / wall for wall, _, _ in rounds)
-        tokens = statistics.median(count / wall for wall, _, count in rounds)
-        p50 = statistics.median(percentile(lat, 0.5) for _, lat, _ in rounds)
-        p95 = statistics.median(percentile(lat, 0.95) for _, lat, _ in rounds)
+    for label, seconds in walls.items():
+        rounds = results[label][1:]  # [0] is the warm-up round's
+        throughput = median([len(requests) / wall for wall in seconds])
+        tokens = median([count / wall for wall, (_, count) in zip(seconds, rounds)])
+        p50 = median([percentile(latencies, 0.5) for latencies, _ in rounds])
+        p95 = median([percentile(latencies, 0.95) for latencies, _ in rounds])
         summary[label] = throughput
         print(f"{label:<24}{throughput:>8.2f}{tokens:>10.1f}{p50:>8.2f}{p95:>8.2f}")
     sequential, concurrent_ = summary.values()

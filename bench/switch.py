@@ -11,24 +11,23 @@
 """
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import median, time_interleaved
 
 import adapterkit as ak
 
 
 def per_switch_ms(switch, names: list[str], switches: int = 2000, rounds: int = 7) -> float:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
+    def switch_back_and_forth() -> None:
         for i in range(switches):
             switch(names[i % 2])
-        samples.append((time.perf_counter() - start) / switches * 1000)
-    return statistics.median(samples)
+
+    seconds = time_interleaved({"switches": switch_back_and_forth}, rounds)["switches"]
+    return median(seconds) / switches * 1000
 
 
 def peft_switch_ms(base) -> float:
@@ -66,14 +65,10 @@ def main() -> None:
             model.load_adapter(path, f"copy{i}")
             load_ms.append((time.perf_counter() - start) * 1000)
 
-    base_s = []
-    for _ in range(args.base_loads):
-        start = time.perf_counter()
-        ak.load_base()
-        base_s.append(time.perf_counter() - start)
+    base_s = time_interleaved({"load_base": ak.load_base}, args.base_loads)["load_base"]
 
-    first, last = statistics.median(load_ms[:10]), statistics.median(load_ms[-10:])
-    base_ms = statistics.median(base_s) * 1000
+    first, last = median(load_ms[:10]), median(load_ms[-10:])
+    base_ms = median(base_s) * 1000
     print(f"{torch.get_num_threads()} threads; Houlsby r=64 adapter: {parameters / 1e6:.2f} M parameters, {size_mb:.1f} MB")
     print(f"switch active adapter (set_active):      {switch_ms * 1000:9.2f} us")
     if not args.no_peft:
