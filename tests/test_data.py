@@ -152,6 +152,28 @@ def test_read_jsonl_reports_the_bad_line(tmp_path):
     assert len(read_jsonl(path)) == 2
 
 
+@pytest.mark.parametrize("bad, why", [
+    (b'{"prompt": "a", "completion": "\xff"}', "not UTF-8 text (byte 0xff at column 32); save the file as UTF-8"),
+    (b'{"prompt": "\xed\xa0\x80", "completion": "x"}', "not UTF-8 text (byte 0xed at column 13); save the file as UTF-8"),
+    (b'{"prompt": "\\ud800", "completion": "x"}',
+     "a string holds the lone surrogate \\ud800, which is not a character; write the character itself or its full surrogate pair"),
+    (b"[" * 100_000, "JSON nested too deeply"),
+])
+def test_read_jsonl_reports_undecodable_lines_as_data_errors(tmp_path, bad, why):
+    path = tmp_path / "train.jsonl"
+    good = b'{"prompt": "a", "completion": "b"}'
+    path.write_bytes(good + b"\n\n" + good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as error:
+        read_jsonl(path)
+    assert str(error.value) == f"{path}:4: {why}"
+
+
+def test_read_jsonl_takes_surrogate_pairs_and_any_line_ending(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "\\ud83d\\ude00", "completion": "x"}\r\n\r{"prompt": "\xc3\xa4", "completion": "y"}')
+    assert read_jsonl(path) == [{"prompt": "\U0001f600", "completion": "x"}, {"prompt": "ä", "completion": "y"}]
+
+
 def test_loss_mask_covers_exactly_the_completion_and_eos():
     tokenizer = tiny_tokenizer()
     example = tokenize_example({"prompt": "English: cat\nGerman:", "completion": " Katze"}, tokenizer, max_length=64)

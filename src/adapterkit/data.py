@@ -110,21 +110,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            problem = _example_problem(example)
-            if problem:
-                raise DataError(f"{path}:{number}: {problem}")
-            examples.append(example)
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            example = _parse_line(raw)
+        except ValueError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+        if example is None:
+            continue
+        problem = _example_problem(example)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
+        examples.append(example)
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
+
+
+def _parse_line(raw: bytes) -> object:
+    """One JSONL line's value (None for a blank line). Decoded here, not by open(), so that bad
+    bytes, lone surrogates and runaway nesting become a ValueError saying what is wrong, rather than
+    a traceback now or a crash later in the tokenizer."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"a string holds the lone surrogate \\u{ord(error.object[error.start]):04x}, which is not a character; "
+            "write the character itself or its full surrogate pair"
+        ) from None
+    return value
 
 
 def _example_problem(example) -> str | None:
