@@ -318,3 +318,22 @@ def test_resuming_with_other_adapter_options_is_refused_and_keeps_the_checkpoint
     assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
     resumed = run(tmp_path, steps=8, save_every=2, resume=True, model=make_model(seed=123))
     assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
+
+
+# ---- what a kill leaves behind -----------------------------------------------------------------------
+def test_resume_drops_a_torn_metrics_line_and_lines_without_a_step(tmp_path):
+    run_until_killed(tmp_path, make_model(), 6, steps=8, save_every=2)  # dies in step 6; checkpoint at step 4
+    metrics = tmp_path / METRICS_FILE
+    before = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4, 5]
+    lines = before[:2] + ['"not an object"', '{"loss": 1.0}', '{"step": "3"}'] + before[2:]
+    metrics.write_text("\n".join(lines) + '\n{"step": 3, "lo')  # a kill in the middle of a write
+    (tmp_path / LOSS_PLOT).unlink()
+    config = TrainConfig(steps=8, batch_size=4, progress=False, metric="none")
+    Trainer(make_model(), tiny_tokenizer(), EXAMPLES, config, tmp_path, adapter_name="de").plot_losses()
+    assert (tmp_path / LOSS_PLOT).stat().st_size > 0
+    resumed = run(tmp_path, steps=8, save_every=2, resume=True, model=make_model(seed=123))
+    after = metrics.read_text().splitlines()
+    assert after[:4] == before[:4]
+    assert [json.loads(line)["step"] for line in after] == list(range(1, 9))
+    assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
