@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from adapterkit.data import (
     IGNORE_INDEX,
     collate,
     length_bucketed_batches,
-    parse_po,
+    pairs_from_catalogs,
     po_to_jsonl,
     read_jsonl,
     split_held_out,
@@ -63,16 +64,45 @@ msgstr "Tab\taquí"
 '''
 
 
-def test_parse_po_reads_every_kind_of_entry():
-    entries = {(e.msgctxt, e.msgid): e for e in parse_po(CATALOG)}
-    assert entries[(None, "%s item")].msgid_plural == "%s items"
-    assert entries[(None, "%s item")].msgstr == {0: "%s elemento", 1: "%s de elementos", 2: "%s elementos"}
-    assert entries[(None, "Guessed")].fuzzy
-    assert entries[(None, "Gone")].obsolete
-    assert not entries[(None, "Tab\there")].obsolete and entries[(None, "Tab\there")].msgstr == {0: "Tab\taquí"}
-    assert entries[(None, "A long string {0}")].msgstr[0] == "Una cadena larga {0}"
-    assert entries[("month name", "May")].msgstr[0] == "Mayo"
-    assert not entries[(None, "Hello %(name)s")].fuzzy
+def write_catalog(folder, text, name="es.po"):
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_catalog_pairs_come_in_catalog_order_from_every_kind_of_entry(tmp_path):
+    pairs = pairs_from_catalogs([write_catalog(tmp_path, CATALOG)], "es")
+    assert pairs == [
+        {"prompt": "English: Hello %(name)s\nSpanish:", "completion": " Hola %(name)s"},
+        {"prompt": "English (month name): May\nSpanish:", "completion": " Mayo"},
+        {"prompt": "English (verb): May\nSpanish:", "completion": " Poder"},
+        {"prompt": "English: %s item\nSpanish:", "completion": " %s elemento"},
+        {"prompt": "English: %s items\nSpanish:", "completion": " %s elementos"},
+        {"prompt": "English: A long string {0}\nSpanish:", "completion": " Una cadena larga {0}"},
+        {"prompt": "English: Tab\there\nSpanish:", "completion": " Tab\taquí"},
+    ]
+
+
+@pytest.mark.parametrize("plural_forms, many", [
+    ("nplurals=2; plural=(n != 1);", "%s de elementos"),  # German-style: index 1 for n=2
+    ("nplurals=3; plural=n == 1 ? 0 : n == 2 ? 2 : 1;", "%s elementos"),
+    ("nplurals=3; plural=n % 0;", "%s de elementos"),  # cannot be evaluated: index 1, as without a header
+])
+def test_the_plural_pair_uses_the_form_the_header_picks_for_two(tmp_path, plural_forms, many):
+    text = CATALOG.replace("nplurals=3; plural=n == 1 ? 0 : n != 0 && n % 1000000 == 0 ? 1 : 2;", plural_forms)
+    assert plural_forms in text
+    pairs = {p["prompt"]: p["completion"] for p in pairs_from_catalogs([write_catalog(tmp_path, text)], "es")}
+    assert pairs["English: %s items\nSpanish:"] == " " + many
+
+
+def test_pairs_from_several_catalogs_keep_the_first_answer_per_prompt(tmp_path):
+    first = write_catalog(tmp_path, 'msgid "Yes"\nmsgstr "Sí"\n\nmsgid "No"\nmsgstr "No"\n', "a.po")
+    second = write_catalog(tmp_path, 'msgid "Yes"\nmsgstr "Vale"\n\nmsgid "Maybe"\nmsgstr "Quizás"\n', "b.po")
+    assert pairs_from_catalogs([first, second], "es") == [
+        {"prompt": "English: Yes\nSpanish:", "completion": " Sí"},
+        {"prompt": "English: No\nSpanish:", "completion": " No"},
+        {"prompt": "English: Maybe\nSpanish:", "completion": " Quizás"},
+    ]
 
 
 def test_po2jsonl_skips_fuzzy_empty_obsolete_and_keeps_placeholders(tmp_path):
@@ -93,9 +123,17 @@ def test_po2jsonl_skips_fuzzy_empty_obsolete_and_keeps_placeholders(tmp_path):
     }
 
 
-def test_malformed_po_names_the_line():
-    with pytest.raises(DataError, match=r"cat.po:2: unknown keyword"):
-        parse_po('msgid "a"\nmsgstring "b"\n', "cat.po")
+@pytest.mark.parametrize("content, why", [
+    (b'msgid "a"\nmsgstring "b"\n', r"Syntax error in po file .*cat\.po \(line 2\)"),
+    (b'msgid "a"\nmsgstr "\xff\xfe"\n', "'utf-8' codec can't decode byte 0xff"),
+])
+def test_a_malformed_catalog_raises_data_error_naming_the_file(tmp_path, content, why):
+    catalog = tmp_path / "cat.po"
+    catalog.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(catalog))} is not a valid gettext catalog \({why}"):
+        pairs_from_catalogs([catalog], "es")
+    with pytest.raises(DataError, match=rf"^no catalog file at {re.escape(str(tmp_path / 'missing.po'))}$"):
+        po_to_jsonl([tmp_path / "missing.po"], "es", tmp_path / "out.jsonl")
 
 
 def test_read_jsonl_reports_the_bad_line(tmp_path):
@@ -112,6 +150,28 @@ def test_read_jsonl_reports_the_bad_line(tmp_path):
             read_jsonl(path)
     path.write_text(f"{good}\n{good}\n", encoding="utf-8")
     assert len(read_jsonl(path)) == 2
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b'{"prompt": "a", "completion": "\xff"}', "not UTF-8 text (byte 0xff at column 32); save the file as UTF-8"),
+    (b'{"prompt": "\xed\xa0\x80", "completion": "x"}', "not UTF-8 text (byte 0xed at column 13); save the file as UTF-8"),
+    (b'{"prompt": "\\ud800", "completion": "x"}',
+     "a string holds the lone surrogate \\ud800, which is not a character; write the character itself or its full surrogate pair"),
+    (b"[" * 100_000, "JSON nested too deeply"),
+])
+def test_read_jsonl_reports_undecodable_lines_as_data_errors(tmp_path, bad, why):
+    path = tmp_path / "train.jsonl"
+    good = b'{"prompt": "a", "completion": "b"}'
+    path.write_bytes(good + b"\n\n" + good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as error:
+        read_jsonl(path)
+    assert str(error.value) == f"{path}:4: {why}"
+
+
+def test_read_jsonl_takes_surrogate_pairs_and_any_line_ending(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "\\ud83d\\ude00", "completion": "x"}\r\n\r{"prompt": "\xc3\xa4", "completion": "y"}')
+    assert read_jsonl(path) == [{"prompt": "\U0001f600", "completion": "x"}, {"prompt": "ä", "completion": "y"}]
 
 
 def test_loss_mask_covers_exactly_the_completion_and_eos():

@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +321,71 @@ def test_resuming_with_other_adapter_options_is_refused_and_keeps_the_checkpoint
     assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
     resumed = run(tmp_path, steps=8, save_every=2, resume=True, model=make_model(seed=123))
     assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
+
+
+# ---- what a kill leaves behind -----------------------------------------------------------------------
+def test_resume_drops_a_torn_metrics_line_and_lines_without_a_step(tmp_path):
+    run_until_killed(tmp_path, make_model(), 6, steps=8, save_every=2)  # dies in step 6; checkpoint at step 4
+    metrics = tmp_path / METRICS_FILE
+    before = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4, 5]
+    lines = before[:2] + ['"not an object"', '{"loss": 1.0}', '{"step": "3"}'] + before[2:]
+    metrics.write_text("\n".join(lines) + '\n{"step": 3, "lo')  # a kill in the middle of a write
+    (tmp_path / LOSS_PLOT).unlink()
+    config = TrainConfig(steps=8, batch_size=4, progress=False, metric="none")
+    Trainer(make_model(), tiny_tokenizer(), EXAMPLES, config, tmp_path, adapter_name="de").plot_losses()
+    assert (tmp_path / LOSS_PLOT).stat().st_size > 0
+    resumed = run(tmp_path, steps=8, save_every=2, resume=True, model=make_model(seed=123))
+    after = metrics.read_text().splitlines()
+    assert after[:4] == before[:4]
+    assert [json.loads(line)["step"] for line in after] == list(range(1, 9))
+    assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
+
+
+def test_a_kill_while_saving_a_checkpoint_leaves_no_staging_folder_after_resume(tmp_path):
+    """A separate process is killed with SIGKILL inside the second checkpoint's write."""
+    script = f"""
+import os, pathlib, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_train as t
+from adapterkit import io
+write, calls = io._write_durably, {{"n": 0}}
+def write_or_die(file, data):
+    calls["n"] += 1
+    if calls["n"] == 6:  # a checkpoint is 4 files: the second file of the second one
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(file, data)
+io._write_durably = write_or_die
+t.run(pathlib.Path({str(tmp_path / 'cut')!r}), steps=8, save_every=2)
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert process.returncode == -9, process.stderr.decode()
+    cut = tmp_path / "cut"
+    assert len(list(cut.glob(f".{CHECKPOINT_DIR}.*.saving"))) == 1
+    assert json.loads((cut / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"] == 2
+    resumed = run(cut, steps=8, save_every=2, resume=True)
+    assert sorted(path.name for path in cut.iterdir()) == sorted([ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE])
+    assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
+
+
+def leftover(folder: Path, name: str, kind: str) -> str:
+    """A staging folder as io.write_folder_atomically makes it, with a file in it; its name."""
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=f".{kind}", dir=folder))
+    (path / "optimizer.safetensors").write_bytes(b"partial")
+    return path.name
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+def test_leftover_staging_folders_go_when_training_starts_unless_one_is_the_only_copy(tmp_path):
+    only_copy, staged = leftover(tmp_path, CHECKPOINT_DIR, "old"), leftover(tmp_path, CHECKPOINT_DIR, "saving")
+    leftover(tmp_path, ADAPTER_DIR, "saving")
+    (tmp_path / f".{CHECKPOINT_DIR}.notes.saving").write_text("a file, not a staging folder")
+    (tmp_path / f".{CHECKPOINT_DIR}.mine").mkdir()
+    others = [f".{CHECKPOINT_DIR}.mine", f".{CHECKPOINT_DIR}.notes.saving"]
+    run(tmp_path, steps=2, save_every=2)  # no checkpoint folder yet: the .old one may be the only copy
+    assert hidden(tmp_path) == sorted([only_copy, staged, *others])
+    run(tmp_path, steps=2)
+    assert hidden(tmp_path) == sorted(others)

@@ -8,7 +8,6 @@ assistant's answer). Loss is taken on completion tokens only.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import gettext
 import json
@@ -16,6 +15,7 @@ import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import polib
 import torch
 
 from .errors import DataError
@@ -31,107 +31,43 @@ LANGUAGE_NAMES = {
 
 
 # ---- gettext catalogs ------------------------------------------------------------------------------
-@dataclasses.dataclass
-class PoEntry:
-    msgid: str
-    msgstr: dict[int, str]  # plural index -> translation; a singular entry has only index 0
-    msgid_plural: str | None = None
-    msgctxt: str | None = None
-    fuzzy: bool = False
-    obsolete: bool = False
-
-
-def parse_po(text: str, source: str = "<catalog>") -> list[PoEntry]:
-    """The entries of a gettext .po file, header included (msgid "")."""
-    entries: list[PoEntry] = []
-    fields: dict[str, str] = {}
-    current: str | None = None
-    flags: set[str] = set()
-    obsolete = False
-
-    def finish() -> None:
-        nonlocal fields, current, flags, obsolete
-        if "msgid" in fields:
-            translations = {0: fields["msgstr"]} if "msgstr" in fields else {
-                int(key[7:-1]): value for key, value in fields.items() if key.startswith("msgstr[")
-            }
-            entries.append(PoEntry(
-                msgid=fields["msgid"], msgstr=translations, msgid_plural=fields.get("msgid_plural"),
-                msgctxt=fields.get("msgctxt"), fuzzy="fuzzy" in flags, obsolete=obsolete,
-            ))
-        fields, current, flags, obsolete = {}, None, set(), False
-
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        in_obsolete = line.startswith("#~")
-        if in_obsolete:
-            line = line[2:].strip()
-            if not line or line.startswith("|"):  # "#~|" is a previous msgid: a comment
-                continue
-        elif line.startswith("#,"):
-            if "msgid" in fields:
-                finish()
-            flags.update(flag.strip() for flag in line[2:].split(","))
-            continue
-        elif not line or line.startswith("#"):
-            if not line and "msgid" in fields:
-                finish()
-            continue
-        if line.startswith('"'):
-            if current is None:
-                raise DataError(f"{source}:{number}: a string continues no keyword")
-            fields[current] += _po_string(line, source, number)
-            continue
-        keyword, _, rest = line.partition(" ")
-        if not (keyword in ("msgctxt", "msgid", "msgid_plural", "msgstr") or keyword.startswith("msgstr[")):
-            raise DataError(f"{source}:{number}: unknown keyword {keyword!r}")
-        if keyword in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in fields):
-            finish()
-        current = keyword
-        fields[keyword] = _po_string(rest.strip(), source, number)
-        obsolete = obsolete or in_obsolete
-    finish()
-    return entries
-
-
-def _po_string(token: str, source: str, number: int) -> str:
-    """A quoted C-style .po string; its escapes match Python's for everything gettext writes."""
-    if len(token) < 2 or not token.startswith('"') or not token.endswith('"'):
-        raise DataError(f"{source}:{number}: expected a quoted string, got {token!r}")
+def read_catalog(path: str | Path) -> polib.POFile:
+    """A gettext catalog parsed by polib; a missing or malformed file raises DataError naming it."""
+    path = Path(path)
+    if not path.is_file():  # polib would parse a missing path's name as catalog text
+        raise DataError(f"no catalog file at {path}")
     try:
-        return ast.literal_eval(token)
-    except (SyntaxError, ValueError):
-        raise DataError(f"{source}:{number}: malformed string {token!r}") from None
+        return polib.pofile(str(path))
+    except (OSError, ValueError) as error:  # polib: OSError for syntax, UnicodeDecodeError for encoding
+        raise DataError(f"{path} is not a valid gettext catalog ({error}); fix the file or leave it out") from None
 
 
-def plural_index_for_many(entries: list[PoEntry]) -> int:
+def plural_index_for_many(catalog: polib.POFile) -> int:
     """The msgstr index a catalog uses for n=2 (its Plural-Forms header says which)."""
-    header = next((e.msgstr.get(0, "") for e in entries if e.msgid == "" and e.msgctxt is None), "")
-    for line in header.splitlines():
-        if line.lower().startswith("plural-forms:"):
-            expression = line.partition("plural=")[2].strip().rstrip(";")
-            try:
-                return int(gettext.c2py(expression)(2))
-            except (ValueError, SyntaxError):
-                break
-    return 1
+    forms = next((value for key, value in catalog.metadata.items() if key.lower() == "plural-forms"), "")
+    expression = forms.partition("plural=")[2].strip().rstrip(";")
+    try:
+        return int(gettext.c2py(expression)(2))
+    except (ValueError, SyntaxError, ZeroDivisionError):  # no header, or one gettext cannot evaluate
+        return 1
 
 
-def catalog_pairs(entries: list[PoEntry], language: str) -> list[dict[str, str]]:
+def catalog_pairs(catalog: polib.POFile, language: str) -> list[dict[str, str]]:
     """Prompt/completion pairs from a catalog's usable entries.
 
     Fuzzy, obsolete, untranslated and header entries are skipped. A plural entry gives two pairs:
     the singular and the plural (the form used for n=2). A context goes into the prompt, because it
     is what tells "May" the month from "May" the verb."""
     target = LANGUAGE_NAMES.get(language, language)
-    many = plural_index_for_many(entries)
+    many = plural_index_for_many(catalog)
     pairs = []
-    for entry in entries:
+    for entry in catalog:
         if entry.fuzzy or entry.obsolete or not entry.msgid:
             continue
-        forms = [(entry.msgid, entry.msgstr.get(0, ""))]
-        if entry.msgid_plural is not None:
-            forms.append((entry.msgid_plural, entry.msgstr.get(many, "")))
+        translations = entry.msgstr_plural or {0: entry.msgstr}
+        forms = [(entry.msgid, translations.get(0, ""))]
+        if entry.msgid_plural:
+            forms.append((entry.msgid_plural, translations.get(many, "")))
         for source, translation in forms:
             if source.strip() and translation.strip():
                 pairs.append({"prompt": format_prompt(source, target, entry.msgctxt), "completion": " " + translation})
@@ -148,7 +84,7 @@ def pairs_from_catalogs(catalogs: Iterable[str | Path], language: str) -> list[d
     """The unique prompt/completion pairs of one or more catalogs, in catalog order."""
     return unique_pairs(
         pair for catalog in catalogs
-        for pair in catalog_pairs(parse_po(Path(catalog).read_text(encoding="utf-8"), str(catalog)), language)
+        for pair in catalog_pairs(read_catalog(catalog), language)
     )
 
 
@@ -174,21 +110,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            problem = _example_problem(example)
-            if problem:
-                raise DataError(f"{path}:{number}: {problem}")
-            examples.append(example)
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            example = _parse_line(raw)
+        except ValueError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+        if example is None:
+            continue
+        problem = _example_problem(example)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
+        examples.append(example)
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
+
+
+def _parse_line(raw: bytes) -> object:
+    """One JSONL line's value (None for a blank line). Decoded here, not by open(), so that bad
+    bytes, lone surrogates and runaway nesting become a ValueError saying what is wrong, rather than
+    a traceback now or a crash later in the tokenizer."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"a string holds the lone surrogate \\u{ord(error.object[error.start]):04x}, which is not a character; "
+            "write the character itself or its full surrogate pair"
+        ) from None
+    return value
 
 
 def _example_problem(example) -> str | None:

@@ -108,6 +108,34 @@ def planned_steps(n_examples: int, config: TrainConfig) -> int:
     return max(1, math.ceil((config.epochs or 1.0) * batches_per_epoch / config.grad_accum))
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics file: a line that is not a JSON object with an integer
+    "step" (the torn end of a write a kill interrupted) is skipped rather than stopping a resume."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
+    return records
+
+
+def remove_interrupted_saves(folder: Path) -> None:
+    """Remove the hidden ``.<name>.*.saving`` and ``.<name>.*.old`` folders that a kill inside
+    io.write_folder_atomically leaves beside the checkpoint or adapter folder; nothing else would.
+    While the folder itself is missing, an ``.old`` one may be its only complete copy (a kill between
+    the two renames, on a system without an atomic exchange): then that name's leftovers are kept."""
+    import shutil
+
+    for name in (CHECKPOINT_DIR, ADAPTER_DIR):
+        leftovers = [path for kind in ("saving", "old") for path in folder.glob(f".{name}.*.{kind}") if path.is_dir()]
+        if (folder / name).is_dir() or not any(path.suffix == ".old" for path in leftovers):
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad on prompt/completion examples.
 
@@ -153,6 +181,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_saves(self.output_dir)
         if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             self._restore()
         self._trim_metrics()
@@ -237,12 +266,13 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     def _trim_metrics(self) -> None:
-        """Drop records written after the step training restarts from (a killed run's tail)."""
+        """Drop records written after the step training restarts from (a killed run's tail), and
+        the torn line a kill in the middle of a write leaves."""
         path = self.output_dir / METRICS_FILE
         if not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [record for record in read_metrics(path) if record["step"] <= self.step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
     def plot_losses(self) -> None:
         """loss.png: training loss per step, and eval loss where it was measured."""
@@ -254,7 +284,7 @@ class Trainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_metrics(path)
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         held = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         figure, axes = plt.subplots(figsize=(6, 3.5))
