@@ -162,11 +162,11 @@ def test_other_peft_methods_and_bottlenecks_are_refused(tmp_path):
     document = json.loads(config_path.read_text())
     document["peft_type"] = "LOHA"
     config_path.write_text(json.dumps(document))
-    with pytest.raises(ak.AdapterFileError, match=r"peft LOHA adapter; adapterkit reads peft's \['ADALORA', 'LORA'"):
+    with pytest.raises(ak.AdapterFileError, match=r"peft LOHA adapter; adapterkit reads peft's \['ADALORA', 'IA3', 'LORA'"):
         ours("llama", tmp_path / "a")
     model = ak.AdapterModel(make_base("llama"))
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
-    with pytest.raises(ak.ConfigError, match=r"a bottleneck adapter has no peft format; peft's format holds \['adalora', 'lora'"):
+    with pytest.raises(ak.ConfigError, match=r"a bottleneck adapter has no peft format; peft's format holds \['adalora', 'ia3', 'lora'"):
         model.save_adapter("b", tmp_path / "b", format="peft")
     with pytest.raises(ak.ConfigError, match="format must be"):
         model.save_adapter("b", tmp_path / "b", format="pickle")

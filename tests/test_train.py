@@ -348,14 +348,13 @@ def test_a_kill_while_saving_a_checkpoint_leaves_no_staging_folder_after_resume(
 import os, pathlib, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import test_train as t
-from adapterkit import io
-write, calls = io._write_durably, {{"n": 0}}
-def write_or_die(file, data):
+fsync, calls = os.fsync, {{"n": 0}}
+def fsync_or_die(fd):
     calls["n"] += 1
-    if calls["n"] == 6:  # a checkpoint is 4 files: the second file of the second one
+    if calls["n"] == 8:  # a checkpoint syncs 4 files and 2 folders: the second file of the second one
         os.kill(os.getpid(), signal.SIGKILL)
-    write(file, data)
-io._write_durably = write_or_die
+    fsync(fd)
+os.fsync = fsync_or_die
 t.run(pathlib.Path({str(tmp_path / 'cut')!r}), steps=8, save_every=2)
 """
     process = subprocess.run([sys.executable, "-c", script], capture_output=True)

@@ -25,7 +25,7 @@ from torch import nn
 from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, write_folder_atomically
+from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, write_folder_atomically
 from .methods import dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
@@ -122,20 +122,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def remove_interrupted_saves(folder: Path) -> None:
-    """Remove the hidden ``.<name>.*.saving`` and ``.<name>.*.old`` folders that a kill inside
-    io.write_folder_atomically leaves beside the checkpoint or adapter folder; nothing else would.
-    While the folder itself is missing, an ``.old`` one may be its only complete copy (a kill between
-    the two renames, on a system without an atomic exchange): then that name's leftovers are kept."""
-    import shutil
-
-    for name in (CHECKPOINT_DIR, ADAPTER_DIR):
-        leftovers = [path for kind in ("saving", "old") for path in folder.glob(f".{name}.*.{kind}") if path.is_dir()]
-        if (folder / name).is_dir() or not any(path.suffix == ".old" for path in leftovers):
-            for path in leftovers:
-                shutil.rmtree(path, ignore_errors=True)
-
-
 class Trainer:
     """Trains the parameters of ``model`` that require grad on prompt/completion examples.
 
@@ -181,7 +167,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_interrupted_saves(self.output_dir)
+        for name in (CHECKPOINT_DIR, ADAPTER_DIR):
+            remove_interrupted_writes(self.output_dir, name)
         if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             self._restore()
         self._trim_metrics()

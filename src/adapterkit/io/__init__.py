@@ -17,7 +17,7 @@ from ..inject import Site
 from ..methods import AdapterConfig
 from ..names import is_valid_name
 from .fingerprint import base_fingerprint, check_base, forget_base_fingerprint
-from .folders import read_regular_file, remove_stale_staging, write_folder_atomically
+from .folders import read_regular_file, remove_interrupted_writes, write_folder_atomically
 from .native import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_tensors
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
 from .tensors import read_tensors, tensors_to_bytes
@@ -27,7 +27,7 @@ FORMATS = (FORMAT, "peft")
 __all__ = [
     "CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
     "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter", "read_adapter_config",
-    "read_tensors", "remove_stale_staging", "tensors_to_bytes", "write_folder_atomically",
+    "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "write_folder_atomically",
 ]
 
 

@@ -66,11 +66,15 @@ def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def remove_stale_staging(folder: Path, name: str) -> None:
-    """Remove what a write of ``folder/name`` killed mid-way left behind (hidden staging folders)."""
-    for entry in Path(folder).glob(f".{name}.*"):
-        if entry.name.endswith(STAGING_SUFFIXES) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+def remove_interrupted_writes(folder: Path, name: str) -> None:
+    """Remove the hidden ``.<name>.*.saving`` and ``.<name>.*.old`` folders that a write of
+    ``folder/name`` killed mid-way leaves behind. While ``folder/name`` itself is missing, an
+    ``.old`` one may be its only complete copy (a kill between the two renames, on a system
+    without an atomic exchange): then they are kept."""
+    leftovers = [path for suffix in STAGING_SUFFIXES for path in Path(folder).glob(f".{name}.*{suffix}") if path.is_dir() and not path.is_symlink()]
+    if (Path(folder) / name).is_dir() or not any(path.name.endswith(".old") for path in leftovers):
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _link_others(source: Path, target: Path, owned: set[str]) -> None:
