@@ -16,7 +16,7 @@ from ..errors import AdapterFileError, ConfigError
 from ..inject import Site
 from ..methods import AdapterConfig
 from ..names import is_valid_name
-from .fingerprint import base_fingerprint, check_base, forget_base_fingerprint
+from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_base, forget_base_fingerprint
 from .folders import read_regular_file, remove_interrupted_writes, write_folder_atomically
 from .native import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_tensors
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
@@ -73,7 +73,7 @@ def read_adapter(path: str | Path) -> SavedAdapter:
         return SavedAdapter(name, config, peft_tensors(config, path), None, "peft")
     config = native_config(document, path)
     base = document.get("base")
-    if not isinstance(base, dict):
+    if not isinstance(base, dict) or not all(isinstance(base.get(key), str) for key in FINGERPRINT_FIELDS):
         raise AdapterFileError(f"{path / CONFIG_FILE} is corrupt: 'base' should be the base model's fingerprint, got {base!r}")
     name = document.get("name")
     return SavedAdapter(name if isinstance(name, str) else None, config, native_tensors(document, path), base, FORMAT)

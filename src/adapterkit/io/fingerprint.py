@@ -22,6 +22,7 @@ from ..errors import BaseMismatchError
 
 _fingerprints: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 _CHECKED = (("architecture", "architecture"), ("shapes_sha256", "parameter names or shapes"), ("weights_sha256", "weights"))
+FINGERPRINT_FIELDS = tuple(field for field, _ in _CHECKED)
 
 
 def base_fingerprint(base: nn.Module) -> dict[str, Any]:

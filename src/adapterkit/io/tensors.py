@@ -27,9 +27,13 @@ def read_tensors(path: Path, expected_crc32: int | None = None) -> dict[str, tor
     if expected_crc32 is not None and zlib.crc32(data) != expected_crc32:
         raise AdapterFileError(f"{path} is corrupt: its checksum does not match the one recorded with it")
     try:
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
     except (SafetensorError, ValueError, TypeError, OverflowError, RuntimeError) as error:
         raise AdapterFileError(f"{path} is corrupt: not a readable safetensors file ({error})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{path} holds NaN or infinite values in {key!r}; it cannot have come from a healthy training run")
+    return tensors
 
 
 def crc32(data: bytes) -> int:
