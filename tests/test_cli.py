@@ -119,3 +119,15 @@ def test_adalora_training_shows_its_final_ranks(tmp_path, base_dir, data, capsys
     assert "rank" in captured.err and "q_proj" in captured.err
     info = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert info["config"]["rank_pattern"]
+
+
+def test_every_registered_method_trains_from_the_command_line(tmp_path, base_dir, data, capsys):
+    out = tmp_path / "ia3"
+    assert main(["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), "--method", "ia3",
+                 "--target-modules", "k_proj,v_proj,down_proj", "--feedforward-modules", "down_proj",
+                 "--layers", "1", "--steps", "2", "--batch-size", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "ia3" and info["config"]["feedforward_modules"] == ["down_proj"]
+    assert info["parameters"] == 16 + 16 + 64  # k and v outputs, down_proj's input, in layer 1

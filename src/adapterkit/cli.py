@@ -7,6 +7,7 @@ Each subcommand is one ``add_<name>_command(subparsers)`` function that adds its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,11 +23,33 @@ DEFAULT_BASE = "smollm2-135m"
 
 
 # ---- train ---------------------------------------------------------------------------------------
-# Adapter options with their own flags; anything else goes through --set KEY=VALUE or a config file.
-ADAPTER_FLAGS = {
-    "placement": str, "bottleneck_size": int, "reduction_factor": float, "activation": str, "dropout": float,
-    "r": int, "alpha": float, "target_modules": str, "init_r": int, "target_r": int, "layers": str,
-}
+NAME_LISTS = ("target_modules", "feedforward_modules")  # comma-separated on the command line
+
+
+def adapter_options() -> dict[str, list[str]]:
+    """Every registered method's config fields (but those training sets itself), with the methods
+    that have each: each becomes a flag of ``train``."""
+    options: dict[str, list[str]] = {}
+    for method in registered_methods():
+        for field in dataclasses.fields(method.config_class):
+            if field.name not in method.config_class.set_by_training:
+                options.setdefault(field.name, []).append(method.name)
+    return options
+
+
+def flag_value(option: str):
+    """How a flag's text becomes a config value: layer ranges, name lists, else a YAML scalar."""
+    def convert(text: str):
+        if option == "layers":
+            return parse_layers(text)
+        if option in NAME_LISTS:
+            return [name.strip() for name in text.split(",") if name.strip()]
+        import yaml
+
+        return yaml.safe_load(text)
+
+    convert.__name__ = option  # argparse names the flag's type in its errors
+    return convert
 
 
 def add_train_command(subparsers) -> None:
@@ -41,8 +64,10 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--base", help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
     parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="default bottleneck")
-    for option, kind in ADAPTER_FLAGS.items():
-        parser.add_argument("--" + option.replace("_", "-"), type=kind, dest=f"adapter.{option}", metavar=option.upper())
+    adapter_group = parser.add_argument_group("adapter options", "fields of the method's config (--set KEY=VALUE also works)")
+    for option, methods in adapter_options().items():
+        adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option), dest=f"adapter.{option}",
+                                   metavar=option.upper(), help=", ".join(methods))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int)
@@ -84,8 +109,6 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
         adapter[key.strip()] = yaml.safe_load(value)
     if isinstance(adapter.get("layers"), str):
         adapter["layers"] = parse_layers(adapter["layers"])
-    if isinstance(adapter.get("target_modules"), str) and "," in adapter["target_modules"]:
-        adapter["target_modules"] = [m.strip() for m in adapter["target_modules"].split(",")]
     options["adapter"] = adapter
     if args.no_progress:
         options["progress"] = False
@@ -142,9 +165,10 @@ def run_train(args: argparse.Namespace) -> int:
     method = options.pop("method", "bottleneck")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
-    if method == "adalora" and adapter_options.get("total_step") is None:
-        adapter_options["total_step"] = planned_steps(len(train_examples), config)
-    adapter_config = config_class(method).from_dict(adapter_options)
+    config_type = config_class(method)
+    if "total_step" in {f.name for f in dataclasses.fields(config_type)} and adapter_options.get("total_step") is None:
+        adapter_options["total_step"] = planned_steps(len(train_examples), config)  # a schedule that needs the run's length
+    adapter_config = config_type.from_dict(adapter_options)
 
     from .bases import load_base
 

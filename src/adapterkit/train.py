@@ -35,7 +35,6 @@ LOSS_PLOT = "loss.png"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_PREFIX = "adapter_state."  # in OPTIMIZER_FILE: AdapterModel.training_state's tensors
-SET_BY_TRAINING = {"rank_pattern"}  # config fields a run changes itself (AdaLoRA's final ranks)
 
 
 @dataclasses.dataclass
@@ -352,7 +351,7 @@ class Trainer:
             differences = [
                 f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here"
                 for key in sorted(set(ours) | set(theirs))
-                if key not in SET_BY_TRAINING and theirs.get(key) != ours.get(key)
+                if key not in current.set_by_training and theirs.get(key) != ours.get(key)
             ]
         if differences:
             raise ConfigError(

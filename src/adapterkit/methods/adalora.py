@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +60,7 @@ class AdaLoraConfig(AdapterConfig):
     adapter holds all init_r triplets (the pruned ones with E = 0) and can go on training."""
 
     method = "adalora"
+    set_by_training = frozenset({"rank_pattern"})
 
     init_r: int = 12
     target_r: int = 8

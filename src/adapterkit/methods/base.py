@@ -27,6 +27,7 @@ class AdapterConfig:
     """Base of every method's config: a dataclass whose fields are plain JSON values."""
 
     method: ClassVar[str]
+    set_by_training: ClassVar[frozenset[str]] = frozenset()  # fields a training run sets itself
 
     def sites(self, model: nn.Module) -> list[Site]:
         """Where this adapter attaches in ``model``, found from its structure."""
