@@ -7,6 +7,7 @@ one process on identical batches, which cancels the drift of a shared machine.
 
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py          # writes docs/quality.md, docs/quality.png
     .venv/bin/python bench/quality.py --steps 4 --held-out 8 --no-write         # a smoke run
+    .venv/bin/python bench/quality.py --steps 40 --only "IA3 k,v,down"          # one method's row, printed
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def method_configs(steps: int) -> dict[str, tuple[AdapterConfig | None, float]]:
         "LoRA r=8 q,v": (ak.LoraConfig(r=8, alpha=16, target_modules=QUERY_VALUE), 2e-3),
         "AdaLoRA 12→8 q,v": (ak.AdaLoraConfig(init_r=12, target_r=8, alpha=16, target_modules=QUERY_VALUE,
                                               tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20), total_step=steps), 2e-3),
+        "IA3 k,v,down": (ak.IA3Config(), 3e-3),
         "full fine-tuning": (None, 5e-5),
     }
 
@@ -241,6 +243,7 @@ def main() -> int:
     parser.add_argument("--held-out", type=int, help="score only the first N held-out pairs")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--only", action="append", help="run only this method (repeatable); prints, writes nothing")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # the per-method child process
     args = parser.parse_args()
     if args.method:
@@ -249,6 +252,11 @@ def main() -> int:
     docs = Path(__file__).resolve().parent.parent / "docs"
     command = "flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py" + ("" if args.steps == 60 else f" --steps {args.steps}")
     methods = list(method_configs(args.steps))
+    if args.only:
+        unknown = sorted(set(args.only) - set(methods))
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; methods are {methods}")
+        methods, args.no_write = [m for m in methods if m in args.only], True
     rows, timing = [], None
     for name in methods:
         child_command = [sys.executable, __file__, "--method", name, "--steps", str(args.steps)]
