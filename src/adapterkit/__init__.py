@@ -1,6 +1,7 @@
 """adapterkit: bottleneck adapters, LoRA, AdaLoRA and more over one frozen Hugging Face base model."""
 
 from .bases import load_base
+from .compose import Average, Fuse, Stack
 from .errors import (
     AdapterFileError,
     AdapterkitError,
@@ -20,6 +21,9 @@ globals().update(CONFIG_CLASSES)  # every registered method's config: Bottleneck
 __all__ = [
     "AdapterModel",
     *CONFIG_CLASSES,
+    "Stack",
+    "Fuse",
+    "Average",
     "load_base",
     "AdapterkitError",
     "AdapterFileError",

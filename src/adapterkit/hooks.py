@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compose import Average, Block, Fuse, Stack, adapter_names
 from .errors import AdapterkitError
 from .inject import Site
 from .methods import AdapterConfig, AdapterModule
@@ -31,12 +32,14 @@ _HOLDERS: "weakref.WeakKeyDictionary[nn.Module, HookLayer]" = weakref.WeakKeyDic
 
 
 class Routing:
-    """Which adapters run, shared by every hook of one base."""
+    """Which adapters run, shared by every hook of one base: ``active`` names them all; ``tree``
+    is the composition they form, or None for a plain stack of ``active`` in order."""
 
-    __slots__ = ("active", "_local")
+    __slots__ = ("active", "tree", "_local")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
+        self.tree: Block | None = None
         self._local = threading.local()
 
     @property
@@ -50,7 +53,7 @@ class Routing:
     def routed(self) -> frozenset[str] | tuple[str, ...]:
         """The adapters this thread's call runs: the mixed batch's, or the active ones."""
         plan = self.mixed
-        return self.active if plan is None else plan.names
+        return self.active if plan is None else plan.routed
 
 
 class Tap:
@@ -69,7 +72,8 @@ class Tap:
 
 class SiteHooks:
     """The adapters attached to one base module: ``outputs`` act on its output (forward hook),
-    ``inputs`` on its input (pre-hook). Hooks are registered only while they have adapters."""
+    ``inputs`` on its input (pre-hook), ``fusions`` mix other adapters' changes inside a Fuse block.
+    Hooks are registered only while something is attached."""
 
     def __init__(self, module_name: str, module: nn.Module, routing: Routing) -> None:
         self.module_name = module_name
@@ -77,6 +81,7 @@ class SiteHooks:
         self.routing = routing
         self.outputs: dict[str, tuple[AdapterModule, Tap | None]] = {}
         self.inputs: dict[str, AdapterModule] = {}
+        self.fusions: dict[str, AdapterModule] = {}
         self._output_handle = self._input_handle = None
 
     def add(self, name: str, adapter: AdapterModule, tap: Tap | None) -> None:
@@ -84,30 +89,38 @@ class SiteHooks:
             self.inputs[name] = adapter
             if self._input_handle is None:
                 self._input_handle = self.module.register_forward_pre_hook(self._apply_input)
+        elif adapter.hook == "composition":
+            self.fusions[name] = adapter
         else:
             self.outputs[name] = (adapter, tap)
-            if self._output_handle is None:
-                self._output_handle = self.module.register_forward_hook(self._apply_output)
+        if self._output_handle is None:  # compositions run every adapter of the site here
+            self._output_handle = self.module.register_forward_hook(self._apply_output)
 
     def remove(self, name: str) -> bool:
         """Take ``name`` off this module; True when nothing is attached any more."""
         self.outputs.pop(name, None)
         self.inputs.pop(name, None)
-        if not self.outputs and self._output_handle is not None:
+        self.fusions.pop(name, None)
+        empty = not self.outputs and not self.inputs and not self.fusions
+        if empty and self._output_handle is not None:
             self._output_handle.remove()
             self._output_handle = None
         if not self.inputs and self._input_handle is not None:
             self._input_handle.remove()
             self._input_handle = None
-        return not self.outputs and not self.inputs
+        return empty
 
     def adapter(self, name: str) -> AdapterModule:
-        return self.inputs[name] if name in self.inputs else self.outputs[name][0]
+        if name in self.inputs:
+            return self.inputs[name]
+        return self.fusions[name] if name in self.fusions else self.outputs[name][0]
 
     def _apply_input(self, module: nn.Module, args: tuple) -> tuple | None:
         plan = self.routing.mixed
         if plan is not None:
             x = plan.apply_input(self, args[0])
+        elif self.routing.tree is not None:
+            return None  # a composition runs this site's input adapters in the output hook
         else:
             x = args[0]
             for name in self.routing.active:
@@ -120,6 +133,9 @@ class SiteHooks:
         plan = self.routing.mixed
         if plan is not None:
             return plan.apply_output(self, args[0], output)
+        tree = self.routing.tree
+        if tree is not None:
+            return self.run(tree, args[0], output) if self.acts(tree) else None
         entries = [entry for name in self.routing.active if (entry := self.outputs.get(name)) is not None]
         if not entries:
             return None
@@ -133,6 +149,53 @@ class SiteHooks:
                 y = adapter(x, y)
         if tapped:
             self.clear_taps()
+        return y
+
+    # ---- compositions ------------------------------------------------------------------------
+    def acts(self, block: Block) -> bool:
+        """Whether any adapter of ``block`` is attached here."""
+        return any(name in self.outputs or name in self.inputs for name in adapter_names(block))
+
+    def run(self, block: Block, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """This module's output ``y`` (its input ``x``) under ``block``; ``rows`` selects the batch
+        rows that ``x`` and ``y`` are, for reading kept inputs (taps) of the whole batch."""
+        out = self._effect(block, x, y, y, rows)
+        self.clear_taps()
+        return out
+
+    def _effect(self, block: Block, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor, rows) -> torch.Tensor:
+        if isinstance(block, str):
+            return self._effect_of(block, x, y, y0, rows)
+        if isinstance(block, Stack):  # as the plain path runs a list of names
+            rescaling = [c for c in block.children if isinstance(c, str) and c in self.inputs]
+            if rescaling:  # input adapters first: the layer runs on the changed input
+                for name in rescaling:
+                    x = self.inputs[name].transform_input(x)
+                rerun = self.module.forward(x)
+                y, y0 = y + (rerun - y0), rerun
+            rest = [c for c in block.children if c not in rescaling]
+            for child in sorted(rest, key=lambda c: not (isinstance(c, str) and c in self.outputs and self.outputs[c][0].changes_layer)):
+                y = self._effect(child, x, y, y0, rows)
+            return y
+        acting = [(i, child) for i, child in enumerate(block.children) if self.acts(child)]
+        if not acting:
+            return y
+        if isinstance(block, Average):
+            return y + sum(block.weights[i] * (self._effect(child, x, y, y0, rows) - y) for i, child in acting)
+        fusion = self.fusions.get(block.name)
+        if fusion is None:
+            raise AdapterkitError(f"fusion {block.name!r} has no layer at {self.module_name}, where its children act; add the fusion again")
+        return fusion.fuse(y, [self._effect(child, x, y, y0, rows) - y for _, child in acting])
+
+    def _effect_of(self, name: str, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor, rows) -> torch.Tensor:
+        entry = self.outputs.get(name)
+        if entry is not None:
+            adapter, tap = entry
+            source = x if tap is None else tap.value if rows is None else tap.value.index_select(0, rows)
+            return adapter(source, y)
+        adapter = self.inputs.get(name)
+        if adapter is not None:  # the layer run again on its changed input; its change adds to y
+            return y + (self.module.forward(adapter.transform_input(x)) - y0)
         return y
 
     def clear_taps(self) -> None:

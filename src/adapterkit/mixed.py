@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .compose import adapter_names
 from .errors import AdapterkitError
 
 Stacker = Callable[[object, tuple, list[str]], dict[str, torch.Tensor]]
@@ -92,20 +93,36 @@ class MixedPlan:
     call, so generation pays for the layout only at the first step. ``stacked(hooks, kind, names)``
     gives the stacked weights of ``names`` at a module (the hook layer keeps them between calls)."""
 
-    def __init__(self, rows: list[str | None], stacked: Stacker) -> None:
-        self.rows = rows
-        self.names = frozenset(name for name in rows if name is not None)
+    def __init__(self, rows: list, stacked: Stacker) -> None:
+        """``rows``: per row an adapter name, None (the bare base) or a composition block."""
+        self.rows = [row if row is None or isinstance(row, str) else None for row in rows]
+        self.names = frozenset(name for name in self.rows if name is not None)
+        self.compositions: dict[object, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row is not None and not isinstance(row, str):
+                self.compositions.setdefault(row, []).append(i)
+        self.routed = self.names.union(*(adapter_names(block) for block in self.compositions))
         self._stacked = stacked
         self._layouts: dict[tuple, list] = {}
 
     def apply_output(self, hooks, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         groups = self._groups(hooks, "output", y.shape[0])
-        if not groups:
+        composed = [(block, rows) for block, rows in self.compositions.items() if hooks.acts(block)]
+        if not groups and not composed:
             return None
+        y0 = y
         for group in groups:
             y = group.apply(x, y) if isinstance(group, Group) else group.apply(y)
+        for block, rows in composed:  # a composition's rows: its tree, on those rows alone
+            index = self._expanded(rows, y.shape[0], y.device)
+            y = y.index_copy(0, index, hooks.run(block, x.index_select(0, index), y0.index_select(0, index), index))
         hooks.clear_taps()
         return y
+
+    def _expanded(self, rows: list[int], batch_rows: int, device) -> torch.Tensor:
+        """Batch indices of ``rows`` when generate repeats every row (beams, samples)."""
+        repeat = batch_rows // len(self.rows)
+        return torch.tensor([row * repeat + k for row in rows for k in range(repeat)], device=device)
 
     def apply_input(self, hooks, x: torch.Tensor) -> torch.Tensor:
         for group in self._groups(hooks, "input", x.shape[0]):

@@ -10,12 +10,15 @@ from the method registry; this module never names a method.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .compose import Block, Composition, Fuse, Stack, fusions, to_json
+from .compose import adapter_names as names_in
 from .errors import AdapterFileError, AdapterkitError, AdapterNameError, ConfigError, MergeError, ShapeMismatchError
 from .hooks import HookLayer
 from .inject import Site
@@ -47,6 +50,7 @@ class AdapterModel(nn.Module):
         base.requires_grad_(False)
         self.adapter_layers = AdapterLayers()
         self._configs: dict[str, AdapterConfig] = {}
+        self._compositions: dict[str, Block] = {}  # named compositions, usable wherever an adapter name is
         self._training: dict[str, MethodTraining] = {}  # per adapter, for methods that carry training state
         self._merged: str | None = None
         self._unmerged: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # exact weights merging changed
@@ -155,6 +159,9 @@ class AdapterModel(nn.Module):
         if not isinstance(config, AdapterConfig):
             raise ConfigError(f"expected an adapter config such as BottleneckConfig, got {type(config).__name__}")
         method = get_method(config.method)
+        missing = [n for n in config.depends_on() if n not in self._configs]
+        if missing:
+            raise AdapterNameError(f"{config.method} {name!r} needs the adapters {missing}, which are not loaded; load them first")
         sites = self.hooks.sites_for(config)
         if state_dict is None:
             modules = {site.module_name: self._fresh_module(config, site) for site in sites}
@@ -201,31 +208,109 @@ class AdapterModel(nn.Module):
         self._check_known(name)
         if name == self._merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() it before deleting it")
+        users = [n for n, c in self._configs.items() if name in c.depends_on()] + [
+            n for n, block in self._compositions.items() if name in names_in(block) or name in [f.name for f in fusions(block)]
+        ]
+        if users:
+            raise AdapterNameError(f"adapter {name!r} is part of {users}; delete those first")
         self._training.pop(name, None)
-        self.set_active(tuple(a for a in self.active if a != name))
+        if self.hooks.routing.tree is not None and name in self.active + tuple(f.name for f in fusions(self.hooks.routing.tree)):
+            self.set_active(None)
+        else:
+            self.set_active(tuple(a for a in self.active if a != name))
         self.hooks.detach(name)
         del self.adapter_layers[name]
         del self._configs[name]
 
-    def set_active(self, names: str | Sequence[str] | None) -> None:
-        """Choose the adapters that run, by name; None for the base.
+    def set_active(self, names: "str | Sequence[str] | Composition | None") -> None:
+        """Choose what runs: an adapter or composition name, a list of adapter names (a plain
+        stack), a composition block (``Stack``, ``Fuse``, ``Average``), or None for the base.
 
         When several adapters act on one layer, those that change the layer itself (LoRA, AdaLoRA:
         a delta computed from the layer's input) apply first, whatever their place in ``names``;
         then adapters that transform the layer's output (bottlenecks) apply in the order given.
         A merged adapter stays active until ``unmerge()``."""
-        if names is None:
-            names = ()
-        elif isinstance(names, str):
-            names = (names,)
-        names = tuple(names)
-        for name in names:
-            self._check_known(name)
-        if len(set(names)) != len(names):
-            raise AdapterNameError(f"an adapter is named twice in {list(names)}")
-        if self._merged is not None and self._merged not in names:
+        block = self._resolve(names)
+        routing = self.hooks.routing
+        plain = block is None or isinstance(block, str) or (isinstance(block, Stack) and all(isinstance(c, str) for c in block.children))
+        flat = () if block is None else tuple(names_in(block))
+        if self._merged is not None and (not plain or self._merged not in flat):
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
-        self.hooks.routing.active = names
+        routing.tree = None
+        routing.active = flat
+        if not plain:
+            routing.tree = block
+
+    def _resolve(self, names) -> Block | None:
+        """The block ``names`` stands for, every adapter and fusion in it checked."""
+        if names is None:
+            return None
+        if isinstance(names, str):
+            block = self._compositions.get(names, names)
+        elif isinstance(names, Composition):
+            block = names
+        elif isinstance(names, Sequence) and all(isinstance(n, str) for n in names):
+            if len(set(names)) != len(names):
+                raise AdapterNameError(f"an adapter is named twice in {list(names)}")
+            block = Stack(*names) if names else None
+        else:
+            raise AdapterNameError(f"expected an adapter name, a list of names or a composition, got {names!r}")
+        if block is None:
+            return None
+        for name in names_in(block):
+            self._check_known(name)
+            if self._configs[name].method == "fusion":
+                raise AdapterNameError(f"{name!r} is a fusion: it runs inside its Fuse block, e.g. set_active(ak.Fuse(..., name={name!r}))")
+        for fuse in fusions(block):
+            self._check_fusion(fuse)
+        return block
+
+    def _check_fusion(self, fuse: Fuse) -> None:
+        config = self._configs.get(fuse.name)
+        if config is None or config.method != "fusion":
+            raise AdapterNameError(f"no fusion named {fuse.name!r}; add_fusion({fuse!r}) first")
+        children = [to_json(child) for child in fuse.children]
+        if config.children != children:
+            raise ConfigError(f"fusion {fuse.name!r} was made for {config.children}, not {children}")
+
+    @property
+    def active_composition(self) -> Block | None:
+        """The composition that runs, when one was set (None: the plain stack ``active``)."""
+        return self.hooks.routing.tree
+
+    def add_composition(self, name: str, block: Composition) -> None:
+        """Name a composition, so that it can be used wherever an adapter name can: set_active,
+        mixed batches (``adapter_names``), the server's ``model`` field."""
+        self._check_new_name(name)
+        if not isinstance(block, Composition):
+            raise ConfigError(f"expected a Stack, Fuse or Average, got {type(block).__name__}")
+        self._resolve(block)
+        self._compositions[name] = block
+
+    @property
+    def compositions(self) -> dict[str, Block]:
+        return dict(self._compositions)
+
+    def add_fusion(self, fuse: Fuse, temperature: float = 1.0) -> None:
+        """Add the parameters of ``fuse`` (an adapter named ``fuse.name``, method "fusion"), with a
+        layer at every module where one of its children acts. Frozen until ``train_fusion``."""
+        from .methods import FusionConfig
+
+        if not isinstance(fuse, Fuse):
+            raise ConfigError(f"expected a Fuse block, got {type(fuse).__name__}")
+        for name in names_in(fuse):
+            self._check_known(name)
+        for inner in fusions(fuse)[1:]:
+            self._check_fusion(inner)
+        widths = {site.module_name: site.out_features for name in names_in(fuse) for site in self.hooks.sites(name)}
+        self.add_adapter(fuse.name, FusionConfig(children=[to_json(c) for c in fuse.children], widths=widths, temperature=temperature))
+
+    def train_fusion(self, fuse: Fuse) -> None:
+        """Train only the fusion's parameters (its children stay frozen) and run ``fuse``."""
+        self._check_fusion(fuse)
+        self.set_active(fuse)
+        for other, modules in self.adapter_layers.items():
+            modules.requires_grad_(other == fuse.name)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -233,17 +318,19 @@ class AdapterModel(nn.Module):
         if self._merged is not None:
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights; unmerge() before running the bare base")
         routing = self.hooks.routing
-        saved = routing.active
-        routing.active = ()
+        saved = routing.active, routing.tree
+        routing.tree, routing.active = None, ()
         try:
             yield
         finally:
-            routing.active = saved
+            routing.active, routing.tree = saved
 
     def train_adapter(self, name: str) -> None:
         """Make ``name`` the only trainable part of the model (and active, if it is not already).
         A refused call changes nothing."""
         self._check_known(name)
+        if self._configs[name].method == "fusion":
+            raise ConfigError(f"{name!r} is a fusion: train it with train_fusion(ak.Fuse(..., name={name!r}))")
         if name == self._merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights and cannot train; unmerge() first")
         if self._merged is not None and name not in self.active:
@@ -269,6 +356,8 @@ class AdapterModel(nn.Module):
         self._check_known(name)
         if self._merged is not None:
             raise MergeError(f"adapter {self._merged!r} is already merged into the base weights; unmerge() it first")
+        if self.hooks.routing.tree is not None:
+            raise MergeError("a composition is active; set_active(None) or a plain adapter list before merging")
         changes = [(site, module, module.weight_update(site)) for site, module in self._site_modules(name)]
         changes = [(site, module, update, None if update is not None else module.weight_scale()) for site, module, update in changes]
         if not changes or any(update is None and scale is None for _, _, update, scale in changes):
@@ -331,6 +420,28 @@ class AdapterModel(nn.Module):
         for other in list(self._configs):
             self.delete_adapter(other)
         self.hooks.release()
+
+    # ---- combining -------------------------------------------------------------------------
+    def merge_adapters(self, new_name: str, names: Sequence[str], weights: Sequence[float], method: str = "linear", **options) -> None:
+        """Add ``new_name``, made from the adapters ``names`` (all of one method) weighted by
+        ``weights``. LoRA: peft's ``add_weighted_adapter`` ("linear", "cat", "svd", "ties"; options
+        svd_rank, density, majority_sign_method). Bottleneck and IA³ adapters of one config:
+        "linear", the weighted sum of their parameters. The new adapter is frozen and inactive."""
+        self._check_new_name(new_name)
+        names = list(names)
+        for name in names:
+            self._check_known(name)
+        weights = list(weights)
+        if not names or len(weights) != len(names) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise ConfigError(f"give one finite weight per adapter: {len(names)} adapters, weights {weights!r}")
+        kinds = sorted({self._configs[n].method for n in names})
+        if len(kinds) > 1:
+            raise ConfigError(f"merge_adapters combines adapters of one method, got {kinds}")
+        combine = get_method(kinds[0]).combine
+        if combine is None:
+            raise ConfigError(f"{kinds[0]} adapters cannot be combined into a new adapter")
+        config, state = combine([self._configs[n] for n in names], [self.adapter_state_dict(n) for n in names], weights, method, **options)
+        self.add_adapter(new_name, config, state)
 
     # ---- counting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -425,10 +536,16 @@ class AdapterModel(nn.Module):
             raise AdapterkitError("mixed-adapter batches are for inference: call model.eval() first (train one adapter at a time with train_adapter)")
         if self._merged is not None:
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it would apply to every row; unmerge() it to mix adapters per row")
-        names = [None if name in (None, BASE) else name for name in adapter_names]
-        for name in set(names) - {None}:
-            self._check_known(name)
-        return names
+        rows = []
+        for name in adapter_names:
+            if name in (None, BASE):
+                rows.append(None)
+            elif not isinstance(name, str):
+                raise AdapterNameError(f"adapter_names holds {name!r}; give adapter or composition names (add_composition names a block)")
+            else:
+                block = self._resolve(name)
+                rows.append(block if isinstance(block, Composition) else name)
+        return rows
 
     def _check_known(self, name: str) -> None:
         if not isinstance(name, str) or name not in self._configs:
@@ -437,8 +554,9 @@ class AdapterModel(nn.Module):
 
     def _check_new_name(self, name: str) -> None:
         check_adapter_name(name)
-        if name in self._configs:
-            raise AdapterNameError(f"an adapter named {name!r} already exists; delete_adapter it first or pick another name")
+        if name in self._configs or name in self._compositions:
+            kind = "an adapter" if name in self._configs else "a composition"
+            raise AdapterNameError(f"{kind} named {name!r} already exists; delete it first or pick another name")
 
 
 def _regularization(states: list[MethodTraining]) -> torch.Tensor | float:

@@ -37,6 +37,10 @@ class AdapterConfig:
         """A new module for ``site``; on the "meta" device it is only a shape, filled in by loading."""
         raise NotImplementedError
 
+    def depends_on(self) -> list[str]:
+        """Adapters that must be loaded before this one (a fusion's children)."""
+        return []
+
     def tensors_to_save(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors a saved folder holds (AdaLoRA keeps only its kept ranks); all of them by default."""
         return tensors
@@ -220,13 +224,35 @@ class PeftFormat:
     to_peft: Callable[[AdapterConfig, list[Site], dict[str, Any]], None] | None = None
 
 
+# ---- weighted combinations -------------------------------------------------------------------------
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float] | torch.Tensor) -> torch.Tensor:
+    """sum_i w_i t_i (task arithmetic)."""
+    return sum(w * t for w, t in zip(weights, tensors))
+
+
+def average_parameters(configs: list[AdapterConfig], states: list[dict[str, torch.Tensor]], weights: list[float], how: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The weighted sum of the parameters of adapters that share one config ("linear" only)."""
+    if how != "linear":
+        raise ConfigError(f"{configs[0].method} adapters combine by 'linear' (a weighted sum of parameters), not {how!r}")
+    if any(config.to_dict() != configs[0].to_dict() for config in configs):
+        raise ConfigError(f"{configs[0].method} adapters combine only when they share one config; theirs differ")
+    return configs[0], {key: weighted_sum([state[key] for state in states], weights).detach().clone() for key in states[0]}
+
+
 # ---- the registry --------------------------------------------------------------------------------
+Combiner = Callable[..., tuple[AdapterConfig, dict[str, torch.Tensor]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A registered method. ``combine(configs, states, weights, how, **options)`` makes one adapter
+    (config, state dict) from several of this method, for ``AdapterModel.merge_adapters``."""
+
     name: str
     config_class: type[AdapterConfig]
     training: Callable[[str, AdapterConfig, dict[str, AdapterModule]], MethodTraining] | None = None
     peft: PeftFormat | None = None
+    combine: Combiner | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -19,6 +19,7 @@ from .base import (
     AdapterConfig,
     AdapterModule,
     Method,
+    average_parameters,
     check_bool,
     check_choice,
     check_int,
@@ -202,4 +203,4 @@ def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], 
     return torch.baddbmm(weights["up_bias"], hidden, weights["up_t"])
 
 
-register_method(Method("bottleneck", BottleneckConfig))
+register_method(Method("bottleneck", BottleneckConfig, combine=average_parameters))

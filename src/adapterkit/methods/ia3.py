@@ -20,7 +20,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..inject import Site, find_blocks, find_sites, hidden_size, linear_features, matches_target, sub_layers
-from .base import AdapterConfig, AdapterModule, Method, PeftFormat, check_bool, check_layers, check_target_modules, register_method
+from .base import (
+    AdapterConfig,
+    AdapterModule,
+    Method,
+    PeftFormat,
+    average_parameters,
+    check_bool,
+    check_layers,
+    check_target_modules,
+    register_method,
+)
 from .lora import layers_from_peft
 
 
@@ -127,4 +137,5 @@ register_method(Method(
          "layers_to_transform": "layers", "init_ia3_weights": "init_ia3_weights"},
         from_peft=layers_from_peft, to_peft=_ia3_to_peft,
     ),
+    combine=average_parameters,
 ))

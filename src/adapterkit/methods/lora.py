@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..inject import Site, find_sites
 from .base import (
     AdapterConfig,
@@ -26,6 +27,7 @@ from .base import (
     check_number,
     check_target_modules,
     register_method,
+    weighted_sum,
 )
 
 
@@ -143,6 +145,75 @@ def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> N
     document["bias"] = "none"
 
 
+def combine_loras(
+    configs: list[LoraConfig], states: list[dict[str, torch.Tensor]], weights: list[float], how: str,
+    svd_rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """peft's ``add_weighted_adapter`` for LoRA, module by module (adapters missing at a module
+    are left out there). The new adapter has alpha = r, so its scale is 1 (as in peft):
+    - "cat": A = [w_i s_i A_i], B = [B_i] stacked along the rank: exactly sum_i w_i s_i B_i A_i;
+    - "svd": the best rank-``svd_rank`` (default: the largest r) approximation of that sum;
+    - "linear": A = sum sign(w_i) sqrt(|w_i s_i|) A_i, B = sum sqrt(|w_i s_i|) B_i (same r only);
+    - "ties": as "linear", with each factor TIES-merged (``density``, ``majority_sign_method``)."""
+    if how not in ("linear", "cat", "svd", "ties"):
+        raise ConfigError(f"LoRA adapters combine by 'linear', 'cat', 'svd' or 'ties', not {how!r}")
+    ranks = [config.r for config in configs]
+    if how in ("linear", "ties") and len(set(ranks)) > 1:
+        raise ConfigError(f"'{how}' needs adapters of one rank, got r = {ranks}; use 'cat' or 'svd'")
+    if how == "ties" and (density is None or not 0 < density <= 1):
+        raise ConfigError(f"'ties' needs a density in (0, 1], got {density!r}")
+    new_rank = {"cat": sum(ranks), "svd": svd_rank or max(ranks)}.get(how, ranks[0])
+    modules = list(dict.fromkeys(key.partition(".adapter.")[0] for state in states for key in state))
+    merged = {}
+    for module in modules:
+        parts = [(state[f"{module}.adapter.lora_A"], state[f"{module}.adapter.lora_B"], w * config.scale)
+                 for state, config, w in zip(states, configs, weights) if f"{module}.adapter.lora_A" in state]
+        A, B = _combine_module(parts, how, new_rank, density, majority_sign_method)
+        merged[f"{module}.adapter.lora_A"], merged[f"{module}.adapter.lora_B"] = A.contiguous(), B.contiguous()
+    config = LoraConfig(r=new_rank, alpha=new_rank, dropout=configs[0].dropout, target_modules=modules, use_rslora=configs[0].use_rslora)
+    return config, merged
+
+
+@torch.no_grad()
+def _combine_module(parts, how: str, rank: int, density, majority_sign_method) -> tuple[torch.Tensor, torch.Tensor]:
+    if how == "cat":
+        A = torch.cat([a * ws for a, _, ws in parts])
+        B = torch.cat([b for _, b, _ in parts], dim=1)
+        return F.pad(A, (0, 0, 0, rank - A.shape[0])), F.pad(B, (0, rank - B.shape[1]))
+    if how == "svd":
+        delta = weighted_sum([b @ a for a, b, _ in parts], [ws for _, _, ws in parts])
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=True)
+        return Vh[:rank], U[:, :rank] @ torch.diag(S[:rank])
+    roots = [math.sqrt(abs(ws)) for _, _, ws in parts]
+    signs = [1.0 if ws >= 0 else -1.0 for _, _, ws in parts]
+    weights_A, weights_B = [s * r for s, r in zip(signs, roots)], roots
+    factors_A, factors_B = [a for a, _, _ in parts], [b for _, b, _ in parts]
+    if how == "linear":
+        return weighted_sum(factors_A, weights_A), weighted_sum(factors_B, weights_B)
+    return ties_merge(factors_A, weights_A, density, majority_sign_method), ties_merge(factors_B, weights_B, density, majority_sign_method)
+
+
+def ties_merge(tensors: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str = "total") -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023): keep each tensor's ``density`` largest magnitudes, elect
+    each entry's sign (by the summed values, "total", or by count, "frequency"), and average the
+    weighted entries that agree with it."""
+    if majority_sign_method not in ("total", "frequency"):
+        raise ConfigError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+    trimmed = torch.stack([_keep_largest(t, density) for t in tensors])
+    votes = trimmed.sum(0) if majority_sign_method == "total" else trimmed.sign().sum(0)
+    agrees = trimmed.sign() == torch.where(votes >= 0, 1.0, -1.0)
+    weighted = trimmed * torch.tensor(weights, dtype=trimmed.dtype).view(-1, *[1] * (trimmed.dim() - 1))
+    return (weighted * agrees).sum(0) / agrees.sum(0).clamp(min=1)
+
+
+def _keep_largest(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    keep = torch.zeros(tensor.numel(), dtype=tensor.dtype)
+    keep[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
+    return tensor * keep.view(tensor.shape)
+
+
 register_method(Method(
     "lora", LoraConfig,
     peft=PeftFormat(
@@ -151,4 +222,5 @@ register_method(Method(
          "use_rslora": "use_rslora", "layers_to_transform": "layers"},
         tensor_suffix=".weight", from_peft=layers_from_peft, to_peft=_lora_to_peft,
     ),
+    combine=combine_loras,
 ))

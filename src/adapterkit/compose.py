@@ -1,0 +1,124 @@
+"""Composition blocks: how several adapters combine at every site they share.
+
+- ``Stack(a, b, ...)``: a, then b on a's output (MAD-X: a language adapter under a task adapter).
+- ``Average(a, b, ..., weights=...)``: the weighted average of the children's outputs.
+- ``Fuse(a, b, ..., name=...)``: AdapterFusion (Pfeiffer et al. 2021): the children's changes of the
+  output mixed by attention, the layer's own output as the query; the fusion's parameters are an
+  adapter of their own (method "fusion") named ``name``.
+
+Children are adapter names or blocks, nested freely (a Fuse over Stacks, a Stack over a Fuse). A
+block is plain data: it names adapters and holds no weights, so one can be defined once
+(``AdapterModel.add_composition``) and used by many rows of a mixed batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+from .errors import ConfigError
+
+Block = Union[str, "Stack", "Average", "Fuse"]
+
+
+class Composition:
+    """Base of the blocks: an ordered tuple of children."""
+
+    kind: str = ""
+
+    def __init__(self, *children: Block) -> None:
+        if len(children) == 1 and isinstance(children[0], (list, tuple)):
+            children = tuple(children[0])
+        if not children:
+            raise ConfigError(f"{type(self).__name__} needs at least one child")
+        for child in children:
+            if not isinstance(child, (str, Composition)):
+                raise ConfigError(f"{type(self).__name__} children are adapter names or blocks, got {child!r}")
+        self.children: tuple[Block, ...] = tuple(children)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(c) for c in self.children)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.kind: [to_json(child) for child in self.children]}
+
+
+class Stack(Composition):
+    kind = "stack"
+
+
+class Average(Composition):
+    kind = "average"
+
+    def __init__(self, *children: Block, weights: list[float] | None = None, normalize: bool = True) -> None:
+        super().__init__(*children)
+        weights = [1.0] * len(self.children) if weights is None else list(weights)
+        if len(weights) != len(self.children) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise ConfigError(f"Average needs one finite weight per child ({len(self.children)}), got {weights!r}")
+        total = sum(weights)
+        if normalize and total == 0:
+            raise ConfigError("Average weights sum to 0 and cannot be normalised; pass normalize=False")
+        self.weights = [w / total for w in weights] if normalize else weights
+
+    def __repr__(self) -> str:
+        return f"Average({', '.join(repr(c) for c in self.children)}, weights={self.weights})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"average": [to_json(child) for child in self.children], "weights": self.weights}
+
+
+class Fuse(Composition):
+    kind = "fuse"
+
+    def __init__(self, *children: Block, name: str | None = None) -> None:
+        super().__init__(*children)
+        self.name = name or "fusion-" + "-".join(n for n in adapter_names(self))
+
+    def __repr__(self) -> str:
+        return f"Fuse({', '.join(repr(c) for c in self.children)}, name={self.name!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fuse": [to_json(child) for child in self.children], "name": self.name}
+
+
+def to_json(block: Block) -> Any:
+    return block if isinstance(block, str) else block.to_json()
+
+
+def from_json(data: Any) -> Block:
+    """The block a ``to_json`` value describes (as fusion configs store their children)."""
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict) and len(data.keys() & {"stack", "average", "fuse"}) == 1 and isinstance(next(iter(data.values())), list):
+        if "stack" in data:
+            return Stack(*[from_json(c) for c in data["stack"]])
+        if "average" in data:
+            return Average(*[from_json(c) for c in data["average"]], weights=data.get("weights"), normalize=False)
+        return Fuse(*[from_json(c) for c in data["fuse"]], name=data.get("name"))
+    raise ConfigError(f"not a composition: {data!r}")
+
+
+def adapter_names(block: Block) -> list[str]:
+    """Every adapter a block runs, in order, each once (fusions not included)."""
+    if isinstance(block, str):
+        return [block]
+    names: list[str] = []
+    for child in block.children:
+        names += [n for n in adapter_names(child) if n not in names]
+    return names
+
+
+def fusions(block: Block) -> list["Fuse"]:
+    """The Fuse blocks inside ``block`` (itself included)."""
+    if isinstance(block, str):
+        return []
+    found = [block] if isinstance(block, Fuse) else []
+    for child in block.children:
+        found += fusions(child)
+    return found
