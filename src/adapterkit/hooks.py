@@ -12,6 +12,7 @@ have both fire on every call, so it is refused until the first is released.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import weakref
@@ -57,17 +58,36 @@ class Routing:
 
 
 class Tap:
-    """Keeps the input of a base module for the parallel adapters that read it."""
+    """Keeps the input (or output) of a base module for the adapters that read it elsewhere."""
 
-    def __init__(self, module: nn.Module, routing: Routing) -> None:
+    def __init__(self, module: nn.Module, routing: Routing, output: bool = False) -> None:
         self.routing = routing
         self.readers: set[str] = set()
         self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._keep)
+        if output:
+            self.handle = module.register_forward_hook(lambda m, args, out: self._keep(out[0] if isinstance(out, tuple) else out))
+        else:
+            self.handle = module.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
 
-    def _keep(self, module: nn.Module, args: tuple) -> None:
+    def _keep(self, value: torch.Tensor) -> None:
         if not self.readers.isdisjoint(self.routing.routed()):
-            self.value = args[0]
+            self.value = value
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """What an adapter reads at its site when that is not the hooked layer's input: a kept
+    value (a tap), optionally plus the layer's output, optionally through a base norm module."""
+
+    tap: Tap
+    plus_output: bool = False
+    norm: nn.Module | None = None
+
+    def __call__(self, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        value = self.tap.value if rows is None else self.tap.value.index_select(0, rows)
+        if self.plus_output:
+            value = y + value
+        return value if self.norm is None else self.norm.forward(value)
 
 
 class SiteHooks:
@@ -79,12 +99,12 @@ class SiteHooks:
         self.module_name = module_name
         self.module = module
         self.routing = routing
-        self.outputs: dict[str, tuple[AdapterModule, Tap | None]] = {}
+        self.outputs: dict[str, tuple[AdapterModule, Reader | None]] = {}
         self.inputs: dict[str, AdapterModule] = {}
         self.fusions: dict[str, AdapterModule] = {}
         self._output_handle = self._input_handle = None
 
-    def add(self, name: str, adapter: AdapterModule, tap: Tap | None) -> None:
+    def add(self, name: str, adapter: AdapterModule, reader: Reader | None) -> None:
         if adapter.hook == "input":
             self.inputs[name] = adapter
             if self._input_handle is None:
@@ -92,7 +112,7 @@ class SiteHooks:
         elif adapter.hook == "composition":
             self.fusions[name] = adapter
         else:
-            self.outputs[name] = (adapter, tap)
+            self.outputs[name] = (adapter, reader)
         if self._output_handle is None:  # compositions run every adapter of the site here
             self._output_handle = self.module.register_forward_hook(self._apply_output)
 
@@ -142,9 +162,9 @@ class SiteHooks:
         if len(entries) > 1:  # changes of the layer itself first, then output transforms in order
             entries.sort(key=lambda entry: not entry[0].changes_layer)
         x, y, tapped = args[0], output, False
-        for adapter, tap in entries:
-            if tap is not None:
-                y, tapped = adapter(tap.value, y), True
+        for adapter, reader in entries:
+            if reader is not None:
+                y, tapped = adapter(reader(y), y), True
             else:
                 y = adapter(x, y)
         if tapped:
@@ -185,14 +205,22 @@ class SiteHooks:
         fusion = self.fusions.get(block.name)
         if fusion is None:
             raise AdapterkitError(f"fusion {block.name!r} has no layer at {self.module_name}, where its children act; add the fusion again")
-        return fusion.fuse(y, [self._effect(child, x, y, y0, rows) - y for _, child in acting])
+        query = y if fusion.query == "output" else self._input_of(acting[-1][1], x, y, rows)
+        return fusion.fuse(y, [self._effect(child, x, y, y0, rows) - y for _, child in acting], query)
+
+    def _input_of(self, block: Block, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+        """What adapter ``block`` reads here (a fusion's query, as AdapterHub takes it)."""
+        entry = self.outputs.get(block) if isinstance(block, str) else None
+        if entry is None:
+            return y
+        adapter, reader = entry
+        return y if adapter.reads == "output" else x if reader is None else reader(y, rows)
 
     def _effect_of(self, name: str, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor, rows) -> torch.Tensor:
         entry = self.outputs.get(name)
         if entry is not None:
-            adapter, tap = entry
-            source = x if tap is None else tap.value if rows is None else tap.value.index_select(0, rows)
-            return adapter(source, y)
+            adapter, reader = entry
+            return adapter(x if reader is None else reader(y, rows), y)
         adapter = self.inputs.get(name)
         if adapter is not None:  # the layer run again on its changed input; its change adds to y
             return y + (self.module.forward(adapter.transform_input(x)) - y0)
@@ -200,9 +228,9 @@ class SiteHooks:
 
     def clear_taps(self) -> None:
         """Let go of kept inputs once read: they hold a whole activation each."""
-        for _, tap in self.outputs.values():
-            if tap is not None:
-                tap.value = None
+        for _, reader in self.outputs.values():
+            if reader is not None:
+                reader.tap.value = None
 
 
 class HookLayer:
@@ -226,7 +254,7 @@ class HookLayer:
         self._modules: dict[str, nn.Module] = {name: module for name, module in base.named_modules() if name}
         self._sites: dict[str, list[Site]] = {}
         self._hooks: dict[str, SiteHooks] = {}
-        self._taps: dict[str, Tap] = {}
+        self._taps: dict[tuple[str, bool], Tap] = {}
         self._site_cache: dict[str, list[Site]] = {}
         self._stacks: OrderedDict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = OrderedDict()
 
@@ -251,7 +279,7 @@ class HookLayer:
 
     def hooked_modules(self) -> list[str]:
         """The base modules that carry an adapterkit hook now."""
-        return sorted(set(self._hooks) | set(self._taps))
+        return sorted(set(self._hooks) | {name for name, _ in self._taps})
 
     # ---- attaching -----------------------------------------------------------------------------
     def attach(self, name: str, sites: list[Site], modules: dict[str, AdapterModule]) -> None:
@@ -263,16 +291,18 @@ class HookLayer:
     def attach_site(self, name: str, site: Site, adapter: AdapterModule) -> None:
         if self.released:
             raise AdapterkitError("this AdapterModel let go of its base (unload / merge_and_unload); wrap the base in a new AdapterModel")
-        tap = None
-        if site.reads_from is not None and site.reads_from != site.module_name:
-            tap = self._taps.get(site.reads_from)
+        reader = None
+        if site.reads_from is not None and (site.reads_from != site.module_name or site.reads_output):
+            key = (site.reads_from, site.reads_output)
+            tap = self._taps.get(key)
             if tap is None:
-                tap = self._taps[site.reads_from] = Tap(self._modules[site.reads_from], self.routing)
+                tap = self._taps[key] = Tap(self._modules[site.reads_from], self.routing, output=site.reads_output)
             tap.readers.add(name)
+            reader = Reader(tap, site.reads_sum, None if site.norm is None else self._modules[site.norm])
         hooks = self._hooks.get(site.module_name)
         if hooks is None:
             hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name], self.routing)
-        hooks.add(name, adapter, tap)
+        hooks.add(name, adapter, reader)
 
     def detach_site(self, name: str, module_name: str) -> None:
         """Take one adapter off one module (its tap stays: the adapter may come back)."""
@@ -285,11 +315,11 @@ class HookLayer:
         for site in self._sites.pop(name):
             if site.module_name in self._hooks:
                 self.detach_site(name, site.module_name)
-        for module_name, tap in list(self._taps.items()):
+        for key, tap in list(self._taps.items()):
             tap.readers.discard(name)
             if not tap.readers:
                 tap.handle.remove()
-                del self._taps[module_name]
+                del self._taps[key]
         for key in [key for key in self._stacks if name in key[2]]:
             del self._stacks[key]
 

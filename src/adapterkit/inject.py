@@ -10,10 +10,12 @@ without a table of architectures; anything else is reached through ``target_modu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from .errors import InjectionError
@@ -31,6 +33,10 @@ class Site:
     reads_from: str | None = None  # module whose *input* the adapter reads (parallel adapters)
     layer: int | None = None  # index of the block holding it, when inside one
     transposed: bool = False  # the hooked module keeps its weight as [in, out] (GPT-2's Conv1D)
+    sublayer: str | None = None  # "attention" or "ffn", for sites found from the block structure
+    reads_output: bool = False  # read the *output* of ``reads_from`` (post-LN models' residual stream)
+    reads_sum: bool = False  # read the hooked module's output plus what ``reads_from`` gives
+    norm: str | None = None  # a base module (the model's own LayerNorm) applied to what is read
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -112,9 +118,10 @@ def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
         for index, block in enumerate(blocks_list):
             prefix = f"{list_name}.{index}."
             attention, ffn = sub_layers(block, d_model)
-            groups = (attention if want_attention else []) + ([ffn] if want_ffn and ffn else [])
-            for group in groups:
-                sites.append(_site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__))
+            groups = [(g, "attention") for g in (attention if want_attention else [])] + ([(ffn, "ffn")] if want_ffn and ffn else [])
+            for group, kind in groups:
+                site = _site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__)
+                sites.append(dataclasses.replace(site, sublayer=kind))
     if not sites:
         names = [n for n, m in model.named_modules() if is_linear(m)][:8]
         raise InjectionError(
@@ -216,3 +223,74 @@ def _filter_layers(model: nn.Module, sites: list[Site], layers: Iterable[int]) -
     if out_of_range:
         raise InjectionError(f"layers {out_of_range} do not exist: {type(model).__name__} has {depth} layers (0..{depth - 1})")
     return [site for site in sites if site.layer in wanted]
+
+
+# ---- the residual stream -------------------------------------------------------------------------
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def reading_the_residual(model: nn.Module, sites: list[Site], with_output: bool) -> list[Site]:
+    """``sites`` (output projections of sub-layers) re-aimed at the residual stream x entering each
+    sub-layer, or at the sub-layer's output s plus x (``with_output``), as AdapterHub's adapters
+    read them. Found by running the model once on two tokens and watching the order modules run:
+
+    - x is the residual stream around the last norm that runs before the sub-layer's first linear
+      layer. In a pre-LN block (Llama, GPT-2) that norm's input; in a post-LN block (BERT) its
+      output. A block is post-LN when its output is its last norm's output.
+    - In a post-LN block the sum s + x is read through the norm that runs right after the
+      sub-layer's output projection (the model's own LayerNorm)."""
+    order, outputs = _trace(model)
+    post_ln = _is_post_ln(model, order, outputs)
+    first_linear = {}
+    for list_name, blocks in find_blocks(model):
+        d_model = hidden_size(model)
+        for index, block in enumerate(blocks):
+            attention, ffn = sub_layers(block, d_model)
+            for group in attention + ([ffn] if ffn else []):
+                names = [f"{list_name}.{index}.{name}" for name, _ in group]
+                called = [n for n in order if n in names]
+                for name in names:
+                    first_linear[name] = called[0] if called else names[0]
+    position = {name: i for i, name in enumerate(order)}
+    located = []
+    for site in sites:
+        start = first_linear.get(site.module_name)
+        if start not in position or site.module_name not in position:
+            raise InjectionError(f"cannot tell where the residual stream enters the sub-layer of {site.module_name}; this model's layout is not supported for residual-reading adapters")
+        before = [n for n in order[: position[start]] if _is_norm(model.get_submodule(n))]
+        after = [n for n in order[position[site.module_name] + 1 :] if _is_norm(model.get_submodule(n))]
+        if not before or (post_ln and not after):
+            raise InjectionError(f"found no norm around the sub-layer of {site.module_name}; this model's layout is not supported for residual-reading adapters")
+        located.append(dataclasses.replace(
+            site, reads_from=before[-1], reads_output=post_ln, reads_sum=with_output,
+            norm=after[0] if post_ln and with_output else None, in_features=site.out_features,
+        ))
+    return located
+
+
+def _trace(model: nn.Module) -> tuple[list[str], dict[str, object]]:
+    """The names of the modules in the order they start running, and each one's last output."""
+    order: list[str] = []
+    outputs: dict[str, object] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
+            handles.append(module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out)))
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.tensor([[1, 2]], device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order)), outputs
+
+
+def _is_post_ln(model: nn.Module, order: list[str], outputs: dict[str, object]) -> bool:
+    list_name, blocks = find_blocks(model)[0]
+    block = f"{list_name}.0"
+    norms = [n for n in order if n.startswith(block + ".") and _is_norm(model.get_submodule(n))]
+    first = lambda value: value[0] if isinstance(value, (tuple, list)) else value
+    return bool(norms) and torch.equal(first(outputs[block]), first(outputs[norms[-1]]))

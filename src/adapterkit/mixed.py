@@ -27,8 +27,8 @@ class Group:
     exceeds one group per adapter, so an uneven mix costs at most twice the adapter FLOPs of an
     even one, and an even one costs the same as a single adapter."""
 
-    def __init__(self, kind: tuple, module_class, reads: str, tap, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
-        self.kind, self.module_class, self.reads, self.tap = kind, module_class, reads, tap
+    def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
+        self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
         device = next(iter(stacked.values())).device
         members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
         self.rows = None if len(members) == len(row_adapter) else torch.tensor(members, device=device)
@@ -54,7 +54,7 @@ class Group:
             self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        source = self.tap.value if self.tap is not None else x if self.reads == "input" else y
+        source = y if self.reads == "output" else x if self.reader is None else self.reader(y)
         n = y.shape[0]
         h = source.reshape(n, -1, source.shape[-1])
         if self.rows is not None:
@@ -144,16 +144,16 @@ class MixedPlan:
         attached = hooks.inputs if place == "input" else {name: entry[0] for name, entry in hooks.outputs.items()}
         by_kind: dict[tuple, list[str]] = {}
         for name in sorted(self.names & attached.keys()):
-            tap = hooks.outputs[name][1] if place == "output" else None
-            by_kind.setdefault((attached[name].mixed_kind(), tap), []).append(name)
+            reader = hooks.outputs[name][1] if place == "output" else None
+            by_kind.setdefault((attached[name].mixed_kind(), reader), []).append(name)
         groups = []
-        for (kind, tap), names in by_kind.items():
+        for (kind, reader), names in by_kind.items():
             first = attached[names[0]]
             index = {name: i for i, name in enumerate(names)}
             row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
             stacked = self._stacked(hooks, kind, names)
             if first.mixed == "delta":
-                groups.append(Group(kind, type(first), first.reads, tap, stacked, row_adapter))
+                groups.append(Group(kind, type(first), first.reads, reader, stacked, row_adapter))
             elif first.mixed == "scale":
                 groups.append(ScaleRows(stacked, row_adapter))
             else:

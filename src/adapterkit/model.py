@@ -473,9 +473,10 @@ class AdapterModel(nn.Module):
         write_folder_atomically(path, self.adapter_files(name, format))
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
-        """Load a saved adapter (adapterkit's or peft's format) under ``name`` (default: the name it
-        was saved with, or a peft folder's name); returns the name."""
-        saved = read_adapter(path)
+        """Load a saved adapter (adapterkit's, peft's or AdapterHub's format; an AdapterFusion
+        folder too, after its members) under ``name`` (default: the name it was saved with, or a
+        peft folder's name); returns the name."""
+        saved = read_adapter(path, self.base)
         name = name if name is not None else saved.name
         if name is None:
             raise AdapterNameError(f"{path} carries no adapter name and its folder name is not a valid one; pass name=")

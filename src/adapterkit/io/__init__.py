@@ -1,4 +1,4 @@
-"""Adapter files: adapterkit's format and peft's, read into a config plus a state dict, and written
+"""Adapter files: adapterkit's format, peft's and AdapterHub's, read into a config plus a state dict, and written
 from one, atomically. Nothing here knows ``AdapterModel``: loading is "read the folder, then
 ``add_adapter(name, config, state_dict)``", saving is "these tensors and this config, as files".
 """
@@ -6,18 +6,19 @@ from one, atomically. Nothing here knows ``AdapterModel``: loading is "read the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import AdapterFileError, ConfigError
 from ..inject import Site
 from ..methods import AdapterConfig
 from ..names import is_valid_name
+from .adapterhub import FUSION_CONFIG_FILE, adapterhub_adapter, adapterhub_fusion, is_adapterhub_config
 from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_base, forget_base_fingerprint
-from .folders import read_regular_file, remove_interrupted_writes, write_folder_atomically
+from .folders import read_json, remove_interrupted_writes, write_folder_atomically
 from .native import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_tensors
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
 from .tensors import read_tensors, tensors_to_bytes
@@ -49,24 +50,21 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise AdapterFileError(f"no adapter folder at {path}")
-    source = path / CONFIG_FILE
-    if not source.exists() and not source.is_symlink():
-        raise AdapterFileError(f"{path} holds no {CONFIG_FILE}; is it an adapter folder?")
-    try:
-        document = json.loads(read_regular_file(source))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"{source} is corrupt: not valid JSON ({error})") from None
-    except RecursionError:
-        raise AdapterFileError(f"{source} is corrupt: its JSON is nested too deeply") from None
-    if not isinstance(document, dict):
-        raise AdapterFileError(f"{source} is corrupt: expected a JSON object")
-    return document
+    return read_json(path / CONFIG_FILE)
 
 
-def read_adapter(path: str | Path) -> SavedAdapter:
-    """Read an adapter folder in any format we know (detected from its config file)."""
+def read_adapter(path: str | Path, base: nn.Module | None = None) -> SavedAdapter:
+    """Read an adapter folder in any format we know (detected from its config file). Formats
+    that key tensors by layer rather than module name (AdapterHub's) are placed on ``base``."""
     path = Path(path)
+    if path.is_dir() and (path / FUSION_CONFIG_FILE).exists() and not (path / CONFIG_FILE).exists():
+        name, config, tensors = adapterhub_fusion(path, base)
+        return SavedAdapter(name, config, tensors, None, "adapterhub")
     document = read_adapter_config(path)
+    if is_adapterhub_config(document):
+        config, tensors = adapterhub_adapter(document, path, base)
+        name = document.get("name")
+        return SavedAdapter(name if is_valid_name(name) else None, config, tensors, None, "adapterhub")
     if is_peft_config(document):
         config = peft_config(document, path)
         name = path.name if is_valid_name(path.name) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import stat
@@ -37,6 +38,21 @@ def read_regular_file(path: Path) -> bytes:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise AdapterFileError(f"{path} is not a regular file")
         return handle.read()
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a regular file, or a clear error naming the file."""
+    if not path.exists() and not path.is_symlink():
+        raise AdapterFileError(f"{path.parent} holds no {path.name}; is it an adapter folder?")
+    try:
+        document = json.loads(read_regular_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{path} is corrupt: not valid JSON ({error})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path} is corrupt: its JSON is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{path} is corrupt: expected a JSON object")
+    return document
 
 
 def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:

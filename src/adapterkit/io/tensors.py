@@ -32,16 +32,16 @@ def read_tensors(path: Path, expected_crc32: int | None = None) -> dict[str, tor
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, ValueError, TypeError, OverflowError, RuntimeError, OSError) as error:
         raise AdapterFileError(f"{path} is corrupt: not a readable safetensors file ({error})") from None
-    bad = _first_non_finite(data, tensors)
+    bad = first_non_finite(data, tensors)
     if bad is not None:
         raise AdapterFileError(f"{path} holds NaN or infinite values in {bad!r}; it cannot have come from a healthy training run")
     return tensors
 
 
-def _first_non_finite(data: bytes, tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of a tensor holding NaN or infinity, if any. When every tensor is float32 (as
-    saved adapters are), one pass over the file's data section decides for all of them."""
-    if tensors and all(t.dtype == torch.float32 for t in tensors.values()):
+def first_non_finite(data: bytes | None, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of a tensor holding NaN or infinity, if any. Given the safetensors file ``data``
+    and float32 tensors only (as saved adapters are), one pass over its data section decides."""
+    if data is not None and tensors and all(t.dtype == torch.float32 for t in tensors.values()):
         start = 8 + int.from_bytes(data[:8], "little")  # the header was checked by the library
         if (len(data) - start) % 4 == 0 and np.isfinite(np.frombuffer(data, dtype=np.float32, offset=start)).all():
             return None

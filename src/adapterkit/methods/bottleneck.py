@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..inject import Site, find_sites
+from ..inject import Site, find_sites, reading_the_residual
 from .base import (
     AdapterConfig,
     AdapterModule,
@@ -30,6 +30,7 @@ from .base import (
 )
 
 PLACEMENTS = ("houlsby", "pfeiffer", "attention", "parallel")
+READS = ("output", "sublayer_input", "residual", "output+residual")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
 INITS = ("zeros", "bert")
 DEFAULT_BOTTLENECK_SIZE = 64
@@ -43,7 +44,13 @@ class BottleneckConfig(AdapterConfig):
       "attention" (after attention), "parallel" (beside both sub-layers: reads each sub-layer's
       input, adds to its output).
     bottleneck_size / reduction_factor: the width r, given directly or as hidden size / r
-      (64 when neither is given).
+      (64 when neither is given); reduction_factor may map layer indices to factors, with a
+      "default" entry: {"default": 16, "3": 8}.
+    reads: what the adapter's down-projection reads, s being the sub-layer's output and x the
+      residual stream entering the sub-layer: "output" (s; the default), "sublayer_input" (the
+      sub-layer's normed input; the default of "parallel"), "residual" (x: a parallel adapter
+      as AdapterHub's par_bn), "output+residual" (s + x, through the model's own LayerNorm in
+      post-LN models: AdapterHub's Pfeiffer). The output is always s + scaling * f(what it reads).
     init: "zeros" (up-projection zero: exact identity at start) or "bert" (all weights N(0, 0.02)).
     layers: block indices to adapt (default: all). target_modules: explicit module names or a
       regular expression, replacing the automatic insertion points.
@@ -53,7 +60,8 @@ class BottleneckConfig(AdapterConfig):
 
     placement: str = "houlsby"
     bottleneck_size: int | None = None
-    reduction_factor: float | None = None
+    reduction_factor: float | dict[str, float] | None = None
+    reads: str | None = None
     activation: str = "gelu"
     dropout: float = 0.1
     layer_norm: bool = True
@@ -68,8 +76,15 @@ class BottleneckConfig(AdapterConfig):
             raise ConfigError("give bottleneck_size or reduction_factor, not both")
         if self.bottleneck_size is not None:
             check_int("bottleneck_size", self.bottleneck_size)
-        if self.reduction_factor is not None:
+        if isinstance(self.reduction_factor, dict):
+            if "default" not in self.reduction_factor:
+                raise ConfigError(f"a reduction_factor map needs a 'default' entry, got {self.reduction_factor!r}")
+            for layer, factor in self.reduction_factor.items():
+                check_number(f"reduction_factor[{layer!r}]", factor, positive=True)
+        elif self.reduction_factor is not None:
             check_number("reduction_factor", self.reduction_factor, positive=True)
+        if self.reads is not None:
+            check_choice("reads", self.reads, READS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_number("dropout", self.dropout, 0.0, 1.0)
         check_bool("layer_norm", self.layer_norm)
@@ -78,16 +93,27 @@ class BottleneckConfig(AdapterConfig):
         self.layers = check_layers(self.layers)
         self.target_modules = check_target_modules(self.target_modules, required=False)
 
-    def width(self, hidden: int) -> int:
-        if self.reduction_factor is not None:
-            return max(1, int(hidden // self.reduction_factor))
+    def width(self, hidden: int, layer: int | None = None) -> int:
+        factor = self.reduction_factor
+        if isinstance(factor, dict):
+            factor = factor.get(str(layer), factor["default"])
+        if factor is not None:
+            return max(1, int(hidden // factor))
         return self.bottleneck_size or DEFAULT_BOTTLENECK_SIZE
 
+    @property
+    def reading(self) -> str:
+        return self.reads or ("sublayer_input" if self.placement == "parallel" else "output")
+
     def sites(self, model: nn.Module) -> list[Site]:
-        return find_sites(model, self.placement, self.layers, self.target_modules)
+        placement = "houlsby" if self.placement == "parallel" and self.reading != "sublayer_input" else self.placement
+        sites = find_sites(model, placement, self.layers, self.target_modules)
+        if self.reading in ("residual", "output+residual"):
+            sites = reading_the_residual(model, sites, with_output=self.reading == "output+residual")
+        return sites
 
     def build(self, site: Site, device: torch.device | str | None = None) -> "BottleneckAdapter":
-        return BottleneckAdapter(site.in_features, site.out_features, self, device)
+        return BottleneckAdapter(site.in_features, site.out_features, self, device, self.width(site.in_features, site.layer))
 
 
 class BottleneckAdapter(AdapterModule):
@@ -101,11 +127,10 @@ class BottleneckAdapter(AdapterModule):
 
     mixed = "delta"
 
-    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None):
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None, width: int | None = None):
         super().__init__()
-        r = config.width(in_features)
-        self.parallel = config.placement == "parallel"
-        self.reads = "input" if self.parallel else "output"
+        r = width or config.width(in_features)
+        self.reads = "output" if config.reading == "output" else "input"  # "input": what the site's reader gives
         self.scaling = config.scaling
         self.activation = ACTIVATIONS[config.activation]
         self.dropout = config.dropout
@@ -144,14 +169,14 @@ class BottleneckAdapter(AdapterModule):
         return F.linear(h, self.up_weight, self.up_bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self.delta(x if self.parallel else y)  # a fresh tensor: safe to add into in place
+        delta = self.delta(y if self.reads == "output" else x)  # a fresh tensor: safe to add into in place
         if self.scaling != 1.0:
             delta.mul_(self.scaling)
         return delta.add_(y)
 
     def mixed_kind(self) -> tuple:
         """Adapters compute together when they read the same input the same way."""
-        return (type(self), self.parallel, self.activation, self.ln_weight is not None)
+        return (type(self), self.reads, self.activation, self.ln_weight is not None)
 
     @staticmethod
     def stack(modules: list["BottleneckAdapter"]) -> dict[str, torch.Tensor]:

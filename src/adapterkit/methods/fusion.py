@@ -21,19 +21,22 @@ from torch import nn
 from ..compose import adapter_names, from_json, fusions
 from ..errors import ConfigError
 from ..inject import Site
-from .base import AdapterConfig, AdapterModule, Method, check_number, register_method
+from .base import AdapterConfig, AdapterModule, Method, check_choice, check_number, register_method
 
 
 @dataclasses.dataclass
 class FusionConfig(AdapterConfig):
     """children: the fused blocks, as ``compose.to_json`` writes them; widths: the output width at
-    each base module where a child acts; temperature: of the softmax over children."""
+    each base module where a child acts; temperature: of the softmax over children; query:
+    "output" (the layer's output y) or "adapter_input" (what the last child reads, as AdapterHub
+    takes it)."""
 
     method = "fusion"
 
     children: list[Any] = dataclasses.field(default_factory=list)
     widths: dict[str, int] = dataclasses.field(default_factory=dict)
     temperature: float = 1.0
+    query: str = "output"
 
     def __post_init__(self) -> None:
         if not isinstance(self.children, list) or not self.children:
@@ -43,6 +46,7 @@ class FusionConfig(AdapterConfig):
         ):
             raise ConfigError(f"a fusion needs the width of each module it acts at, got {self.widths!r}")
         check_number("temperature", self.temperature, positive=True)
+        check_choice("query", self.query, ("output", "adapter_input"))
 
     def depends_on(self) -> list[str]:
         blocks = [from_json(child) for child in self.children]
@@ -56,7 +60,7 @@ class FusionConfig(AdapterConfig):
         return [Site(module_name=name, in_features=width, out_features=width) for name, width in self.widths.items()]
 
     def build(self, site: Site, device: torch.device | str | None = None) -> "FusionLayer":
-        return FusionLayer(site.out_features, self.temperature, device)
+        return FusionLayer(site.out_features, self.temperature, self.query, device)
 
 
 class FusionLayer(AdapterModule):
@@ -64,9 +68,10 @@ class FusionLayer(AdapterModule):
 
     hook = "composition"
 
-    def __init__(self, width: int, temperature: float, device=None) -> None:
+    def __init__(self, width: int, temperature: float, query: str = "output", device=None) -> None:
         super().__init__()
         self.temperature = temperature
+        self.query = query
         empty = lambda *shape: nn.Parameter(torch.empty(*shape, device=device))
         self.query_weight, self.query_bias = empty(width, width), empty(width)
         self.key_weight, self.key_bias = empty(width, width), empty(width)
@@ -79,9 +84,10 @@ class FusionLayer(AdapterModule):
                 self.key_bias.zero_()
                 self.value_weight.copy_(torch.eye(width))
 
-    def fuse(self, y: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    def fuse(self, y: torch.Tensor, deltas: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+        """y plus the children's changes ``deltas`` mixed by attention from ``query``."""
         changes = torch.stack(deltas, dim=-2)  # [..., children, d]
-        query = F.linear(y, self.query_weight, self.query_bias)
+        query = F.linear(query, self.query_weight, self.query_bias)
         keys = F.linear(changes, self.key_weight, self.key_bias)
         weights = torch.softmax((keys * query.unsqueeze(-2)).sum(-1) / self.temperature, dim=-1)
         return y + F.linear((weights.unsqueeze(-1) * changes).sum(-2), self.value_weight)
