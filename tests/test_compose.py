@@ -228,3 +228,15 @@ def test_bottleneck_merge_averages_parameters_of_one_config():
         model.merge_adapters("ac", ["a", "c"], [0.5, 0.5])
     with pytest.raises(ak.ConfigError, match="by 'linear'"):
         model.merge_adapters("ab2", ["a", "b"], [0.5, 0.5], method="svd")
+
+
+def test_a_lora_stacks_over_a_merged_one():
+    model = ak.AdapterModel(make_base("llama")).eval()
+    for i, name in enumerate("xy"):
+        model.add_adapter(name, ak.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        randomize(model, name, 20 + i)
+    model.set_active(["x", "y"])
+    expected = logits(model)
+    model.merge("x")
+    model.set_active(["x", "y"])  # x now lives in the weights, y still runs through its hooks
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
