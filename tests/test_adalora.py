@@ -58,7 +58,7 @@ def test_new_adalora_is_an_exact_identity(arch):
         ({"beta1": 1.0}, r"beta1 must be in \[0, 1\)"),
         ({"tinit": -1}, "tinit must be a non-negative integer"),
         ({"orth_reg_weight": -0.1}, "orth_reg_weight must be a non-negative"),
-        ({"target_modules": None}, "target_modules must name"),
+        ({"target_modules": []}, "target_modules must name"),
         ({"rank_pattern": {"m": [True]}}, "must be a list of 12 booleans"),
     ],
 )

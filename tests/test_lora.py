@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -81,7 +83,6 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
         ({"r": 2.5}, "r must be a positive integer"),
         ({"alpha": -1}, "alpha must be a positive number"),
         ({"dropout": 1.0}, "dropout must be in"),
-        ({"target_modules": None}, "target_modules must name the linear layers"),
         ({"target_modules": []}, "target_modules must name the linear layers"),
         ({"layers": [-2]}, "layers must be non-negative"),
     ],
@@ -248,3 +249,30 @@ def test_print_trainable_parameters_counts_lora(capsys):
     )
     assert model.adapter_ranks("lora") == {s.module_name: 4 for s in model.adapter_sites("lora")}
 
+
+
+def test_peft_spellings_work_as_written():
+    config = ak.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj"], layers_to_transform=1)
+    assert (config.alpha, config.dropout, config.layers) == (16, 0.05, [1])
+    assert ak.LoraConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).alpha == 8
+    ada = ak.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, total_step=10, target_modules=["q_proj"])
+    assert ada.alpha == 12
+    assert ak.IA3Config(layers_to_transform=[0]).layers == [0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_lora_without_target_modules_adapts_what_peft_would(arch, tmp_path, caplog):
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(make_base(arch), peft.LoraConfig())
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    model = ak.AdapterModel(make_base(arch))
+    with caplog.at_level(logging.INFO, logger="adapterkit"):
+        model.add_adapter("l", ak.LoraConfig())
+    assert sorted(s.module_name for s in model.adapter_sites("l")) == theirs
+    assert "no target_modules given; adapting the attention's query and value projections" in caplog.text
+    randomize(model, "l")
+    model.set_active("l")
+    expected = logits(model)
+    model.save_adapter("l", tmp_path / "l", format="peft")
+    loaded = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "l").eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-5)

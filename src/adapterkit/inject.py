@@ -201,6 +201,22 @@ def _named_sites(model: nn.Module, target_modules: str | list[str], reads_input:
     return sites
 
 
+def query_and_value(model: nn.Module) -> list[str]:
+    """The attention's query and value projections of every block (a fused one: itself), peft's
+    default LoRA targets, found from structure: the attention's input projections, first and last."""
+    d_model = hidden_size(model)
+    names = []
+    for list_name, blocks in find_blocks(model):
+        for index, block in enumerate(blocks):
+            for group in sub_layers(block, d_model)[0]:
+                readers = [name for name, m in group[:-1] if d_model is None or linear_features(m)[0] == d_model]
+                chosen = readers if len(readers) == 1 else readers[:1] + readers[-1:]
+                names += [f"{list_name}.{index}.{name}" for name in chosen]
+    if not names:
+        raise InjectionError(f"found no attention projections in {type(model).__name__}; name the layers with target_modules")
+    return names
+
+
 def matches_target(name: str, target_modules: str | list[str]) -> bool:
     """peft's rule: a string is a regular expression matched against the whole name; a list entry
     matches the name itself or its last dotted parts."""

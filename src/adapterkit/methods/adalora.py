@@ -39,7 +39,7 @@ from .base import (
     check_target_modules,
     register_method,
 )
-from .lora import LowRankAdapter, layers_from_peft
+from .lora import LowRankAdapter, default_targets, layers_from_peft
 
 RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
 FACTORS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # each factor and its rank dimension
@@ -61,6 +61,7 @@ class AdaLoraConfig(AdapterConfig):
 
     method = "adalora"
     set_by_training = frozenset({"rank_pattern"})
+    peft_names = {"lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers"}
 
     init_r: int = 12
     target_r: int = 8
@@ -76,8 +77,14 @@ class AdaLoraConfig(AdapterConfig):
     total_step: int | None = None
     layers: list[int] | None = None
     rank_pattern: dict[str, list[bool]] | None = None
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
+        self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
         for field in ("init_r", "target_r", "deltaT"):
             check_int(field, getattr(self, field))
         if self.target_r > self.init_r:
@@ -98,7 +105,7 @@ class AdaLoraConfig(AdapterConfig):
         check_number("alpha", self.alpha, positive=True)
         check_number("dropout", self.dropout, 0.0, 1.0)
         check_number("orth_reg_weight", self.orth_reg_weight, low=0.0)
-        self.target_modules = check_target_modules(self.target_modules, required=True)
+        self.target_modules = check_target_modules(self.target_modules, required=False)
         self.layers = check_layers(self.layers)
         if self.rank_pattern is not None:
             self._check_rank_pattern()
@@ -120,7 +127,7 @@ class AdaLoraConfig(AdapterConfig):
         return sum(self.rank_pattern[module_name])
 
     def sites(self, model: nn.Module) -> list[Site]:
-        return find_sites(model, "linear", self.layers, self.target_modules)
+        return find_sites(model, "linear", self.layers, self.target_modules or default_targets(model, self.method))
 
     def tensors_to_save(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Once the final ranks are fixed, only the kept triplets, as peft saves them."""
@@ -421,6 +428,8 @@ def _adalora_from_peft(values: dict) -> dict:
 
 
 def _adalora_to_peft(config: AdaLoraConfig, sites: list[Site], document: dict) -> None:
+    if config.target_modules is None:
+        document["target_modules"] = [site.module_name for site in sites]
     if config.rank_pattern is not None:
         document["rank_pattern"] = {f"{module}.lora_E": keep for module, keep in config.rank_pattern.items()}
     document["fan_in_fan_out"] = any(site.transposed for site in sites)

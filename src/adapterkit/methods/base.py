@@ -28,6 +28,7 @@ class AdapterConfig:
 
     method: ClassVar[str]
     set_by_training: ClassVar[frozenset[str]] = frozenset()  # fields a training run sets itself
+    peft_names: ClassVar[dict[str, str]] = {}  # peft's spelling -> ours, accepted everywhere ours is
 
     def sites(self, model: nn.Module) -> list[Site]:
         """Where this adapter attaches in ``model``, found from its structure."""
@@ -50,7 +51,15 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        if isinstance(data, dict):
+            data = {cls.peft_names.get(key, key): value for key, value in data.items()}
         return dataclass_from_dict(cls, data, f"{cls.__name__} field", "fields")
+
+    def take_peft_names(self, **given: Any) -> None:
+        """Apply fields given in peft's spelling (``lora_alpha=16``): peft users' configs work as written."""
+        for name, value in given.items():
+            if value is not None:
+                setattr(self, self.peft_names[name], value)
 
 
 def dataclass_from_dict(cls: type, data: Any, unknown_label: str, known_label: str):

@@ -8,6 +8,7 @@ own shape, it can be folded into the base weight (``AdapterModel.merge``) for ze
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..inject import Site, find_sites
+from ..inject import Site, find_sites, query_and_value
 from .base import (
     AdapterConfig,
     AdapterModule,
@@ -38,6 +39,7 @@ class LoraConfig(AdapterConfig):
     use_rslora: s = alpha / sqrt(r); layers: block indices to adapt (default: all)."""
 
     method = "lora"
+    peft_names = {"lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers"}
 
     r: int = 8
     alpha: float = 8.0
@@ -45,12 +47,18 @@ class LoraConfig(AdapterConfig):
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
     layers: list[int] | None = None
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
+        self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
         check_int("r", self.r)
         check_number("alpha", self.alpha, positive=True)
         check_number("dropout", self.dropout, 0.0, 1.0)
-        self.target_modules = check_target_modules(self.target_modules, required=True)
+        self.target_modules = check_target_modules(self.target_modules, required=False)
         check_bool("use_rslora", self.use_rslora)
         self.layers = check_layers(self.layers)
 
@@ -59,7 +67,7 @@ class LoraConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def sites(self, model: nn.Module) -> list[Site]:
-        return find_sites(model, "linear", self.layers, self.target_modules)
+        return find_sites(model, "linear", self.layers, self.target_modules or default_targets(model, self.method))
 
     def build(self, site: Site, device: torch.device | str | None = None) -> "LoraAdapter":
         return LoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout, device)
@@ -133,6 +141,15 @@ class LoraAdapter(LowRankAdapter):
         return self.lora_A, self.lora_B, self.scale
 
 
+def default_targets(model: nn.Module, method: str) -> list[str]:
+    """peft's default for LoRA-like methods, the attention's query and value projections, said
+    out loud: the user did not choose them."""
+    names = query_and_value(model)
+    logger.info(f"{method}: no target_modules given; adapting the attention's query and value projections "
+                f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}) in {len(names)} places")
+    return names
+
+
 def layers_from_peft(values: dict) -> dict:
     """peft writes ``layers_to_transform`` as one int or a list."""
     if isinstance(values.get("layers"), int):
@@ -141,6 +158,8 @@ def layers_from_peft(values: dict) -> dict:
 
 
 def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
+    if config.target_modules is None:
+        document["target_modules"] = [site.module_name for site in sites]
     document["fan_in_fan_out"] = any(site.transposed for site in sites)
     document["bias"] = "none"
 
@@ -212,6 +231,9 @@ def _keep_largest(tensor: torch.Tensor, density: float) -> torch.Tensor:
     keep = torch.zeros(tensor.numel(), dtype=tensor.dtype)
     keep[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
     return tensor * keep.view(tensor.shape)
+
+
+logger = logging.getLogger(__name__)
 
 
 register_method(Method(
