@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -52,6 +53,7 @@ class AdapterModel(nn.Module):
         self._configs: dict[str, AdapterConfig] = {}
         self._compositions: dict[str, Block] = {}  # named compositions, usable wherever an adapter name is
         self._training: dict[str, MethodTraining] = {}  # per adapter, for methods that carry training state
+        self._trained: str | None = None  # what train_adapter / train_fusion made trainable
         self._merged: str | None = None
         self._unmerged: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # exact weights merging changed
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
@@ -65,6 +67,8 @@ class AdapterModel(nn.Module):
         training = self._in_training()
         for state in training:
             state.before_forward()
+        if self._trained is not None and torch.is_grad_enabled():
+            self._warn_if_training_in_eval_mode()
         outputs = self.base(*args, **kwargs)
         if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
             outputs.loss = outputs.loss + _regularization(training)
@@ -77,9 +81,21 @@ class AdapterModel(nn.Module):
         return _regularization(self._in_training())
 
     def _in_training(self) -> list[MethodTraining]:
-        if not self.training or not self._training:
+        if not self._training:
             return []
-        return [self._training[n] for n in self.active if n in self._training and self._trains(n)]
+        return [self._training[n] for n in self.active if n in self._training and self.adapter_layers[n].training and self._trains(n)]
+
+    def _warn_if_training_in_eval_mode(self) -> None:
+        """A forward that builds a graph for a trainable adapter left in eval mode is almost always
+        a training loop that forgot ``model.train()``: dropout would be off. Said once."""
+        modules = self.adapter_layers[self._trained] if self._trained in self.adapter_layers else None
+        if modules is not None and not modules.training and self._trains(self._trained):
+            warnings.warn(
+                f"adapter {self._trained!r} is trainable but in eval mode, so its dropout is off; call "
+                "model.train() in a training loop (model.eval() for evaluation, inside torch.no_grad())",
+                stacklevel=3,
+            )
+            self._trained = None
 
     def step(self, global_step: int) -> None:
         """Call after every optimizer step (before zero_grad): runs the training-time work of the
@@ -311,6 +327,8 @@ class AdapterModel(nn.Module):
         self.set_active(fuse)
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == fuse.name)
+        self.adapter_layers[fuse.name].train()
+        self._trained = fuse.name
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -337,6 +355,8 @@ class AdapterModel(nn.Module):
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so {name!r} cannot become the active adapter; unmerge() first")
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
+        self.adapter_layers[name].train()  # dropout and training-time work on, whatever mode the base is in
+        self._trained = name
         if name not in self.active:
             self.set_active(name)
 
