@@ -71,8 +71,7 @@ class Sampling:
                 raise ConfigError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
         if not 0 < self.repetition_penalty <= 10:
             raise ConfigError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
-        if len(self.stop) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
-            raise ConfigError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        check_stops(self.stop)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
         return self
@@ -80,6 +79,12 @@ class Sampling:
     @property
     def penalised(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+def check_stops(stops: Sequence[str]) -> None:
+    """Stop strings are few and short: the text is searched for each after every token."""
+    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ConfigError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
 
 
 @dataclass
