@@ -158,14 +158,13 @@ class AdapterPool:
 
     async def acquire(self, name: str) -> None:
         """Hold ``name``, loading it (and evicting another) if needed; waits while every loaded
-        adapter is held and there is no room."""
-        path = self.path_of(name)
+        adapter is held and there is no room. A loaded adapter serves on even if its folder went."""
         async with self.changed:
-            while name not in self.model.adapters:
+            while name not in self.recent:  # ready only once recorded here, after its load
                 if name in self.loading:
                     await self.changed.wait()
                 elif len(self.recent) + len(self.loading) < self.capacity or await self._evict_one():
-                    await self._load_unlocked(name, path)
+                    await self._load_unlocked(name, self.path_of(name))
                 else:
                     await self.changed.wait()
             self.recent.move_to_end(name)
@@ -450,7 +449,7 @@ class Server:
         return jobs
 
     def check_model(self, name: str) -> None:
-        if name != self.base_name:
+        if name != self.base_name and name not in self.pool.recent:
             self.pool.path_of(name)
 
     # -- admin --
