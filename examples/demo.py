@@ -38,6 +38,7 @@ TRAIN = dict(steps=170, batch_size=8, lr=3e-3, warmup_ratio=0.1, max_length=64, 
 TRAIN_MAX_TOKENS = 64
 QUICK_TRAIN = dict(steps=8, batch_size=8)
 MAX_NEW_TOKENS = 64
+REPETITION_PENALTY = 1.2  # HF's rule: keeps a small adapter from looping on one phrase in the showcase
 
 
 def django_catalogs(language: str) -> list[Path]:
@@ -126,10 +127,10 @@ def main() -> int:
         fresh.set_active(code)
         switch_ms = 1000 * (time.perf_counter() - tic)
         tic = time.perf_counter()
-        answer = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS)[0]
+        answer = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)[0]
         generate_ms = 1000 * (time.perf_counter() - tic)
         with fresh.disabled():
-            plain = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS)[0]
+            plain = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)[0]
         print(f"   [{code}] switch {switch_ms:.3f} ms, generate {generate_ms:.0f} ms")
         print(f"        adapter:  {answer}")
         print(f"        disabled: {plain}")

@@ -231,6 +231,9 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's: >1 discourages tokens already in prompt or answer")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: subtracted per earlier use of a token")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: subtracted once from every token already used")
     parser.set_defaults(handler=run_generate)
 
 
@@ -246,7 +249,9 @@ def run_generate(args: argparse.Namespace) -> int:
     answers = {}
     for name in runs:
         model.set_active(name)
-        answers[name or "base"] = generate_batched(model, tokenizer, texts, args.max_new_tokens, stop=None if args.chat else "\n")
+        answers[name or "base"] = generate_batched(model, tokenizer, texts, args.max_new_tokens, stop=None if args.chat else "\n",
+                                                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                                                   presence_penalty=args.presence_penalty)
     for i, prompt in enumerate(args.prompts):
         print(f"> {prompt}")
         for label, outputs in answers.items():
@@ -348,22 +353,23 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a request waits for others to share its batch")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most rows decoding together")
     parser.add_argument("--max-loaded-adapters", type=int, default=8, help="least recently used idle adapters are unloaded beyond this")
+    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a place; beyond it, 429 with Retry-After")
+    parser.add_argument("--max-prefill-tokens", type=int, default=512,
+                        help="most prompt tokens (rows x padded length) prefilled in one step; longer prompts prefill in chunks")
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    for option in ("max_batch_size", "max_loaded_adapters"):
+    for option in ("max_batch_size", "max_loaded_adapters", "max_queue", "max_prefill_tokens"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
-    if args.batch_window_ms < 0:
-        raise ConfigError("--batch-window-ms cannot be negative")
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
-    serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms, args.max_loaded_adapters)
+    serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
+          args.max_queue, args.max_prefill_tokens)
     return 0
 
 

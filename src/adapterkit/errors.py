@@ -46,3 +46,7 @@ class TrainingError(AdapterkitError):
 
 class MergeError(AdapterkitError):
     """An operation conflicts with an adapter merged into the base weights (unmerge it first)."""
+
+
+class GenerationError(AdapterkitError):
+    """A prompt could not be answered: the model produced non-finite values, say."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, collate, prompt_and_completion, tokenize_all
 from .errors import ConfigError
+from .generation import Sampling, generate, pad_token_id
 
 METRICS = ("chrf", "exact", "none")
 
@@ -62,144 +63,35 @@ def completion_loss(model: nn.Module, tokenizer, examples: list[dict], batch_siz
     tokenized = sorted(tokenize_all(examples, tokenizer, max_length), key=lambda e: len(e.input_ids))
     total, count = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
-        logits, targets = completion_logits(model, collate(tokenized[start : start + batch_size], _pad_id(tokenizer)))
+        logits, targets = completion_logits(model, collate(tokenized[start : start + batch_size], pad_token_id(tokenizer)))
         total += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += targets.numel()
     return total / max(1, count)
 
 
-@torch.no_grad()
 def generate_batched(
-    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 32, stop: str | None = "\n"
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    stop: str | None = "\n",
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> list[str]:
-    """Greedy answers to ``prompts``, in order, at most ``batch_size`` of them in flight. An answer
-    ends at end-of-text or at ``stop``."""
+    """Greedy answers to ``prompts``, in order, through the active adapters, at most ``batch_size``
+    of them in flight (the generation engine: finished rows leave, waiting prompts take their
+    places). An answer ends at end-of-text or at ``stop``; penalties as in ``Sampling``."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths prefill together
-    continuations = greedy_continuations(model, [encoded[i] for i in order], max_new_tokens, _stop_token_ids(tokenizer, stop),
-                                         _pad_id(tokenizer), batch_size)
+    sampling = Sampling(max_tokens=max_new_tokens, stop=[stop] if stop else [], repetition_penalty=repetition_penalty,
+                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    done = generate(model, tokenizer, [encoded[i] for i in order], sampling, max_batch_size=batch_size)
     answers: list[str] = [""] * len(prompts)
-    for i, tokens in zip(order, continuations):
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        answers[i] = (text.split(stop, 1)[0] if stop else text).strip()
+    for i, generation in zip(order, done):
+        answers[i] = generation.text.strip()
     return answers
-
-
-@torch.no_grad()
-def greedy_continuations(
-    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, batch_size: int = 32
-) -> list[list[int]]:
-    """The greedy continuation (token ids) of each prompt, without the stop token that ended it.
-
-    Up to ``batch_size`` rows decode together. A row leaves the batch, KV cache included, when it
-    stops, and the next prompts, prefilled together, take the freed places. A batch is never held
-    by its one long or runaway answer: with HF's ``generate``, which runs every row until the last
-    one ends, answering the demo's German held-out prompts took 2.8 times as long (bench/generate.py)."""
-    continuations: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens <= 0:
-        return continuations
-    waiting = list(range(len(prompts)))[::-1]  # popped from the end: the caller's order
-    running: _Rows | None = None
-    while waiting or running is not None:
-        room = batch_size - (running.size if running else 0)
-        refill = running is None or (running.joinable and room >= min(len(waiting), max(1, batch_size // 2)))
-        if waiting and refill:
-            owners = [waiting.pop() for _ in range(min(room, len(waiting)))]
-            rows = _Rows.from_prompts([prompts[i] for i in owners], owners, pad_id)
-        else:
-            rows, running = running, None
-        tokens = rows.forward(model)
-        going = []
-        for row, token in enumerate(tokens.tolist()):
-            answer = continuations[rows.owners[row]]
-            if token not in stop_ids:
-                answer.append(token)
-                if len(answer) < max_new_tokens:
-                    going.append(row)
-        rows = rows.select(going, tokens)
-        if rows is not None:
-            running = rows if running is None else running.join(rows)
-    return continuations
-
-
-class _Rows:
-    """Rows being decoded: their prompts' owners, next inputs, attention mask, positions and KV cache.
-    Padding is on the left, so every row's mask is zeros, then ones."""
-
-    def __init__(self, owners: list[int], inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None) -> None:
-        self.owners, self.inputs, self.mask, self.positions, self.cache = owners, inputs, mask, positions, cache
-
-    @classmethod
-    def from_prompts(cls, prompts: list[list[int]], owners: list[int], pad_id: int) -> "_Rows":
-        width = max(len(p) for p in prompts)
-        inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            inputs[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
-        return cls(owners, inputs, mask, (mask.cumsum(-1) - 1).clamp(min=0))
-
-    @property
-    def size(self) -> int:
-        return len(self.owners)
-
-    @property
-    def joinable(self) -> bool:
-        """Whether other rows can be spliced into this cache: plain per-position key/value layers
-        (a sliding-window layer keeps only its last positions)."""
-        layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in layers)
-
-    def forward(self, model: nn.Module) -> torch.Tensor:
-        """One forward over the pending inputs; the greedy next token of each row."""
-        out = model(input_ids=self.inputs, attention_mask=self.mask, position_ids=self.positions, cache=self.cache,
-                    use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
-        return out.logits[:, -1].argmax(-1)
-
-    def select(self, rows: list[int], tokens: torch.Tensor) -> "_Rows | None":
-        """The given rows, ready to decode ``tokens`` next; None when no row is left."""
-        if not rows:
-            return None
-        if len(rows) < self.size:
-            index = torch.tensor(rows)
-            self.cache.batch_select_indices(index)
-            self.owners = [self.owners[r] for r in rows]
-            tokens, self.mask, self.positions = tokens[index], self.mask[index], self.positions[index]
-        self.inputs = tokens.unsqueeze(1)
-        self.positions = self.positions[:, -1:] + 1
-        self.mask = torch.cat([self.mask, torch.ones((self.size, 1), dtype=torch.long)], dim=1)
-        self._drop_empty_columns()
-        return self
-
-    def join(self, other: "_Rows") -> "_Rows":
-        """These rows and ``other``'s in one batch, the shorter history padded on the left."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - 1, -2), _pad_left(theirs.keys, width - 1, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, width - 1, -2), _pad_left(theirs.values, width - 1, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
-        self.inputs = torch.cat([self.inputs, other.inputs])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.owners = self.owners + other.owners
-        return self
-
-    def _drop_empty_columns(self) -> None:
-        """Cut the left columns that no row attends to any more (they were its finished rows')."""
-        empty = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
-        if empty and self.joinable:
-            self.mask = self.mask[:, empty:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., empty:, :], layer.values[..., empty:, :]
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def evaluate(
@@ -248,19 +140,3 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-
-def _stop_token_ids(tokenizer, stop: str | None) -> list[int]:
-    """End-of-text, plus the stop string's token when it is a single token (cheap early exit)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if stop:
-        stop_ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
-        if len(stop_ids) == 1 and stop_ids[0] not in ids:
-            ids.append(stop_ids[0])
-    return ids

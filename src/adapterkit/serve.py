@@ -1,41 +1,55 @@
 """``adapterkit serve``: an OpenAI-compatible HTTP server over one base model and a folder of adapters.
 
-A request names its adapter in ``model`` (the base's own name for none). Requests that arrive
-within a short window are run together as one mixed-adapter batch: the base runs once for all of
-them and each row goes through its own adapter. Adapters load from the folder on first use and at
-most ``max_loaded_adapters`` stay loaded (least recently used go first, never one a request holds).
+A request names its adapter in ``model`` (the base's own name for none). Every request becomes a
+row of the generation engine (``adapterkit.generation``), which batches continuously: a request
+that arrives while others decode is prefilled at the next step and decodes with them, each row
+through its own adapter, and leaves as soon as it ends. One thread drives the engine; the event
+loop only parses, tokenises off-loop, queues and streams. Adapters load from the folder on first
+use, outside the engine's lock, and at most ``max_loaded_adapters`` stay loaded (least recently
+used go first, never one a request holds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import AdapterkitError
-from .io import CONFIG_FILE
+from .errors import AdapterkitError, ShapeMismatchError
+from .generation import Engine, Generation, Sampling, TokenLogprob, check_stops
+from .io import CONFIG_FILE, check_base, read_adapter
 from .model import AdapterModel
 from .names import is_valid_name
 
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before any parsing
+CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than context × this many characters is refused untokenised
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI does: {"error": {"message", "type", "code"}} with a status."""
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with a status."""
 
     def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -49,24 +63,35 @@ class ApiError(Exception):
 
 # ---- requests ------------------------------------------------------------------------------------
 class _Sampled(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an OpenAI field we do not implement is refused by name
+
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    user: str | None = None  # an end-user id for the caller's own records; it changes nothing here
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise ApiError(400, "stop takes up to 4 non-empty strings", "invalid_stop")
+        try:
+            check_stops(stops)
+        except AdapterkitError as error:
+            raise ApiError(400, str(error), "invalid_stop") from None
         return stops
 
 
 class CompletionRequest(_Sampled):
     prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -76,188 +101,21 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
 
 
 class LoadRequest(BaseModel):
     name: str
 
 
-@dataclass
-class Sampling:
-    """How one row picks its tokens: temperature 0 is greedy."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-# ---- one batch of rows ---------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One prompt waiting for, or being, a row of a batch. Events go back to the request's loop."""
-
-    prompt: list[int]
-    adapter: str | None
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    completion_tokens: int = 0
-    created: float = field(default_factory=time.perf_counter)
-    finished: float | None = None
-
-    def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class _TextStream:
-    """Turns a row's tokens into text pieces, cut at the first stop string and never emitting text
-    that might still become one (or half of a multi-byte character)."""
-
-    def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """(new text, whether a stop string ended the row)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
-        if cuts:
-            return self._send(text[: min(cuts)]), True
-        if text.endswith("\ufffd"):
-            return "", False
-        held = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        return self._send(text[: len(text) - held]), False
-
-    def rest(self) -> str:
-        return self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def _send(self, text: str) -> str:
-        piece = text[self.sent :]
-        self.sent = max(self.sent, len(text))
-        return piece
-
-
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class Engine:
-    """Runs batches of jobs through the model: left-padded prefill, then one token per step with
-    the KV cache, each row through its own adapter, sampling and stop rules."""
-
-    def __init__(self, model: AdapterModel, tokenizer, context: int) -> None:
-        self.model, self.tokenizer, self.context = model, tokenizer, context
-        self.lock = threading.Lock()  # forward passes and loading/unloading adapters never overlap
-        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-        eos = getattr(getattr(model.base, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self.eos_ids.discard(None)
-
-    def run(self, jobs: list[Job]) -> None:
-        try:
-            self._generate(jobs)
-        except Exception as error:  # a failed batch answers its requests; the server keeps serving
-            for job in jobs:
-                if job.finished is None:
-                    job.finished = time.perf_counter()
-                    job.emit("error", f"generation failed: {type(error).__name__}: {error}")
-
-    @torch.inference_mode()
-    def _generate(self, jobs: list[Job]) -> None:
-        rows, width = len(jobs), max(len(job.prompt) for job in jobs)
-        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
-            mask[row, width - len(job.prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        streams = [_TextStream(self.tokenizer, job.sampling.stop) for job in jobs]
-        generators = [torch.Generator().manual_seed(job.sampling.seed) if job.sampling.seed is not None else None for job in jobs]
-        greedy = all(job.sampling.temperature == 0 for job in jobs)
-        cache = None
-        with self.model.mixed_adapters([job.adapter for job in jobs]):
-            for _ in range(max(job.sampling.max_tokens for job in jobs)):
-                with self.lock:
-                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-                cache, logits = out.cache, out.logits[:, -1]
-                tokens = logits.argmax(-1).tolist() if greedy else [_pick(logits[r], jobs[r].sampling, generators[r]) for r in range(rows)]
-                for job, stream, token in zip(jobs, streams, tokens):
-                    if job.finished is None:
-                        self._advance(job, stream, token)
-                if all(job.finished is not None for job in jobs):
-                    return
-                ids = torch.tensor(tokens).unsqueeze(1)
-                mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
-                positions = (positions[:, -1:] + 1).clamp(max=self.context - 1)  # finished rows may run on
-
-    def _advance(self, job: Job, stream: _TextStream, token: int) -> None:
-        if job.cancelled:
-            job.finished = time.perf_counter()
-            return
-        if token in self.eos_ids:
-            return self._finish(job, stream.rest(), "stop")
-        job.completion_tokens += 1
-        piece, stopped = stream.add(token)
-        if stopped:
-            return self._finish(job, piece, "stop")
-        if job.completion_tokens >= job.sampling.max_tokens:
-            return self._finish(job, piece + stream.rest(), "length")
-        if piece:
-            job.emit("text", piece)
-
-    def _finish(self, job: Job, piece: str, reason: str) -> None:
-        if piece:
-            job.emit("text", piece)
-        job.finished = time.perf_counter()
-        job.emit("done", reason)
-
-
-class Batcher:
-    """Gathers jobs for up to ``window`` seconds or ``max_batch_size`` jobs, then runs them as one batch."""
-
-    def __init__(self, engine: Engine, max_batch_size: int, window: float, on_done) -> None:
-        self.engine, self.max_batch_size, self.window, self.on_done = engine, max_batch_size, window, on_done
-        self.queue: asyncio.Queue[Job] | None = None
-
-    async def run(self) -> None:
-        self.queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            deadline = loop.time() + self.window
-            while len(jobs) < self.max_batch_size:
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
-            await asyncio.to_thread(self.engine.run, jobs)
-            await self.on_done(jobs)
-
-    def submit(self, job: Job) -> None:
-        if self.queue is None:
-            raise ApiError(503, "the server is starting; retry in a moment", "not_ready")
-        self.queue.put_nowait(job)
-
-
 # ---- adapters on demand --------------------------------------------------------------------------
 class AdapterPool:
     """Adapters loaded from one folder on first use, at most ``capacity`` at a time.
 
-    Only folders directly inside the folder are read, by names that cannot hold a path. An adapter
-    is held while a request uses it; the least recently used one that nobody holds makes room."""
+    Only folders directly inside the folder are read, by names that cannot hold a path. Files are
+    read and checked off the engine's lock; only attaching the tensors takes it (one step at most).
+    An adapter is held while a request uses it; the least recently used one that nobody holds
+    makes room. Requests for a cold adapter wait here, before the engine's queue."""
 
     def __init__(self, engine: Engine, folder: Path, capacity: int) -> None:
         self.engine, self.model = engine, engine.model
@@ -265,6 +123,7 @@ class AdapterPool:
         self.capacity = capacity
         self.recent: OrderedDict[str, None] = OrderedDict((name, None) for name in self.model.adapters)
         self.holds: Counter[str] = Counter()
+        self.loading: set[str] = set()
         self._changed: asyncio.Condition | None = None
 
     @property
@@ -277,25 +136,35 @@ class AdapterPool:
         if not is_valid_name(name):
             raise ApiError(400, f"invalid adapter name {name!r}: use letters, digits, '_' or '-'", "invalid_model_name")
         path = self.folder / name
-        if path.resolve().parent != self.folder:
-            raise ApiError(400, f"adapter {name!r} is a link out of the adapters folder; refusing to read it", "invalid_model_name")
-        if not (path / CONFIG_FILE).is_file():
+        try:
+            if path.resolve().parent != self.folder:
+                raise ApiError(400, f"adapter {name!r} is a link out of the adapters folder; refusing to read it", "invalid_model_name")
+            found = (path / CONFIG_FILE).is_file()
+        except OSError:
+            found = False
+        if not found:
             raise ApiError(404, f"the model {name!r} does not exist: no adapter folder of that name", "model_not_found")
         return path
 
     def available(self) -> list[str]:
-        return sorted(
-            p.name for p in self.folder.iterdir()
-            if is_valid_name(p.name) and p.resolve().parent == self.folder and (p / CONFIG_FILE).is_file()
-        )
+        try:
+            entries = list(self.folder.iterdir())
+            return sorted(
+                p.name for p in entries
+                if is_valid_name(p.name) and p.resolve().parent == self.folder and (p / CONFIG_FILE).is_file()
+            )
+        except OSError:
+            raise ApiError(503, "the adapters folder cannot be read; only the base model is served", "adapters_unavailable") from None
 
     async def acquire(self, name: str) -> None:
         """Hold ``name``, loading it (and evicting another) if needed; waits while every loaded
-        adapter is held and there is no room."""
+        adapter is held and there is no room. A loaded adapter serves on even if its folder went."""
         async with self.changed:
-            while name not in self.model.adapters:
-                if len(self.recent) < self.capacity or await self._evict_one():
-                    await self._load(name, self.path_of(name))
+            while name not in self.recent:  # ready only once recorded here, after its load
+                if name in self.loading:
+                    await self.changed.wait()
+                elif len(self.recent) + len(self.loading) < self.capacity or await self._evict_one():
+                    await self._load_unlocked(name, self.path_of(name))
                 else:
                     await self.changed.wait()
             self.recent.move_to_end(name)
@@ -311,14 +180,16 @@ class AdapterPool:
     async def reload(self, name: str) -> dict[str, Any]:
         path = self.path_of(name)
         async with self.changed:
+            while name in self.loading:
+                await self.changed.wait()
             reloaded = name in self.model.adapters
             if reloaded:
                 self._refuse_if_held(name)
                 await asyncio.to_thread(self._locked, self.model.delete_adapter, name)
                 del self.recent[name]
-            while len(self.recent) >= self.capacity and not await self._evict_one():
+            while len(self.recent) + len(self.loading) >= self.capacity and not await self._evict_one():
                 await self.changed.wait()
-            await self._load(name, path)
+            await self._load_unlocked(name, path)
             return {"name": name, "method": self.model.adapters[name].method, "loaded": True, "reloaded": reloaded}
 
     async def unload(self, name: str) -> None:
@@ -334,12 +205,34 @@ class AdapterPool:
         if self.holds[name]:
             raise ApiError(409, f"adapter {name!r} is serving {self.holds[name]} request(s); retry when they finish", "adapter_in_use")
 
+    async def _load_unlocked(self, name: str, path: Path) -> None:
+        """Load with the pool's condition released, so that requests for loaded adapters go on."""
+        self.loading.add(name)
+        self.changed.release()
+        try:
+            await self._load(name, path)
+        finally:
+            await self.changed.acquire()
+            self.loading.discard(name)
+            self.changed.notify_all()
+        self.recent[name] = None
+
     async def _load(self, name: str, path: Path) -> None:
         try:
-            await asyncio.to_thread(self._locked, self.model.load_adapter, path, name)
+            saved = await asyncio.to_thread(read_adapter, path)
+            if saved.base is not None:
+                await asyncio.to_thread(check_base, saved.base, self.model.base, path)
+            await asyncio.to_thread(self._locked, self.model.add_adapter, name, saved.config, saved.tensors)
+        except ShapeMismatchError as error:
+            raise ApiError(400, self._hide_paths(f"adapter {name!r} cannot be loaded: {path}: {error}"), "adapter_load_failed") from None
         except AdapterkitError as error:
-            raise ApiError(400, f"adapter {name!r} cannot be loaded: {error}", "adapter_load_failed") from None
-        self.recent[name] = None
+            raise ApiError(400, self._hide_paths(f"adapter {name!r} cannot be loaded: {error}"), "adapter_load_failed") from None
+        except OSError as error:
+            raise ApiError(500, self._hide_paths(f"adapter {name!r} cannot be read: {error.strerror or error}"), "adapter_load_failed") from None
+
+    def _hide_paths(self, message: str) -> str:
+        """Errors name files relative to the adapters folder: clients never see server paths."""
+        return message.replace(f"{self.folder}/", "").replace(str(self.folder), "<adapters>")
 
     async def _evict_one(self) -> bool:
         """Unload the least recently used adapter nobody holds; False when all are held."""
@@ -357,69 +250,65 @@ class AdapterPool:
 
 # ---- metrics -------------------------------------------------------------------------------------
 class Metrics:
-    """Per-adapter counters and latency histograms, written in Prometheus' text format."""
+    """Prometheus metrics of one server, in a registry of its own."""
 
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self.prompt_tokens: Counter[str] = Counter()
-        self.completion_tokens: Counter[str] = Counter()
-        self.latency_buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
-        self.latency_sum: Counter[str] = Counter()
-        self.errors: Counter[int] = Counter()
-        self.batches = 0
-        self.batch_rows = 0
+    def __init__(self, server: "Server") -> None:
+        self.registry = registry = CollectorRegistry()
+        adapter = ["adapter"]
+        self.requests = PromCounter("adapterkit_requests", "Requests (prompts) by adapter and outcome: ok, error, cancelled, rejected.",
+                                    ["adapter", "outcome"], registry=registry)
+        self.prompt_tokens = PromCounter("adapterkit_prompt_tokens", "Prompt tokens by adapter.", adapter, registry=registry)
+        self.completion_tokens = PromCounter("adapterkit_completion_tokens", "Generated tokens by adapter.", adapter, registry=registry)
+        self.queue = Histogram("adapterkit_queue_seconds", "From arrival to the first engine step that takes the request (adapter loading included).",
+                               adapter, buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("adapterkit_time_to_first_token_seconds", "From arrival to the first generated token.", adapter,
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.tpot = Histogram("adapterkit_time_per_output_token_seconds", "Mean time between generated tokens, per request.", adapter,
+                              buckets=TOKEN_BUCKETS, registry=registry)
+        self.latency = Histogram("adapterkit_request_latency_seconds", "From arrival to the last token.", adapter,
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.errors = PromCounter("adapterkit_http_errors", "Requests refused or failed, by HTTP status.", ["status"], registry=registry)
+        self.steps = PromCounter("adapterkit_engine_steps", "Engine steps run.", registry=registry)
+        self.step_rows = Histogram("adapterkit_engine_step_rows", "Rows that generated a token in an engine step (sum / count: the mean batch).",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+        self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        Gauge("adapterkit_tokens_per_second", "Tokens generated per second over the last 10 seconds.", registry=registry
+              ).set_function(self._tokens_per_second)
+        Gauge("adapterkit_rows_in_flight", "Rows being prefilled or decoded.", registry=registry).set_function(lambda: server.engine.in_flight)
+        Gauge("adapterkit_requests_queued", "Requests waiting for an adapter or a place in the batch.", registry=registry
+              ).set_function(lambda: server.queued)
+        Gauge("adapterkit_adapters_resident", "Adapters loaded now.", registry=registry).set_function(lambda: len(server.pool.recent))
 
-    def job_done(self, label: str, job: Job, outcome: str) -> None:
-        self.requests[label, outcome] += 1
-        self.prompt_tokens[label] += len(job.prompt)
-        self.completion_tokens[label] += job.completion_tokens
-        seconds = (job.finished or time.perf_counter()) - job.created
-        self.latency_sum[label] += seconds
-        buckets = self.latency_buckets[label]
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
+    def step(self, tokens: int) -> None:
+        """One engine step that generated ``tokens`` tokens (one per row that took part)."""
+        self.steps.inc()
+        self.step_rows.observe(tokens)
+        self._recent_steps.append((time.perf_counter(), tokens))
 
-    def render(self, loaded: int) -> str:
-        lines: list[str] = []
+    def _tokens_per_second(self) -> float:
+        since = time.perf_counter() - 10.0
+        return sum(tokens for when, tokens in list(self._recent_steps) if when >= since) / 10.0
 
-        def family(name: str, kind: str, help_text: str) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+    def finished(self, label: str, generation: Generation, arrived: float) -> None:
+        outcome = {"stop": "ok", "length": "ok"}.get(generation.finish_reason, generation.finish_reason)
+        self.requests.labels(label, outcome).inc()
+        self.prompt_tokens.labels(label).inc(len(generation.prompt))
+        self.completion_tokens.labels(label).inc(len(generation.tokens))
+        if generation.started is not None:
+            self.queue.labels(label).observe(generation.started - arrived)
+        if generation.first_token is not None:
+            self.ttft.labels(label).observe(generation.first_token - arrived)
+            if len(generation.tokens) > 1:
+                self.tpot.labels(label).observe((generation.finished - generation.first_token) / (len(generation.tokens) - 1))
+        self.latency.labels(label).observe(generation.finished - arrived)
 
-        family("adapterkit_requests_total", "counter", "Completed prompts by adapter and outcome.")
-        lines += [f'adapterkit_requests_total{{adapter="{_label(a)}",outcome="{o}"}} {n}' for (a, o), n in sorted(self.requests.items())]
-        family("adapterkit_prompt_tokens_total", "counter", "Prompt tokens by adapter.")
-        lines += [f'adapterkit_prompt_tokens_total{{adapter="{_label(a)}"}} {n}' for a, n in sorted(self.prompt_tokens.items())]
-        family("adapterkit_completion_tokens_total", "counter", "Generated tokens by adapter.")
-        lines += [f'adapterkit_completion_tokens_total{{adapter="{_label(a)}"}} {n}' for a, n in sorted(self.completion_tokens.items())]
-        family("adapterkit_request_latency_seconds", "histogram", "Time from request to last token, by adapter.")
-        for adapter, buckets in sorted(self.latency_buckets.items()):
-            label = _label(adapter)
-            lines += [f'adapterkit_request_latency_seconds_bucket{{adapter="{label}",le="{b}"}} {n}' for b, n in zip(LATENCY_BUCKETS, buckets)]
-            count = sum(n for (a, _), n in self.requests.items() if a == adapter)
-            lines += [
-                f'adapterkit_request_latency_seconds_bucket{{adapter="{label}",le="+Inf"}} {count}',
-                f'adapterkit_request_latency_seconds_sum{{adapter="{label}"}} {self.latency_sum[adapter]:.6f}',
-                f'adapterkit_request_latency_seconds_count{{adapter="{label}"}} {count}',
-            ]
-        family("adapterkit_http_errors_total", "counter", "Requests refused or failed, by HTTP status.")
-        lines += [f'adapterkit_http_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())]
-        family("adapterkit_batches_total", "counter", "Batches run.")
-        lines.append(f"adapterkit_batches_total {self.batches}")
-        family("adapterkit_batch_rows_total", "counter", "Rows over all batches (rows / batches = mean batch size).")
-        lines.append(f"adapterkit_batch_rows_total {self.batch_rows}")
-        family("adapterkit_loaded_adapters", "gauge", "Adapters loaded now.")
-        lines.append(f"adapterkit_loaded_adapters {loaded}")
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 # ---- the application -----------------------------------------------------------------------------
 class Server:
-    """The state behind the routes: the engine, the batcher, the adapter pool and the metrics."""
+    """The state behind the routes: the engine and its thread, the adapter pool, the metrics."""
 
     def __init__(
         self,
@@ -429,81 +318,139 @@ class Server:
         base_name: str,
         api_key: str | None = None,
         max_batch_size: int = 16,
-        batch_window_ms: float = 10.0,
         max_loaded_adapters: int = 8,
+        max_queue: int = 64,
+        max_prefill_tokens: int = 512,
     ) -> None:
         if model.training:
             model.eval()
         config = getattr(model.base, "config", None)
-        context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-        self.base_name, self.api_key = base_name, api_key
-        self.engine = Engine(model, tokenizer, context)
+        self.context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.base_name, self.api_key, self.max_queue = base_name, api_key, max_queue
+        self.engine = Engine(model, tokenizer, max_batch_size, max_prefill_tokens)
         self.pool = AdapterPool(self.engine, Path(adapters_dir), max_loaded_adapters)
-        self.batcher = Batcher(self.engine, max_batch_size, batch_window_ms / 1000.0, self._batch_done)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self)
+        self.acquiring = 0  # requests waiting for their adapter (before the engine's queue)
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapterkit-tokenize")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    async def _batch_done(self, jobs: list[Job]) -> None:
-        self.metrics.batches += 1
-        self.metrics.batch_rows += len(jobs)
-        for job in jobs:
-            self.metrics.job_done(job.adapter or self.base_name, job, "cancelled" if job.cancelled else "ok")
-            if job.adapter is not None:
-                await self.pool.release(job.adapter)
+    @property
+    def queued(self) -> int:
+        return self.acquiring + len(self.engine.waiting)
+
+    # -- the engine's thread --
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._drive, name="adapterkit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.wait_for_work(0.1):
+                continue
+            try:
+                self.metrics.step(self.engine.step())
+            except Exception:  # a bug, not a request's fault: log it and keep serving
+                log.exception("engine step failed")
 
     # -- completions --
-    async def submit(self, request: _Sampled, prompts: list[list[int]]) -> list[Job]:
-        adapter = None if request.model == self.base_name else request.model
-        sampling = self._sampling(request, max(len(p) for p in prompts))
-        for prompt in prompts:
-            self._check_length(prompt, sampling.max_tokens)
-        jobs = []
-        loop = asyncio.get_running_loop()
-        for prompt in prompts:
-            if adapter is not None:
-                await self.pool.acquire(adapter)
-            job = Job(prompt, adapter, sampling, loop)
-            try:
-                self.batcher.submit(job)
-            except ApiError:
-                if adapter is not None:
-                    await self.pool.release(adapter)
-                raise
-            jobs.append(job)
-        return jobs
-
-    def _sampling(self, request: _Sampled, prompt_tokens: int) -> Sampling:
-        max_tokens = request.max_tokens or getattr(request, "max_completion_tokens", None)
+    def sampling(self, request: _Sampled, prompt_tokens: int) -> Sampling:
+        max_tokens = request.max_tokens if request.max_tokens is not None else getattr(request, "max_completion_tokens", None)
         if max_tokens is None:
-            max_tokens = 16 if isinstance(request, CompletionRequest) else max(1, min(512, self.engine.context - prompt_tokens))
-        temperature = 1.0 if request.temperature is None else request.temperature
-        top_p = 1.0 if request.top_p is None else request.top_p
-        return Sampling(max_tokens, temperature, top_p, request.stops(), request.seed)
+            max_tokens = 16 if isinstance(request, CompletionRequest) else max(1, min(512, self.context - prompt_tokens))
+        logprobs = getattr(request, "logprobs", None)
+        sampling = Sampling(
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+            stop=request.stops(),
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logprobs=logprobs,
+            prompt_logprobs=bool(getattr(request, "echo", False) and logprobs is not None),
+        )
+        try:
+            return sampling.check()
+        except AdapterkitError as error:
+            raise ApiError(400, str(error), "invalid_request") from None
 
-    def _check_length(self, prompt: list[int], max_tokens: int) -> None:
-        context = self.engine.context
+    def check_room(self, model_name: str, prompts: int) -> None:
+        if self.queued + prompts > self.max_queue:
+            self.metrics.requests.labels(model_name, "rejected").inc(prompts)
+            raise ApiError(429, f"the server is busy: {self.queued} requests are waiting (at most {self.max_queue}); retry shortly",
+                           "rate_limit_exceeded", {"Retry-After": "1"})
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, tokenised off the event loop after a cheap length check."""
+        limit = self.context * CHARS_PER_TOKEN_LIMIT
+        for text in texts:
+            if len(text) > limit:
+                raise ApiError(400, f"the prompt has {len(text)} characters, more than this model's context of {self.context} "
+                                    f"tokens can hold; shorten it", "context_length_exceeded")
+        tokenizer = self.engine.tokenizer
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, lambda: [tokenizer.encode(t) for t in texts])
+
+    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
+        text = "".join(m.content for m in messages)
+        if len(text) > self.context * CHARS_PER_TOKEN_LIMIT:
+            raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold", "context_length_exceeded")
+
+        def encode() -> list[int]:
+            chat = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False)
+            return tokenizer.encode(chat, add_special_tokens=False)
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+
+    def check_length(self, prompt: list[int], max_tokens: int) -> None:
         if not prompt:
             raise ApiError(400, "the prompt is empty", "empty_prompt")
-        if len(prompt) + max_tokens > context:
+        if len(prompt) + max_tokens > self.context:
             raise ApiError(
                 400,
-                f"this model's maximum context length is {context} tokens; the prompt has {len(prompt)} "
+                f"this model's maximum context length is {self.context} tokens; the prompt has {len(prompt)} "
                 f"and max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens",
                 "context_length_exceeded",
             )
 
+    async def submit(self, model_name: str, prompts: list[list[int]], sampling: Sampling) -> list["_Job"]:
+        """Queue one row per prompt once the adapter is held; 429 when the queue is full."""
+        for prompt in prompts:
+            self.check_length(prompt, sampling.max_tokens)
+        self.check_room(model_name, len(prompts))
+        adapter = None if model_name == self.base_name else model_name
+        arrived = time.perf_counter()
+        jobs = []
+        self.acquiring += len(prompts)
+        try:
+            for prompt in prompts:
+                if adapter is not None:
+                    await self.pool.acquire(adapter)
+                job = _Job(self, Generation(prompt, sampling, adapter), model_name, arrived)
+                self.engine.submit(job.generation)
+                self.acquiring -= 1
+                jobs.append(job)
+        except BaseException:
+            self.acquiring -= len(prompts) - len(jobs)
+            for job in jobs:
+                job.generation.cancel()
+            raise
+        return jobs
+
     def check_model(self, name: str) -> None:
-        if name != self.base_name:
+        if name != self.base_name and name not in self.pool.recent:
             self.pool.path_of(name)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.engine.tokenizer.encode(text)
-
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
 
     # -- admin --
     def authorize(self, request: Request) -> None:
@@ -514,35 +461,158 @@ class Server:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
+class _Job:
+    """A request's row on the event loop's side: the engine's callbacks become events in a queue;
+    at the end the adapter is released and the metrics recorded (after the row left the batch)."""
+
+    def __init__(self, server: Server, generation: Generation, label: str, arrived: float) -> None:
+        self.server, self.generation, self.label, self.arrived = server, generation, label, arrived
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        generation.on_token = lambda _, piece, logprob: self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", piece))
+        generation.on_done = lambda _: self.loop.call_soon_threadsafe(self._done)
+
+    def _done(self) -> None:
+        self.server.metrics.finished(self.label, self.generation, self.arrived)
+        self.events.put_nowait(("done", self.generation.finish_reason))
+        if self.generation.adapter is not None:
+            self.loop.create_task(self.server.pool.release(self.generation.adapter))
+
+    async def events_until_done(self) -> AsyncIterator[tuple]:
+        while True:
+            event = await self.events.get()
+            if event[0] == "done" and self.generation.error is not None:
+                raise ApiError(500, f"generation failed for this request: {self.generation.error}", "generation_failed")
+            yield event
+            if event[0] == "done":
+                return
+
+    async def result(self) -> None:
+        async for _ in self.events_until_done():
+            pass
+
+
+async def _until_done_or_gone(jobs: list[_Job], request: Request) -> None:
+    """Wait for every job; if the client disconnects first, cancel them (their rows leave the batch
+    at the next step) and stop."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    results = asyncio.ensure_future(asyncio.gather(*(job.result() for job in jobs)))
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not results.done():
+        for job in jobs:
+            job.generation.cancel()
+        results.cancel()
+        raise ApiError(499, "the client closed the connection", "client_closed")
+    results.result()
+
+
+def _logprobs_block(tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top alternatives and
+    each token's character offset in the returned text."""
+    tokens = [tokenizer.decode([e.token]) for e in entries]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [None if e.logprob is None else {tokenizer.decode([t]): v for t, v in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is read to its end (so the client is
+    never cut off mid-send), discarded and answered 413; a smaller one is buffered and replayed."""
+
+    def __init__(self, app, limit: int, on_refused) -> None:
+        self.app, self.limit, self.on_refused = app, limit, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size <= self.limit:
+                chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        if size > self.limit:
+            self.on_refused(413)
+            error = ApiError(413, f"the request body has {size} bytes; the limit is {self.limit}", "request_too_large")
+            return await error.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application for ``server``; run it with uvicorn (``adapterkit serve`` does)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(server.batcher.run())
+        server.start()
         yield
-        task.cancel()
+        server.stop()
 
     app = FastAPI(title="adapterkit", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, on_refused=lambda status: server.metrics.errors.labels(str(status)).inc())
+    playground = resources.files("adapterkit").joinpath("playground.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        server.metrics.errors[error.status] += 1
+        server.metrics.errors.labels(str(error.status)).inc()
         return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        unsupported = [str(e["loc"][-1]) for e in error.errors() if e["type"] == "extra_forbidden"]
+        if unsupported:
+            message = f"unsupported field(s): {', '.join(unsupported)}; adapterkit does not implement them"
+            return await api_error(request, ApiError(400, message, "unsupported_field"))
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors())
         return await api_error(request, ApiError(400, f"invalid request: {details}", "invalid_request"))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
+        return await api_error(request, ApiError(error.status_code, str(error.detail), code))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return await api_error(request, ApiError(500, f"internal error: {type(error).__name__}", "internal_error"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(playground)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.base_name, "loaded_adapters": list(server.pool.recent)}
+        return {"status": "ok", "base": server.base_name, "loaded_adapters": list(server.pool.recent),
+                "rows_in_flight": server.engine.in_flight, "queued": server.queued}
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        text = server.metrics.render(len(server.pool.recent))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -550,31 +620,47 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "adapterkit"} for n in names]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        server.check_model(body.model)
+    async def completions(body: CompletionRequest, request: Request):
+        _refuse_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or (body.stream and len(prompts) > 1):
             raise ApiError(400, "give one prompt to stream, or a non-empty list of prompts without streaming", "invalid_prompt")
-        encoded = [server.encode_prompt(p) for p in prompts]
-        jobs = await server.submit(body, encoded)
+        if body.stream and body.logprobs is not None:
+            raise ApiError(400, "logprobs is supported without streaming only", "unsupported_field")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is supported without streaming only", "unsupported_field")
+        server.check_model(body.model)
+        sampling = server.sampling(body, 0)
+        server.check_room(body.model, len(prompts))
+        jobs = await server.submit(body.model, await server.encode(prompts), sampling)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(piece: str, reason: str | None, index: int = 0) -> dict[str, Any]:
+        def chunk(piece: str, reason: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
 
         if body.stream:
             return _sse(jobs[0], lambda piece: chunk(piece, None), lambda reason: chunk("", reason))
-        results = [await _collect(job) for job in jobs]
-        answer = chunk("", None)
-        answer["choices"] = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(results)]
-        answer["usage"] = _usage(jobs)
-        return answer
+        await _until_done_or_gone(jobs, request)
+        tokenizer = server.engine.tokenizer
+        choices = []
+        for i, (job, prompt) in enumerate(zip(jobs, prompts)):
+            generation = job.generation
+            text = (prompt if body.echo else "") + generation.text
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _logprobs_block(tokenizer, (generation.prompt_logprobs if body.echo else []) + generation.logprobs)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": generation.finish_reason})
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+                "usage": _usage(jobs)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
+        _refuse_unsupported(body)
         server.check_model(body.model)
-        jobs = await server.submit(body, [server.encode_chat(body.messages)])
+        server.check_room(body.model, 1)
+        prompt = await server.encode_chat(body.messages)
+        jobs = await server.submit(body.model, [prompt], server.sampling(body, len(prompt)))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
@@ -584,9 +670,11 @@ def create_app(server: Server) -> FastAPI:
         if body.stream:
             first = chunk({"role": "assistant", "content": ""}, None)
             return _sse(jobs[0], lambda piece: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
-        text, reason = await _collect(jobs[0])
+        await _until_done_or_gone(jobs, request)
+        generation = jobs[0].generation
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None,
+                             "finish_reason": generation.finish_reason}],
                 "usage": _usage(jobs)}
 
     @app.post("/v1/adapters")
@@ -603,47 +691,38 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def _events(job: Job) -> AsyncIterator[tuple]:
-    while True:
-        event = await job.events.get()
-        if event[0] == "error":
-            raise ApiError(500, event[1], "generation_failed")
-        yield event
-        if event[0] == "done":
-            return
+def _refuse_unsupported(body: _Sampled) -> None:
+    for name in ("n", "best_of"):
+        value = getattr(body, name, None)
+        if value is not None and value != 1:
+            raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt (send the prompt again, with seeds)",
+                           "unsupported_field")
 
 
-async def _collect(job: Job) -> tuple[str, str]:
-    pieces, reason = [], "stop"
-    async for event in _events(job):
-        if event[0] == "text":
-            pieces.append(event[1])
-        else:
-            reason = event[1]
-    return "".join(pieces), reason
-
-
-def _sse(job: Job, text_chunk, final_chunk, first: dict | None = None) -> StreamingResponse:
+def _sse(job: _Job, text_chunk, final_chunk, first: dict | None = None) -> StreamingResponse:
     async def stream() -> AsyncIterator[str]:
         try:
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
-            async for event in _events(job):
-                payload = text_chunk(event[1]) if event[0] == "text" else final_chunk(event[1])
+            async for event in job.events_until_done():
+                if event[0] == "text":
+                    payload = text_chunk(event[1])
+                else:  # the last chunk also carries the token counts (as OpenAI's include_usage does)
+                    payload = final_chunk(event[1]) | {"usage": _usage([job])}
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as error:
-            yield f"data: {json.dumps({'error': {'message': error.message, 'code': error.code}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
         finally:
-            if job.finished is None:
-                job.cancelled = True  # the client went away: stop generating its row
+            if not job.generation.done:
+                job.generation.cancel()  # the client went away: its row leaves at the next step
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-def _usage(jobs: list[Job]) -> dict[str, int]:
-    prompt = sum(len(job.prompt) for job in jobs)
-    completion = sum(job.completion_tokens for job in jobs)
+def _usage(jobs: list[_Job]) -> dict[str, int]:
+    prompt = sum(len(job.generation.prompt) for job in jobs)
+    completion = sum(len(job.generation.tokens) for job in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -654,8 +733,9 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_batch_size: int = 16,
-    batch_window_ms: float = 10.0,
     max_loaded_adapters: int = 8,
+    max_queue: int = 64,
+    max_prefill_tokens: int = 512,
 ) -> None:
     """Load ``base`` and serve the adapters in ``adapters_dir`` until interrupted."""
     import uvicorn
@@ -667,5 +747,6 @@ def serve(
         raise AdapterkitError(f"no adapters folder at {folder}")
     base_model, tokenizer = load_base(base)
     base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
-    server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, batch_window_ms, max_loaded_adapters)
+    server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, max_loaded_adapters,
+                    max_queue, max_prefill_tokens)
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")

@@ -1,0 +1,562 @@
+"""The one generation loop: scoring (``evaluate``), ``adapterkit generate`` and the server all run
+their prompts through an ``Engine``.
+
+The engine batches continuously. Each ``step`` prefills newcomers (left-padded, in chunks of at
+most ``max_prefill_tokens`` so that a long prompt cannot stall the decoding rows for long), then
+decodes every running row by one token. A row leaves the batch, KV cache included, the moment it
+finishes; waiting rows take its place at the next step. Each row has its own adapter (or the bare
+base), sampling, penalties, stop strings and token budget, and a failure in one row (non-finite
+logits, say) ends that row alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, GenerationError
+
+class Active:
+    """A row's adapter when it should run through whatever the model has active (``set_active``),
+    as scoring does; rows that name adapters run through ``mixed_adapters``."""
+
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE = Active()
+
+MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows: use 0 (greedy)
+MAX_STOPS, MAX_STOP_CHARS = 4, 128
+MAX_LOGPROBS = 20
+SEED_LIMIT = 2**63  # torch generators take seeds below this (and negative ones, which we refuse)
+
+
+@dataclass
+class Sampling:
+    """How one row picks its tokens. Temperature 0 is greedy. Penalties follow OpenAI
+    (``frequency_penalty``, ``presence_penalty``: over the tokens generated so far) and HF
+    (``repetition_penalty``: over prompt and generated tokens, dividing positive logits)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # how many alternatives to report per token (0: the chosen one only)
+    prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities
+
+    def check(self) -> "Sampling":
+        """Itself, or a ConfigError naming the first bad field."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < (0 if self.prompt_logprobs else 1):
+            raise ConfigError(f"max_tokens must be a positive integer (0 only to score the prompt), got {self.max_tokens!r}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100):
+            raise ConfigError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise ConfigError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ConfigError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ConfigError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
+        check_stops(self.stop)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
+        return self
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+def check_stops(stops: Sequence[str]) -> None:
+    """Stop strings are few and short: the text is searched for each after every token."""
+    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ConfigError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+
+
+@dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model (before penalties and temperature) and the
+    ``k`` most likely tokens at that position with theirs."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One prompt's way through the engine. ``on_token(generation, text, logprob)`` is called on
+    the engine's thread for every generated token with the text it released (possibly ""), and
+    ``on_done(generation)`` once at the end, whatever the outcome."""
+
+    prompt: list[int]
+    sampling: Sampling = field(default_factory=Sampling)
+    adapter: str | None | Active = ACTIVE
+    on_token: Callable[["Generation", str, TokenLogprob | None], None] | None = None
+    on_done: Callable[["Generation"], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    submitted: float = 0.0
+    started: float | None = None  # admitted into a batch
+    first_token: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this row at its next step (safe from any thread)."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Text:
+    """A row's tokens turned into text incrementally: each token decodes a window of a few tokens,
+    never the whole answer, and stop strings are searched in the new text only, so the work per
+    token does not grow with the answer. Text that might still become a stop string (or half of a
+    multi-byte character) is held back."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the text's last settled piece
+        self.text = ""
+        self.searched = 0
+        self.sent = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(newly released text, whether a stop string ended the row)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return "", False
+        self.text += after[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        start = max(0, self.searched - self.longest + 1)
+        self.searched = len(self.text)
+        cuts = [i for i in (self.text.find(stop, start) for stop in self.stops) if i >= 0]
+        if cuts:
+            return self._release(min(cuts)), True
+        return self._release(len(self.text) - self._held()), False
+
+    def rest(self) -> str:
+        return self._release(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest end of the text that begins a stop string."""
+        held = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:n]):
+                    held = n
+                    break
+        return held
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return piece
+
+
+class _Row:
+    """A generation's per-row state inside the engine."""
+
+    def __init__(self, generation: Generation, tokenizer, device: torch.device) -> None:
+        self.generation = generation
+        self.text = _Text(tokenizer, generation.sampling.stop)
+        seed = generation.sampling.seed
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+
+class _Batch:
+    """Rows decoding together: next inputs, attention mask, positions and KV cache. Padding is on
+    the left, so every row's mask is zeros, then ones. A batch being prefilled also holds its whole
+    prompt block and how many columns of it the cache has seen."""
+
+    def __init__(self, rows: list[_Row], inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.rows, self.inputs, self.mask, self.positions = rows, inputs, mask, positions
+        self.cache = None
+        self.consumed = 0  # prefill: prompt columns already in the cache
+
+    @classmethod
+    def from_prompts(cls, rows: list[_Row], pad_id: int, device: torch.device) -> "_Batch":
+        prompts = [row.generation.prompt for row in rows]
+        width = max(len(p) for p in prompts)
+        inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            inputs[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[i, width - len(prompt) :] = 1
+        return cls(rows, inputs, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.consumed >= self.inputs.shape[1]
+
+    @property
+    def joinable(self) -> bool:
+        """Whether other rows can be spliced into this cache: plain per-position key/value layers
+        (a sliding-window layer keeps only its last positions)."""
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in layers)
+
+    def select(self, keep: list[int], tokens: torch.Tensor) -> "_Batch | None":
+        """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
+        if not keep:
+            return None
+        if len(keep) < self.size:
+            index = torch.tensor(keep, device=tokens.device)
+            self.cache.batch_select_indices(index)
+            self.rows = [self.rows[i] for i in keep]
+            tokens, self.mask, self.positions = tokens[index], self.mask[index], self.positions[index]
+        self.inputs = tokens.unsqueeze(1)
+        self.positions = self.positions[:, -1:] + 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        self._drop_empty_columns()
+        return self
+
+    def join(self, other: "_Batch") -> "_Batch":
+        """These rows and ``other``'s in one batch, the shorter history padded on the left."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - 1, -2), _pad_left(theirs.keys, width - 1, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, width - 1, -2), _pad_left(theirs.values, width - 1, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.inputs = torch.cat([self.inputs, other.inputs])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows = self.rows + other.rows
+        return self
+
+    def _drop_empty_columns(self) -> None:
+        """Cut the left columns that no row attends to any more (they were finished rows')."""
+        empty = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if empty and self.joinable:
+            self.mask = self.mask[:, empty:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., empty:, :], layer.values[..., empty:, :]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills left padding: the tokenizer's pad, else its end-of-text, else 0."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+class Engine:
+    """Continuous batching over one model. ``submit`` from any thread; ``step`` (one prefill chunk
+    for newcomers, then one token for every running row) from one thread at a time; ``lock`` is
+    held during each step, so whoever changes the model's adapters between steps takes it too."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 32, max_prefill_tokens: int = 4096) -> None:
+        if max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ConfigError("max_batch_size and max_prefill_tokens must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.pad_id = pad_token_id(tokenizer)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
+        self.lock = threading.RLock()
+        self.waiting: collections.deque[Generation] = collections.deque()
+        self.prefilling: _Batch | None = None
+        self.running: _Batch | None = None
+        self._work = threading.Condition()
+
+    # ---- feeding and driving -------------------------------------------------------------------
+    def submit(self, generation: Generation) -> Generation:
+        generation.sampling.check()
+        if not generation.prompt:
+            raise ConfigError("the prompt is empty")
+        generation.submitted = time.perf_counter()
+        with self._work:
+            self.waiting.append(generation)
+            self._work.notify()
+        return generation
+
+    @property
+    def in_flight(self) -> int:
+        """Rows being prefilled or decoded."""
+        return sum(batch.size for batch in (self.prefilling, self.running) if batch is not None)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.prefilling is not None or self.running is not None
+
+    def wait_for_work(self, timeout: float) -> bool:
+        with self._work:
+            return self._work.wait_for(self.has_work, timeout)
+
+    def run(self, generations: Sequence[Generation]) -> list[Generation]:
+        """Submit ``generations`` and step until all of them are done (on the caller's thread)."""
+        for generation in generations:
+            self.submit(generation)
+        while not all(g.done for g in generations):
+            self.step()
+        return list(generations)
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One prefill chunk (when newcomers wait) and one decoded token for each running row;
+        returns how many tokens the step generated."""
+        with self.lock:
+            self._drop_cancelled_waiting()
+            if self.prefilling is None:
+                self._admit()
+            made = self._prefill_chunk() if self.prefilling is not None else 0
+            if self.running is not None:
+                made += self._decode()
+            return made
+
+    # ---- the step's parts ----------------------------------------------------------------------
+    def _drop_cancelled_waiting(self) -> None:
+        for generation in [g for g in self.waiting if g.cancelled]:
+            self.waiting.remove(generation)
+            self._finish(generation, "cancelled")
+
+    def _admit(self) -> None:
+        """Newcomers, first come first served, into a new prefill batch: as many as there is room
+        for, while their left-padded block fits the prefill budget (the first always comes in)."""
+        if self.running is not None and not self.running.joinable:
+            return
+        room = self.max_batch_size - (self.running.size if self.running else 0)
+        chosen: list[Generation] = []
+        width = 0
+        while self.waiting and len(chosen) < room:
+            wider = max(width, len(self.waiting[0].prompt))
+            if chosen and wider * (len(chosen) + 1) > self.max_prefill_tokens:
+                break
+            chosen.append(self.waiting.popleft())
+            width = wider
+        if not chosen:
+            return
+        now = time.perf_counter()
+        for generation in chosen:
+            generation.started = now
+        rows = [_Row(g, self.tokenizer, self.device) for g in chosen]
+        self.prefilling = _Batch.from_prompts(rows, self.pad_id, self.device)
+
+    def _prefill_chunk(self) -> int:
+        batch = self.prefilling
+        start = batch.consumed
+        end = min(batch.inputs.shape[1], start + max(1, self.max_prefill_tokens // batch.size))
+        scoring = any(row.generation.sampling.prompt_logprobs for row in batch.rows)
+        try:
+            logits = self._forward(batch, batch.inputs[:, start:end], batch.mask[:, :end], batch.positions[:, start:end],
+                                   keep=end - start if scoring else 1)
+        except Exception as error:  # the model itself failed: every row of this forward fails
+            self.prefilling = None
+            self._fail_all(batch.rows, error)
+            return 0
+        batch.consumed = end
+        if scoring:
+            self._score_prompt(batch, logits, start, end)
+        if not batch.prefilled:
+            return 0
+        self.prefilling = None
+        zero = [i for i, row in enumerate(batch.rows) if row.generation.sampling.max_tokens == 0]
+        for i in zero:
+            self._finish(batch.rows[i].generation, "length")
+        made = batch.size - len(zero)
+        tokens, keep = self._advance(batch.rows, logits[:, -1], skip=set(zero))
+        batch = batch.select(keep, tokens)
+        if batch is not None:
+            self.running = batch if self.running is None else self.running.join(batch)
+        return made
+
+    def _decode(self) -> int:
+        batch = self.running
+        try:
+            logits = self._forward(batch, batch.inputs, batch.mask, batch.positions, keep=1)
+        except Exception as error:
+            self.running = None
+            self._fail_all(batch.rows, error)
+            return 0
+        made = batch.size
+        tokens, keep = self._advance(batch.rows, logits[:, -1])
+        self.running = batch.select(keep, tokens)
+        return made
+
+    def _forward(self, batch: _Batch, inputs, mask, positions, keep: int) -> torch.Tensor:
+        kwargs = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True,
+                      logits_to_keep=keep)
+        names = [row.generation.adapter for row in batch.rows]
+        if all(name is ACTIVE for name in names):
+            out = self.model(**kwargs)
+        else:
+            if any(name is ACTIVE for name in names):
+                raise ConfigError("rows that follow the active adapter cannot share a batch with rows that name one")
+            with self.model.mixed_adapters(names):
+                out = self.model(**kwargs)
+        batch.cache = out.cache
+        return out.logits
+
+    # ---- per row -------------------------------------------------------------------------------
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, skip: set[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
+        """Pick each row's next token and apply it; (tokens, indices of the rows that go on)."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        tokens = logits.argmax(-1)
+        greedy = tokens.tolist()
+        keep = []
+        for i, row in enumerate(rows):
+            generation = row.generation
+            if i in skip:
+                continue
+            if generation.cancelled:
+                self._finish(generation, "cancelled")
+                continue
+            try:
+                if not finite[i]:
+                    raise FloatingPointError("the model produced non-finite logits for this row")
+                sampling = generation.sampling
+                token = greedy[i] if sampling.temperature == 0 and not sampling.penalised else self._pick(row, logits[i])
+                if self._take(row, token, logits[i]):
+                    keep.append(i)
+                    tokens[i] = token
+            except Exception as error:  # this row alone fails; the others go on
+                generation.error = f"{type(error).__name__}: {error}"
+                self._finish(generation, "error")
+        return tokens, keep
+
+    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
+        sampling, generation = row.generation.sampling, row.generation
+        logits = logits.float()
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor(generation.prompt + generation.tokens, device=logits.device).unique()
+            scores = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(scores < 0, scores * sampling.repetition_penalty, scores / sampling.repetition_penalty)
+        if (sampling.frequency_penalty or sampling.presence_penalty) and generation.tokens:
+            ids, counts = torch.tensor(generation.tokens, device=logits.device).unique(return_counts=True)
+            logits = logits.clone()
+            logits[ids] -= counts.to(logits.dtype) * sampling.frequency_penalty + sampling.presence_penalty
+        if sampling.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            kept = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[kept], sorted_probs[kept])
+        if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+            raise FloatingPointError("sampling probabilities are not finite")
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _take(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+        """Apply ``token`` to the row; whether the row goes on."""
+        generation = row.generation
+        if generation.first_token is None:
+            generation.first_token = time.perf_counter()
+        if token in self.eos_ids:
+            self._emit(generation, row.text.rest(), None)
+            self._finish(generation, "stop")
+            return False
+        logprob = _logprob_of(token, logits, generation.sampling.logprobs) if generation.sampling.logprobs is not None else None
+        generation.tokens.append(token)
+        if logprob is not None:
+            generation.logprobs.append(logprob)
+        piece, stopped = row.text.add(token)
+        if stopped:
+            self._emit(generation, piece, logprob)
+            self._finish(generation, "stop")
+            return False
+        if len(generation.tokens) >= generation.sampling.max_tokens:
+            self._emit(generation, piece + row.text.rest(), logprob)
+            self._finish(generation, "length")
+            return False
+        self._emit(generation, piece, logprob)
+        return True
+
+    def _score_prompt(self, batch: _Batch, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-probabilities of the prompt tokens in columns start..end (the logits at column c
+        predict column c + 1; a prompt's first token has none)."""
+        width = batch.inputs.shape[1]
+        for i, row in enumerate(batch.rows):
+            sampling = row.generation.sampling
+            if not sampling.prompt_logprobs:
+                continue
+            first = width - len(row.generation.prompt)
+            if start <= first < end:
+                row.generation.prompt_logprobs.append(TokenLogprob(int(batch.inputs[i, first]), None))
+            for column in range(max(start, first), min(end, width - 1)):
+                token = int(batch.inputs[i, column + 1])
+                row.generation.prompt_logprobs.append(_logprob_of(token, logits[i, column - start], sampling.logprobs or 0))
+
+    def _emit(self, generation: Generation, piece: str, logprob: TokenLogprob | None) -> None:
+        generation.text += piece
+        if generation.on_token is not None:
+            generation.on_token(generation, piece, logprob)
+
+    def _finish(self, generation: Generation, reason: str) -> None:
+        generation.finish_reason = reason
+        generation.finished = time.perf_counter()
+        if generation.on_done is not None:
+            generation.on_done(generation)
+
+    def _fail_all(self, rows: list[_Row], error: Exception) -> None:
+        for row in rows:
+            row.generation.error = f"{type(error).__name__}: {error}"
+            self._finish(row.generation, "error")
+
+
+def _logprob_of(token: int, logits: torch.Tensor, k: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    value = float(logprobs[token])
+    return TokenLogprob(token, value if math.isfinite(value) else -math.inf, top)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    sampling: Sampling,
+    adapters: Sequence[str | None] | None = None,
+    max_batch_size: int = 32,
+) -> list[Generation]:
+    """Every prompt (token ids) through one engine, ``max_batch_size`` rows in flight: row i through
+    ``adapters[i]`` when given, else through the model's active adapters. A row that fails raises
+    GenerationError (the server, which must answer the other rows, drives ``Engine`` itself)."""
+    engine = Engine(model, tokenizer, max_batch_size)
+    names = list(adapters) if adapters is not None else [ACTIVE] * len(prompts)
+    done = engine.run([Generation(list(p), sampling, name) for p, name in zip(prompts, names, strict=True)])
+    failed = next((g for g in done if g.error is not None), None)
+    if failed is not None:
+        raise GenerationError(f"generation failed for prompt {done.index(failed)}: {failed.error}")
+    return done

@@ -1,0 +1,123 @@
+"""The generation engine on its own: penalties as HF and OpenAI define them, chunked prefill,
+prompt log-probabilities, and a failing row that fails alone."""
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import adapterkit as ak
+from adapterkit.generation import Engine, Generation, Sampling, generate
+
+PROMPTS = ["hello there", "a", "The quick brown fox", "xyz: 12"]
+TOKENS = 10
+
+
+def hf_greedy(model, tokenizer, prompt: str, **options) -> list[int]:
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0, **options)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_token_id else tokens
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, over the
+    tokens generated so far."""
+
+    def __init__(self, prompt_length: int, frequency: float, presence: float) -> None:
+        self.prompt_length, self.frequency, self.presence = prompt_length, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, input_ids[:, self.prompt_length:], torch.ones_like(input_ids[:, self.prompt_length:], dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return tiny_llama(), tiny_tokenizer()
+
+
+def run(model, tokenizer, sampling: Sampling, prompts=PROMPTS, **engine_options) -> list[Generation]:
+    engine = Engine(model, tokenizer, **engine_options)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return engine.run([Generation(ids, sampling) for ids in encoded])
+
+
+def test_repetition_penalty_matches_hf(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    done = run(model, tokenizer, Sampling(max_tokens=TOKENS, repetition_penalty=1.8))
+    expected = [hf_greedy(model, tokenizer, p, repetition_penalty=1.8) for p in PROMPTS]
+    assert [g.tokens for g in done] == expected
+    assert expected != [hf_greedy(model, tokenizer, p) for p in PROMPTS]  # the penalty changed answers
+
+
+def test_frequency_and_presence_penalties_match_openai_definition(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    done = run(model, tokenizer, Sampling(max_tokens=TOKENS, frequency_penalty=1.5, presence_penalty=0.7))
+    expected = []
+    for prompt in PROMPTS:
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        expected.append(hf_greedy(model, tokenizer, prompt, logits_processor=LogitsProcessorList([OpenAIPenalties(length, 1.5, 0.7)])))
+    assert [g.tokens for g in done] == expected
+    assert expected != [hf_greedy(model, tokenizer, p) for p in PROMPTS]
+
+
+def test_chunked_prefill_gives_the_same_greedy_answers(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    whole = run(model, tokenizer, Sampling(max_tokens=TOKENS))
+    chunked = run(model, tokenizer, Sampling(max_tokens=TOKENS), max_prefill_tokens=3)  # 19-token prompt: 7 chunks
+    assert [g.tokens for g in chunked] == [g.tokens for g in whole] == [hf_greedy(model, tokenizer, p) for p in PROMPTS]
+
+
+def test_prompt_logprobs_equal_the_models_own_across_chunks(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    sampling = Sampling(max_tokens=0, prompt_logprobs=True, logprobs=3)
+    for budget in (4096, 5):
+        done = run(model, tokenizer, sampling, max_prefill_tokens=budget)
+        for prompt, generation in zip(PROMPTS, done):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                reference = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            scored = generation.prompt_logprobs
+            assert [s.token for s in scored] == ids and scored[0].logprob is None
+            for position, entry in enumerate(scored[1:]):
+                assert entry.logprob == pytest.approx(reference[position, ids[position + 1]].item(), abs=1e-5)
+                assert [t for t, _ in entry.top] == reference[position].topk(3).indices.tolist()
+            assert generation.tokens == [] and generation.finish_reason == "length"
+
+
+def test_a_row_with_non_finite_logits_fails_alone(model_and_tokenizer):
+    """An adapter that overflows to NaN ends its own row with an error; the rows beside it in the
+    same steps finish with the answers they give alone."""
+    base, tokenizer = model_and_tokenizer
+    model = ak.AdapterModel(base)
+    model.add_adapter("nan", ak.BottleneckConfig(bottleneck_size=4))
+    with torch.no_grad():
+        for parameter in model.adapter_layers["nan"].parameters():
+            parameter.fill_(1e30)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    names = [None, "nan", None, None]
+    engine = Engine(model, tokenizer)
+    done = engine.run([Generation(ids, Sampling(max_tokens=TOKENS), name) for ids, name in zip(encoded, names)])
+    assert done[1].finish_reason == "error" and "non-finite" in done[1].error
+    assert [g.tokens for i, g in enumerate(done) if i != 1] == [hf_greedy(base, tokenizer, p) for i, p in enumerate(PROMPTS) if i != 1]
+    with pytest.raises(ak.GenerationError, match="non-finite"):
+        generate(model, tokenizer, encoded, Sampling(max_tokens=TOKENS), adapters=names)
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e-300), ("seed", 2**70), ("seed", -1), ("top_p", 0.0),
+                                          ("repetition_penalty", 0.0), ("stop", ["q" * 200_000]), ("max_tokens", 0)])
+def test_bad_sampling_values_are_refused_before_running(model_and_tokenizer, field, value):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ak.ConfigError, match=field):
+        engine.submit(Generation([5, 6], Sampling(**{"max_tokens": 4, field: value})))
+    assert not engine.has_work()
+
+
+def test_a_seed_fixes_a_sampled_answer(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed), prompts=PROMPTS[:1])[0].tokens
+               for seed in (3, 3, 4)]
+    assert answers[0] == answers[1] and len(answers[0]) > 0
