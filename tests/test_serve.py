@@ -340,3 +340,29 @@ def test_the_serve_command_checks_its_options(tmp_path, capsys):
     assert "--max-batch-size must be at least 1" in capsys.readouterr().err
     assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
     assert "no adapters folder" in capsys.readouterr().err
+
+
+def test_a_request_may_name_a_composition(world):
+    """Compositions over the folder's adapters are served like adapters; their members load on
+    demand and each answer is the composition's own, next to rows of single adapters."""
+    compositions = {"stacked": ak.Stack("pfeiffer", "lora"), "averaged": ak.Average("houlsby", "parallel", weights=[0.3, 0.7])}
+    base, tokenizer = ak.load_base(world["base_dir"])
+    reference = ak.AdapterModel(base)
+    for name in ("pfeiffer", "lora", "houlsby", "parallel"):
+        reference.load_adapter(world["adapters_dir"] / name)
+    expected = {}
+    for name, block in compositions.items():
+        reference.set_active(block)
+        ids = torch.tensor([tokenizer.encode(PROMPTS[1])])
+        out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        expected[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected["stacked"] != world["answers"]["pfeiffer", PROMPTS[1]]
+    with TestClient(create_app(make_server(world, compositions=compositions))) as client:
+        assert {"stacked", "averaged"} <= {m["id"] for m in client.get("/v1/models").json()["data"]}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = {name: pool.submit(complete, client, name, PROMPTS[1]) for name in ["stacked", "averaged", "lora", "stacked"]}
+        for name, future in futures.items():
+            body = future.result().json()
+            assert "choices" in body, body
+            answer = body["choices"][0]["text"]
+            assert answer == (expected[name] if name in expected else world["answers"][name, PROMPTS[1]])

@@ -358,6 +358,8 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a place; beyond it, 429 with Retry-After")
     parser.add_argument("--max-prefill-tokens", type=int, default=512,
                         help="most prompt tokens (rows x padded length) prefilled in one step; longer prompts prefill in chunks")
+    parser.add_argument("--compositions", type=Path, help='JSON file naming compositions, e.g. {"de-legal": {"stack": ["de", "legal"]}}; '
+                        'a request\'s model may name one')
     parser.set_defaults(handler=run_serve)
 
 
@@ -369,8 +371,25 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
     serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
-          args.max_queue, args.max_prefill_tokens)
+          args.max_queue, args.max_prefill_tokens, read_compositions(args.compositions) if args.compositions else None)
     return 0
+
+
+def read_compositions(path: Path) -> dict:
+    """{name: block} from a JSON file of {name: {"stack" | "average" | "fuse": [...]}}."""
+    from .compose import Composition, from_json
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ConfigError(f"cannot read compositions from {path}: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must map composition names to blocks")
+    blocks = {name: from_json(spec) for name, spec in document.items()}
+    plain = sorted(name for name, block in blocks.items() if not isinstance(block, Composition))
+    if plain:
+        raise ConfigError(f"{path}: {plain} name a single adapter; a composition is a stack, average or fuse")
+    return blocks
 
 
 COMMANDS: list[Callable] = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_data_command, add_serve_command]

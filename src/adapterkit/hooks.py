@@ -155,7 +155,11 @@ class SiteHooks:
             return plan.apply_output(self, args[0], output)
         tree = self.routing.tree
         if tree is not None:
-            return self.run(tree, args[0], output) if self.acts(tree) else None
+            if not self.acts(tree):
+                return None
+            y = self.run(tree, args[0], output)
+            self.clear_taps()
+            return y
         entries = [entry for name in self.routing.active if (entry := self.outputs.get(name)) is not None]
         if not entries:
             return None
@@ -179,9 +183,7 @@ class SiteHooks:
     def run(self, block: Block, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """This module's output ``y`` (its input ``x``) under ``block``; ``rows`` selects the batch
         rows that ``x`` and ``y`` are, for reading kept inputs (taps) of the whole batch."""
-        out = self._effect(block, x, y, y, rows)
-        self.clear_taps()
-        return out
+        return self._effect(block, x, y, y, rows)
 
     def _effect(self, block: Block, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor, rows) -> torch.Tensor:
         if isinstance(block, str):

@@ -59,8 +59,9 @@ class AdapterModel(nn.Module):
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
-        """The base's forward; with ``adapter_names``, row i runs through adapter ``adapter_names[i]``."""
+    def forward(self, *args, adapter_names: Sequence[str | Composition | None] | None = None, **kwargs):
+        """The base's forward; with ``adapter_names``, row i runs through ``adapter_names[i]``: an
+        adapter or composition name, a composition block, or None for the bare base."""
         if adapter_names is not None:
             with self.mixed_adapters(adapter_names, _batch_rows(args, kwargs)):
                 return self.base(*args, **kwargs)
@@ -559,13 +560,12 @@ class AdapterModel(nn.Module):
             raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it would apply to every row; unmerge() it to mix adapters per row")
         rows = []
         for name in adapter_names:
-            if name in (None, BASE):
+            if name is None or name == BASE:
                 rows.append(None)
-            elif not isinstance(name, str):
-                raise AdapterNameError(f"adapter_names holds {name!r}; give adapter or composition names (add_composition names a block)")
+            elif not isinstance(name, (str, Composition)):
+                raise AdapterNameError(f"adapter_names holds {name!r}; give adapter or composition names, or composition blocks")
             else:
-                block = self._resolve(name)
-                rows.append(block if isinstance(block, Composition) else name)
+                rows.append(self._resolve(name))  # an adapter's name, or a composition's block
         return rows
 
     def _check_known(self, name: str) -> None:

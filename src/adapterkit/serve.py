@@ -34,9 +34,10 @@ from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .compose import Composition, adapter_names, fusions
 from .errors import AdapterkitError, ShapeMismatchError
 from .generation import Engine, Generation, Sampling, TokenLogprob, check_stops
-from .io import CONFIG_FILE, check_base, read_adapter
+from .io import CONFIG_FILE, FUSION_CONFIG_FILE, check_base, read_adapter
 from .model import AdapterModel
 from .names import is_valid_name
 
@@ -139,7 +140,7 @@ class AdapterPool:
         try:
             if path.resolve().parent != self.folder:
                 raise ApiError(400, f"adapter {name!r} is a link out of the adapters folder; refusing to read it", "invalid_model_name")
-            found = (path / CONFIG_FILE).is_file()
+            found = (path / CONFIG_FILE).is_file() or (path / FUSION_CONFIG_FILE).is_file()
         except OSError:
             found = False
         if not found:
@@ -219,7 +220,7 @@ class AdapterPool:
 
     async def _load(self, name: str, path: Path) -> None:
         try:
-            saved = await asyncio.to_thread(read_adapter, path)
+            saved = await asyncio.to_thread(read_adapter, path, self.model.base)
             if saved.base is not None:
                 await asyncio.to_thread(check_base, saved.base, self.model.base, path)
             await asyncio.to_thread(self._locked, self.model.add_adapter, name, saved.config, saved.tensors)
@@ -236,7 +237,8 @@ class AdapterPool:
 
     async def _evict_one(self) -> bool:
         """Unload the least recently used adapter nobody holds; False when all are held."""
-        idle = next((name for name in self.recent if not self.holds[name]), None)
+        needed = {n for name in self.recent for n in self.model.adapters[name].depends_on()}
+        idle = next((name for name in self.recent if not self.holds[name] and name not in needed), None)
         if idle is None:
             return False
         await asyncio.to_thread(self._locked, self.model.delete_adapter, idle)
@@ -321,7 +323,10 @@ class Server:
         max_loaded_adapters: int = 8,
         max_queue: int = 64,
         max_prefill_tokens: int = 512,
+        compositions: dict[str, Composition] | None = None,
     ) -> None:
+        """``compositions`` name blocks (``ak.Stack``, ``ak.Fuse``, ``ak.Average``) over adapters of
+        the folder; a request names one like an adapter, and its adapters load as they would."""
         if model.training:
             model.eval()
         config = getattr(model.base, "config", None)
@@ -329,6 +334,10 @@ class Server:
         self.base_name, self.api_key, self.max_queue = base_name, api_key, max_queue
         self.engine = Engine(model, tokenizer, max_batch_size, max_prefill_tokens)
         self.pool = AdapterPool(self.engine, Path(adapters_dir), max_loaded_adapters)
+        self.compositions = dict(compositions or {})
+        for name in self.compositions:
+            if not is_valid_name(name) or name == base_name:
+                raise AdapterkitError(f"invalid composition name {name!r}: use letters, digits, '_' or '-', and not the base's name")
         self.metrics = Metrics(self)
         self.acquiring = 0  # requests waiting for their adapter (before the engine's queue)
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapterkit-tokenize")
@@ -429,15 +438,16 @@ class Server:
         for prompt in prompts:
             self.check_length(prompt, sampling.max_tokens)
         self.check_room(model_name, len(prompts))
-        adapter = None if model_name == self.base_name else model_name
+        adapter = None if model_name == self.base_name else self.compositions.get(model_name, model_name)
+        held = self.adapters_of(model_name)
         arrived = time.perf_counter()
         jobs = []
         self.acquiring += len(prompts)
         try:
             for prompt in prompts:
-                if adapter is not None:
-                    await self.pool.acquire(adapter)
-                job = _Job(self, Generation(prompt, sampling, adapter), model_name, arrived)
+                for name in held:  # a fusion after its members
+                    await self.pool.acquire(name)
+                job = _Job(self, Generation(prompt, sampling, adapter), model_name, arrived, held)
                 self.engine.submit(job.generation)
                 self.acquiring -= 1
                 jobs.append(job)
@@ -448,9 +458,19 @@ class Server:
             raise
         return jobs
 
+    def adapters_of(self, model_name: str) -> list[str]:
+        """The adapters a request for ``model_name`` holds while it runs."""
+        if model_name == self.base_name:
+            return []
+        block = self.compositions.get(model_name)
+        if block is None:
+            return [model_name]
+        return adapter_names(block) + [fuse.name for fuse in reversed(fusions(block))]
+
     def check_model(self, name: str) -> None:
-        if name != self.base_name and name not in self.pool.recent:
-            self.pool.path_of(name)
+        for adapter in self.adapters_of(name):
+            if adapter not in self.pool.recent:
+                self.pool.path_of(adapter)
 
     # -- admin --
     def authorize(self, request: Request) -> None:
@@ -465,8 +485,8 @@ class _Job:
     """A request's row on the event loop's side: the engine's callbacks become events in a queue;
     at the end the adapter is released and the metrics recorded (after the row left the batch)."""
 
-    def __init__(self, server: Server, generation: Generation, label: str, arrived: float) -> None:
-        self.server, self.generation, self.label, self.arrived = server, generation, label, arrived
+    def __init__(self, server: Server, generation: Generation, label: str, arrived: float, held: list[str]) -> None:
+        self.server, self.generation, self.label, self.arrived, self.held = server, generation, label, arrived, held
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         generation.on_token = lambda _, piece, logprob: self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", piece))
@@ -475,8 +495,8 @@ class _Job:
     def _done(self) -> None:
         self.server.metrics.finished(self.label, self.generation, self.arrived)
         self.events.put_nowait(("done", self.generation.finish_reason))
-        if self.generation.adapter is not None:
-            self.loop.create_task(self.server.pool.release(self.generation.adapter))
+        for name in self.held:
+            self.loop.create_task(self.server.pool.release(name))
 
     async def events_until_done(self) -> AsyncIterator[tuple]:
         while True:
@@ -616,7 +636,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        names = [server.base_name] + server.pool.available()
+        names = [server.base_name] + server.pool.available() + sorted(server.compositions)
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "adapterkit"} for n in names]}
 
     @app.post("/v1/completions")
@@ -736,8 +756,10 @@ def serve(
     max_loaded_adapters: int = 8,
     max_queue: int = 64,
     max_prefill_tokens: int = 512,
+    compositions: dict[str, Composition] | None = None,
 ) -> None:
-    """Load ``base`` and serve the adapters in ``adapters_dir`` until interrupted."""
+    """Load ``base`` and serve the adapters in ``adapters_dir`` (and ``compositions`` of them)
+    until interrupted."""
     import uvicorn
 
     from .bases import load_base
@@ -748,5 +770,5 @@ def serve(
     base_model, tokenizer = load_base(base)
     base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
     server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, max_loaded_adapters,
-                    max_queue, max_prefill_tokens)
+                    max_queue, max_prefill_tokens, compositions)
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")

@@ -26,7 +26,7 @@ from .tensors import read_tensors, tensors_to_bytes
 FORMATS = (FORMAT, "peft")
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
+    "CONFIG_FILE", "FUSION_CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
     "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter", "read_adapter_config",
     "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "write_folder_atomically",
 ]
