@@ -113,8 +113,8 @@ class SiteHooks:
             for name in self.routing.active:
                 adapter = self.inputs.get(name)
                 if adapter is not None:
-                    x = adapter.transform_input(x)
-        return None if x is args[0] else (x, *args[1:])
+                    x = adapter.transform_input(x.to(compute_dtype(adapter)))
+        return None if x is args[0] else (x.to(args[0].dtype), *args[1:])
 
     def _apply_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         plan = self.routing.mixed
@@ -127,19 +127,26 @@ class SiteHooks:
             entries.sort(key=lambda entry: not entry[0].changes_layer)
         x, y, tapped = args[0], output, False
         for adapter, tap in entries:
+            dtype = compute_dtype(adapter)
             if tap is not None:
-                y, tapped = adapter(tap.value, y), True
+                y, tapped = adapter(tap.value.to(dtype), y.to(dtype)), True
             else:
-                y = adapter(x, y)
+                y = adapter(x.to(dtype), y.to(dtype))
         if tapped:
             self.clear_taps()
-        return y
+        return y.to(output.dtype)
 
     def clear_taps(self) -> None:
         """Let go of kept inputs once read: they hold a whole activation each."""
         for _, tap in self.outputs.values():
             if tap is not None:
                 tap.value = None
+
+
+def compute_dtype(adapter: AdapterModule) -> torch.dtype:
+    """An adapter computes in its own dtype (float32 adapters over a bfloat16 base: the inputs
+    are cast up, the result back down to the base's dtype), as its optimizer updates it."""
+    return next(adapter.parameters()).dtype
 
 
 class HookLayer:
