@@ -656,8 +656,10 @@ def serve(
     max_batch_size: int = 16,
     batch_window_ms: float = 10.0,
     max_loaded_adapters: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
-    """Load ``base`` and serve the adapters in ``adapters_dir`` until interrupted."""
+    """Load ``base`` (on ``device``, in ``dtype``) and serve the adapters in ``adapters_dir`` until interrupted."""
     import uvicorn
 
     from .bases import load_base
@@ -665,7 +667,7 @@ def serve(
     folder = Path(adapters_dir)
     if not folder.is_dir():
         raise AdapterkitError(f"no adapters folder at {folder}")
-    base_model, tokenizer = load_base(base)
+    base_model, tokenizer = load_base(base, dtype, device)
     base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
     server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, batch_window_ms, max_loaded_adapters)
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")
