@@ -66,8 +66,9 @@ def check_base(saved: Any, base: nn.Module, source: Path) -> None:
     elif theirs in here["weights_sha256_as"]:
         same = saved.get("weights_sha256") == here["weights_sha256_as"][theirs]
     else:
+        copy = f" or a {theirs} copy (load_base(..., dtype=torch.{theirs}))" if theirs != "float32" else " (load_base(..., dtype=torch.float32))"
         _refuse(saved, source, f"the dtype differs ({theirs} there, {ours} here) and a {ours} copy cannot be checked against a "
-                f"{theirs} one", f"Load it over the float32 base or a {theirs} copy (load_base(..., dtype=torch.{theirs}))")
+                f"{theirs} one", f"Load it over the float32 base{copy}")
     if not same:
         dtype = f" (and the dtype: {theirs} there, {ours} here)" if theirs != ours else ""
         _refuse(saved, source, f"the weights differ{dtype}")
