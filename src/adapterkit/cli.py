@@ -20,6 +20,13 @@ from .errors import AdapterkitError, ConfigError
 from .methods import registered_methods
 
 DEFAULT_BASE = "smollm2-135m"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # bases.DTYPES, without importing torch to build the parser
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, the same for every command that loads the base."""
+    parser.add_argument("--device", help="where the base runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means cuda:LOCAL_RANK")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="the base's weights (default float32); adapters stay float32")
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -64,6 +71,7 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--base", help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
     parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="default bottleneck")
+    add_device_options(parser)
     adapter_group = parser.add_argument_group("adapter options", "fields of the method's config (--set KEY=VALUE also works)")
     for option, methods in adapter_options().items():
         adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option), dest=f"adapter.{option}",
@@ -84,6 +92,10 @@ def add_train_command(subparsers) -> None:
     group.add_argument("--save-every", type=int)
     group.add_argument("--metric", choices=["chrf", "exact", "none"])
     group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                       help="recompute each block's activations in the backward pass: less memory, more compute")
+    group.add_argument("--fsdp", action="store_true", default=None,
+                       help="under torchrun: shard the frozen base's blocks across the ranks (FSDP2)")
     group.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint if it exists")
     group.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train)
@@ -148,8 +160,19 @@ def _read_options_file(path: Path) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    try:
+        return _train(args)
+    finally:
+        distributed.stop()
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from . import distributed
+    from .bases import load_base, resolve_device
     from .data import read_jsonl
     from .methods import config_class
     from .model import AdapterModel
@@ -163,6 +186,10 @@ def run_train(args: argparse.Namespace) -> int:
     base_name = options.pop("base", DEFAULT_BASE)
     name = options.pop("name", None) or output.name
     method = options.pop("method", "bottleneck")
+    device, dtype = resolve_device(options.pop("device", None)), options.pop("dtype", None)
+    checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
+    if fsdp and not distributed.launched():
+        raise ConfigError("--fsdp shards the base across several processes: launch with torchrun --nproc_per_node N -m adapterkit train ...")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
     config_type = config_class(method)
@@ -170,17 +197,21 @@ def run_train(args: argparse.Namespace) -> int:
         adapter_options["total_step"] = planned_steps(len(train_examples), config)  # a schedule that needs the run's length
     adapter_config = config_type.from_dict(adapter_options)
 
-    from .bases import load_base
-
-    base, tokenizer = load_base(base_name)
+    device = distributed.start(device)  # under torchrun: join the ranks; cuda becomes cuda:LOCAL_RANK
+    base, tokenizer = load_base(base_name, dtype, "cpu" if fsdp else device)  # sharded from host memory
     model = AdapterModel(base)
     torch.manual_seed(config.seed)  # the adapter's initial weights are part of "same seed, same adapter"
     model.add_adapter(name, adapter_config)
     model.train_adapter(name)
-    model.print_trainable_parameters()
-    trainer = Trainer(model, tokenizer, train_examples, config, output, eval_examples, adapter_name=name)
+    if fsdp:
+        distributed.shard_base(model, device)
+    if distributed.rank() == 0:
+        model.print_trainable_parameters()
+    trainer = Trainer(model, tokenizer, train_examples, config, output, eval_examples, adapter_name=name, gradient_checkpointing=checkpointing)
     started = time.perf_counter()
     result = trainer.train(resume=args.resume)
+    if distributed.rank() != 0:
+        return 0
     print(f"trained {trainer.total_steps} steps in {time.perf_counter() - started:.0f} s; adapter saved to {output / 'adapter'}")
     if result:
         print(format_table([_row(name, result, config.metric)]))
@@ -194,6 +225,7 @@ def add_eval_command(subparsers) -> None:
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several); none: the bare base")
     parser.add_argument("--with-base", action="store_true", help="also score the bare base")
     parser.add_argument("--base", default=DEFAULT_BASE)
+    add_device_options(parser)
     parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -206,7 +238,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     examples = read_jsonl(args.data)
-    model, tokenizer, names = _model_with_adapters(args.base, args.adapter)
+    model, tokenizer, names = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
     runs = ([None] if args.with_base or not names else []) + names
     rows, report = [], {}
     for name in runs:
@@ -230,6 +262,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--template", default="{prompt}", help=r"prompt template, e.g. 'English: {prompt}\nGerman:' (\n is a newline)")
     parser.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     parser.add_argument("--base", default=DEFAULT_BASE)
+    add_device_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's: >1 discourages tokens already in prompt or answer")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: subtracted per earlier use of a token")
@@ -240,7 +273,7 @@ def add_generate_command(subparsers) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from .evaluate import generate_batched
 
-    model, tokenizer, names = _model_with_adapters(args.base, args.adapter)
+    model, tokenizer, names = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
     template = args.template.replace("\\n", "\n")
     texts = [template.format(prompt=p) for p in args.prompts]
     if args.chat:
@@ -278,10 +311,10 @@ def run_info(args: argparse.Namespace) -> int:
     options = ", ".join(f"{k}={v}" for k, v in (info["config"] or {}).items() if v is not None)
     print(f"adapter     {info['name']}  ({info['path']})")
     print(f"method      {info['method']}: {options}")
-    print(f"parameters  {info['parameters']:,}")
+    print(f"parameters  {info['parameters']:,} ({info['dtype']})")
     print(f"size        {info['size_bytes'] / 1e6:.2f} MB on disk")
     base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
-    print(f"base        {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, weights sha256 {str(base.get('weights_sha256'))[:16]}…)")
+    print(f"base        {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, {base.get('dtype') or 'float32'}, weights sha256 {str(base.get('weights_sha256'))[:16]}…)")
     return 0
 
 
@@ -305,14 +338,14 @@ def run_po2jsonl(args: argparse.Namespace) -> int:
 
 
 # ---- shared --------------------------------------------------------------------------------------
-def _model_with_adapters(base_name: str, paths: Sequence[str]):
-    """(model, tokenizer, adapter names): the base with each adapter loaded under its saved name
-    (made unique with a numeric suffix when two share one)."""
+def _model_with_adapters(base_name: str, paths: Sequence[str], device: str | None = None, dtype: str | None = None):
+    """(model, tokenizer, adapter names): the base (on ``device``, in ``dtype``) with each adapter
+    loaded under its saved name (made unique with a numeric suffix when two share one)."""
     from .bases import load_base
     from .io import read_adapter_config
     from .model import AdapterModel
 
-    base, tokenizer = load_base(base_name)
+    base, tokenizer = load_base(base_name, dtype, device)
     model = AdapterModel(base)
     names: list[str] = []
     for path in paths:
@@ -350,6 +383,7 @@ def add_serve_command(subparsers) -> None:
     ))
     parser.add_argument("--base", default=DEFAULT_BASE, help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
     parser.add_argument("--adapters", required=True, type=Path, help="folder whose sub-folders are saved adapters")
+    add_device_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
@@ -371,7 +405,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
     serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
-          args.max_queue, args.max_prefill_tokens, read_compositions(args.compositions) if args.compositions else None)
+          args.max_queue, args.max_prefill_tokens, read_compositions(args.compositions) if args.compositions else None,
+          device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -409,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except AdapterkitError as error:
-        print(f"adapterkit: error: {error}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # under torchrun
+        print(f"adapterkit: error: {rank}{error}", file=sys.stderr)
         return 2
 
 

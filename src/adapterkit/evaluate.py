@@ -43,6 +43,8 @@ def completion_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     The LM head runs on those positions alone. Prompt and padding positions carry no loss, and with
     a large vocabulary (49k words for SmolLM2) the head and its softmax over every position are a
     fifth of a training step's compute and most of its activation memory."""
+    device = next(model.parameters()).device
+    batch = {key: tensor.to(device) for key, tensor in batch.items()}
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

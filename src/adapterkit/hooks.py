@@ -146,8 +146,8 @@ class SiteHooks:
             for name in self.routing.active:
                 adapter = self.inputs.get(name)
                 if adapter is not None:
-                    x = adapter.transform_input(x)
-        return None if x is args[0] else (x, *args[1:])
+                    x = adapter.transform_input(x.to(compute_dtype(adapter)))
+        return None if x is args[0] else (x.to(args[0].dtype), *args[1:])
 
     def _apply_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         plan = self.routing.mixed
@@ -167,13 +167,14 @@ class SiteHooks:
             entries.sort(key=lambda entry: not entry[0].changes_layer)
         x, y, tapped = args[0], output, False
         for adapter, reader in entries:
+            dtype = compute_dtype(adapter)
             if reader is not None:
-                y, tapped = adapter(reader(y), y), True
+                y, tapped = adapter(reader(y).to(dtype), y.to(dtype)), True
             else:
-                y = adapter(x, y)
+                y = adapter(x.to(dtype), y.to(dtype))
         if tapped:
             self.clear_taps()
-        return y
+        return y.to(output.dtype)
 
     # ---- compositions ------------------------------------------------------------------------
     def acts(self, block: Block) -> bool:
@@ -192,7 +193,8 @@ class SiteHooks:
             rescaling = [c for c in block.children if isinstance(c, str) and c in self.inputs]
             if rescaling:  # input adapters first: the layer runs on the changed input
                 for name in rescaling:
-                    x = self.inputs[name].transform_input(x)
+                    adapter = self.inputs[name]
+                    x = adapter.transform_input(x.to(compute_dtype(adapter))).to(x.dtype)
                 rerun = self.module.forward(x)
                 y, y0 = y + (rerun - y0), rerun
             rest = [c for c in block.children if c not in rescaling]
@@ -208,7 +210,9 @@ class SiteHooks:
         if fusion is None:
             raise AdapterkitError(f"fusion {block.name!r} has no layer at {self.module_name}, where its children act; add the fusion again")
         query = y if fusion.query == "output" else self._input_of(acting[-1][1], x, y, rows)
-        return fusion.fuse(y, [self._effect(child, x, y, y0, rows) - y for _, child in acting], query)
+        dtype = compute_dtype(fusion)
+        deltas = [(self._effect(child, x, y, y0, rows) - y).to(dtype) for _, child in acting]
+        return fusion.fuse(y.to(dtype), deltas, query.to(dtype)).to(y.dtype)
 
     def _input_of(self, block: Block, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
         """What adapter ``block`` reads here (a fusion's query, as AdapterHub takes it)."""
@@ -222,10 +226,11 @@ class SiteHooks:
         entry = self.outputs.get(name)
         if entry is not None:
             adapter, reader = entry
-            return adapter(x if reader is None else reader(y, rows), y)
+            dtype = compute_dtype(adapter)
+            return adapter((x if reader is None else reader(y, rows)).to(dtype), y.to(dtype)).to(y.dtype)
         adapter = self.inputs.get(name)
         if adapter is not None:  # the layer run again on its changed input; its change adds to y
-            return y + (self.module.forward(adapter.transform_input(x)) - y0)
+            return y + (self.module.forward(adapter.transform_input(x.to(compute_dtype(adapter))).to(x.dtype)) - y0)
         return y
 
     def clear_taps(self) -> None:
@@ -233,6 +238,12 @@ class SiteHooks:
         for _, reader in self.outputs.values():
             if reader is not None:
                 reader.tap.value = None
+
+
+def compute_dtype(adapter: AdapterModule) -> torch.dtype:
+    """An adapter computes in its own dtype (float32 adapters over a bfloat16 base: the inputs
+    are cast up, the result back down to the base's dtype), as its optimizer updates it."""
+    return next(adapter.parameters()).dtype
 
 
 class HookLayer:

@@ -62,8 +62,9 @@ class Group:
         if not self.in_order:
             h = h.index_select(0, self.slot_rows)
         length = h.shape[1]
-        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, self.size * length, h.shape[-1]), self.weights)
-        delta = delta.reshape(-1, length, delta.shape[-1])
+        dtype = next(iter(self.weights.values())).dtype  # the adapters' dtype: cast in, and back to the base's
+        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, self.size * length, h.shape[-1]).to(dtype), self.weights)
+        delta = delta.reshape(-1, length, delta.shape[-1]).to(y.dtype)
         if not self.in_order:
             delta = delta.index_select(0, self.row_slot)
         out = y.reshape(n, -1, y.shape[-1])

@@ -757,9 +757,11 @@ def serve(
     max_queue: int = 64,
     max_prefill_tokens: int = 512,
     compositions: dict[str, Composition] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
-    """Load ``base`` and serve the adapters in ``adapters_dir`` (and ``compositions`` of them)
-    until interrupted."""
+    """Load ``base`` (on ``device``, in ``dtype``) and serve the adapters in ``adapters_dir`` (and
+    ``compositions`` of them) until interrupted."""
     import uvicorn
 
     from .bases import load_base
@@ -767,7 +769,7 @@ def serve(
     folder = Path(adapters_dir)
     if not folder.is_dir():
         raise AdapterkitError(f"no adapters folder at {folder}")
-    base_model, tokenizer = load_base(base)
+    base_model, tokenizer = load_base(base, dtype, device)
     base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
     server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, max_loaded_adapters,
                     max_queue, max_prefill_tokens, compositions)

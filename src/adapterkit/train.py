@@ -7,6 +7,11 @@ torch RNG state and the method's own training state, such as AdaLoRA's rank allo
 ``trainer_state.json`` (step, scalars). No pickle anywhere. Resuming from it
 gives bit-for-bit the adapter an uninterrupted run gives: the data order is a function of the seed
 and the step, and the dropout RNG state is saved with the rest.
+
+Under torchrun (several processes in one torch.distributed group) the adapter trains with
+DistributedDataParallel: every rank reads a disjoint share of each global batch (rows rank,
+rank + N, ...), the adapter's gradients are all-reduced, and the loss is the mean over the whole
+global batch's completion tokens, as one process would compute it. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,8 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from .data import TokenizedExample, collate, length_bucketed_batches, tokenize_all
+from . import distributed
+from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
 from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, write_folder_atomically
@@ -89,12 +96,16 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def training_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], tokens: float | None = None) -> torch.Tensor:
     """Mean cross-entropy over the batch's completion tokens, plus the adapters' regularization
     (AdaLoRA's orthogonality penalty). The same value as ``model(**batch).loss``, computed with the
-    LM head on completion positions only."""
+    LM head on completion positions only. With ``tokens``, the summed cross-entropy is divided by
+    it instead of by the batch's own count: a rank's part of a larger batch's mean."""
     logits, targets = completion_logits(model, batch)
-    loss = nn.functional.cross_entropy(logits.float(), targets)
+    if tokens is None:
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+    else:
+        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / tokens
     regularization = getattr(model, "regularization_loss", None)  # a plain base (full fine-tuning) has none
     return loss + regularization() if regularization else loss
 
@@ -121,11 +132,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class LossModule(nn.Module):
+    """``training_loss`` as a module, the unit DistributedDataParallel wraps: it all-reduces the
+    gradients of the parameters that require grad (the adapter's) and of nothing else."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], tokens: float | None = None) -> torch.Tensor:
+        return training_loss(self.model, batch, tokens)
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad on prompt/completion examples.
 
     With ``adapter_name`` (an AdapterModel's adapter) it checkpoints and saves that adapter; without
-    it (full fine-tuning, for comparisons) it only trains.
+    it (full fine-tuning, for comparisons) it only trains. Batches go to the model's device.
+    ``gradient_checkpointing`` recomputes each block's activations in the backward pass. In a
+    torch.distributed process group (torchrun) it trains data-parallel over the ranks.
     """
 
     def __init__(
@@ -137,6 +162,7 @@ class Trainer:
         output_dir: str | Path,
         eval_examples: list[dict] | None = None,
         adapter_name: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if adapter_name is None and config.save_every:
             raise ConfigError("checkpoints need an adapter to save: pass adapter_name or set save_every=0")
@@ -155,6 +181,12 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ConfigError("nothing to train: no parameter of the model requires grad")
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.loss = LossModule(model)
+        if self.world > 1:
+            self.loss = distributed.data_parallel(self.loss, self.parameters)
         torch.manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
@@ -165,15 +197,18 @@ class Trainer:
         """Run to ``total_steps``; returns the final evaluation (or {} without eval data)."""
         from tqdm.auto import tqdm
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT_DIR, ADAPTER_DIR):
-            remove_interrupted_writes(self.output_dir, name)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for name in (CHECKPOINT_DIR, ADAPTER_DIR):
+                remove_interrupted_writes(self.output_dir, name)
+        distributed.barrier()  # the other ranks read the checkpoint only once rank 0 has tidied
         if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             self._restore()
         self._trim_metrics()
         was_training = self.model.training
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.config.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not self.config.progress or self.rank != 0, dynamic_ncols=True)
         tokens_seen, started = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -195,7 +230,7 @@ class Trainer:
             self.model.train(was_training)
             self.plot_losses()
         result = self._evaluate() if self.eval_examples else {}
-        if self.adapter_name is not None:
+        if self.adapter_name is not None and self.rank == 0:
             self.model.save_adapter(self.adapter_name, self.output_dir / ADAPTER_DIR)
         self.plot_losses()
         return result
@@ -207,16 +242,19 @@ class Trainer:
             group["lr"] = lr
         total_loss, tokens = 0.0, 0
         for micro in range(self.config.grad_accum):
-            batch = self._batch(self.step * self.config.grad_accum + micro)
-            loss = training_loss(self.model, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {self.step + 1}; training stopped. "
-                    f"{self._last_good_checkpoint()} Try a lower learning rate (now {lr:.2e}) or check the data"
-                )
-            (loss / self.config.grad_accum).backward()
-            total_loss += loss.item() / self.config.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            examples = self._batch_examples(self.step * self.config.grad_accum + micro)
+            last = micro == self.config.grad_accum - 1
+            with nullcontext() if last or self.world == 1 else self.loss.no_sync():  # all-reduce once per step
+                loss = self._loss(examples)
+                value = distributed.average(loss.detach())  # the global batch's loss, the same on every rank
+                if not torch.isfinite(value):
+                    raise TrainingError(
+                        f"the loss became {value.item()} at step {self.step + 1}; training stopped. "
+                        f"{self._last_good_checkpoint()} Try a lower learning rate (now {lr:.2e}) or check the data"
+                    )
+                (loss / self.config.grad_accum).backward()
+            total_loss += value.item() / self.config.grad_accum
+            tokens += sum(len(e.input_ids) for e in examples)
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
         self.optimizer.step()
@@ -225,13 +263,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
 
-    def _batch(self, index: int) -> dict[str, torch.Tensor]:
-        """The ``index``-th batch of the run: a pure function of the seed, so resuming needs no state."""
+    def _loss(self, examples: list[TokenizedExample]) -> torch.Tensor:
+        """This rank's loss on its share of a global batch, scaled so that the ranks' gradients,
+        averaged by the all-reduce, are those of the global batch's mean loss. A rank left without
+        rows (a batch smaller than the world) runs one row that carries no loss, since every rank
+        must join the all-reduce."""
+        if self.world == 1:
+            return self.loss(collate(examples, self.pad_id))
+        share = examples[self.rank :: self.world]
+        if not share:
+            share = [TokenizedExample(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].labels))]
+        completion_tokens = sum(label != IGNORE_INDEX for e in examples for label in e.labels[1:])
+        return self.loss(collate(share, self.pad_id), max(1, completion_tokens) / self.world)
+
+    def _batch_examples(self, index: int) -> list[TokenizedExample]:
+        """The ``index``-th global batch of the run: a pure function of the seed (neither of the
+        state nor of the number of ranks), so resuming needs no state."""
         epoch, position = divmod(index, self.batches_per_epoch)
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
             lengths = [len(e.input_ids) for e in self.examples]
             self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch))
-        return collate([self.examples[i] for i in self._epoch_batches[1][position]], self.pad_id)
+        return [self.examples[i] for i in self._epoch_batches[1][position]]
 
     def _evaluate(self) -> dict[str, Any]:
         if not self.eval_examples:
@@ -248,6 +300,8 @@ class Trainer:
 
     # ---- records -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -255,15 +309,15 @@ class Trainer:
         """Drop records written after the step training restarts from (a killed run's tail), and
         the torn line a kill in the middle of a write leaves."""
         path = self.output_dir / METRICS_FILE
-        if not path.exists():
+        if self.rank != 0 or not path.exists():
             return
         kept = [record for record in read_metrics(path) if record["step"] <= self.step]
         path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
     def plot_losses(self) -> None:
-        """loss.png: training loss per step, and eval loss where it was measured."""
+        """loss.png: training loss per step, and eval loss where it was measured (rank 0 only)."""
         path = self.output_dir / METRICS_FILE
-        if not path.exists():
+        if self.rank != 0 or not path.exists():
             return
         import matplotlib
 
@@ -288,7 +342,10 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Write <output>/checkpoint atomically: it is either the previous complete one or this one."""
+        """Write <output>/checkpoint atomically: it is either the previous complete one or this one.
+        Rank 0 writes it; every rank holds the same adapter and optimizer state."""
+        if self.rank != 0:
+            return
         state = self.optimizer.state_dict()
         tensors = {"rng.torch": torch.get_rng_state()}
         scalars: dict[str, dict[str, Any]] = {}

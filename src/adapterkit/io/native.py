@@ -1,7 +1,8 @@
 """adapterkit's own adapter format.
 
 - ``adapter_config.json``: {"format": "adapterkit", "format_version": 1, "name", "method",
-  "config", "base": fingerprint, "weights_crc32"}
+  "config", "dtype", "base": fingerprint, "weights_crc32"}; "dtype" names the tensors' dtype
+  (float32 unless the adapter was made in another), whatever the base's dtype was.
 - ``adapter_model.safetensors``: the tensors, keyed "<base module name>.adapter.<parameter>".
 """
 
@@ -32,6 +33,7 @@ def native_files(name: str, config: AdapterConfig, tensors: dict[str, torch.Tens
         "name": name,
         "method": config.method,
         "config": config.to_dict(),
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
         "base": fingerprint,
         "weights_crc32": crc32(weights),
     }
