@@ -1,6 +1,7 @@
 """The playground page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
 which `make setup` installs) driven by selenium, against a live server on 127.0.0.1."""
 
+import os
 import shutil
 import socket
 import tempfile
@@ -14,7 +15,7 @@ from test_serve import ADAPTERS, PROMPTS, make_server, world  # noqa: F401
 
 from adapterkit.serve import create_app
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_the_playground_streams_answers_side_by_side(browser, live_url, world):
+def test_the_playground_streams_answers_side_by_side(browser, live_url, world, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -82,5 +83,8 @@ def test_the_playground_streams_answers_side_by_side(browser, live_url, world):
         name = panel.get_attribute("data-model")
         assert panel.find_element(By.TAG_NAME, "pre").text == world["answers"][name, PROMPTS[0]]
         assert "tokens/s" in panel.find_element(By.CLASS_NAME, "stats").text
-    browser.save_screenshot(str(SCREENSHOT))
-    assert SCREENSHOT.stat().st_size > 1000
+    screenshot = tmp_path / "playground.png"  # ADAPTERKIT_UPDATE_SCREENSHOT=1 refreshes the README's
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 1000
+    if os.environ.get("ADAPTERKIT_UPDATE_SCREENSHOT"):
+        shutil.copyfile(screenshot, DOCS_SCREENSHOT)
