@@ -66,19 +66,27 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+def default_base() -> str:
+    """The base used when none is named: $ADAPTERKIT_BASE (an embedded name or a local folder),
+    else the embedded SmolLM2-135M-Instruct."""
+    return os.environ.get("ADAPTERKIT_BASE") or DEFAULT_BASE
+
+
 def load_base(
-    name_or_path: str | os.PathLike = DEFAULT_BASE,
+    name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for an embedded base name or a local Hugging Face model folder, its
     weights in ``dtype`` (float32, bfloat16 or float16; the name or the torch dtype) on ``device``
-    (default cpu).
+    (default cpu). Without a name, ``default_base()``.
 
-    The model class is the one the folder's config names (e.g. LlamaForCausalLM), in eval mode.
+    The model class is the one the folder's config names (e.g. LlamaForCausalLM), in eval mode:
+    a hand-written training loop calls ``model.train()`` (``train_adapter`` already puts the
+    adapter itself in train mode).
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    name = str(name_or_path)
+    name = str(name_or_path if name_or_path is not None else default_base())
     if name in _EMBEDDED:
         folder = embedded_base_folder(name)
     else:
