@@ -83,3 +83,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """The tiny Llama and its tokenizer saved as a local model folder (what --base and
+    $ADAPTERKIT_BASE take)."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def train_steps(model, inputs, steps: int, lr: float) -> list[float]:
+    """Plain AdamW steps on the model's trainable parameters, language-modelling ``inputs``; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -6,18 +6,10 @@ import os
 
 import pytest
 import torch
-from conftest import batch, logits, make_base, tiny_llama, tiny_tokenizer
+from conftest import batch, logits, make_base
 
 import adapterkit as ak
 from adapterkit.cli import main
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
 
 def saved(tmp_path, name="a"):
     model = ak.AdapterModel(make_base("llama"))

@@ -10,14 +10,6 @@ from adapterkit.evaluate import chrf, evaluate
 PAIRS = [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum"), ("sun", "Sonne"), ("moon", "Mond")]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "de.jsonl"

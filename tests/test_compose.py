@@ -6,7 +6,7 @@ import torch
 
 import adapterkit as ak
 
-from conftest import batch, logits, make_base
+from conftest import batch, logits, make_base, train_steps
 
 SITE = "model.layers.1.mlp.down_proj"  # one site, so a layer's output can be checked by hand
 
@@ -95,15 +95,7 @@ def test_training_a_fusion_over_stacks_moves_only_the_fusion():
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in model.adapter_layers["mix"].parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    inputs = batch(seed=6, rows=4)
-    losses = []
-    for _ in range(10):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch(seed=6, rows=4), steps=10, lr=1e-2)
     assert losses[-1] < losses[0]
     for name, tensors in children.items():
         for key, value in model.adapter_state_dict(name).items():

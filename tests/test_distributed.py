@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import tiny_llama
 from distributed_worker import EXAMPLES, METHODS, train
 from safetensors.torch import load_file
 
@@ -69,14 +69,6 @@ def test_two_ranks_give_the_adapter_of_one_process(tmp_path, one_process, mode):
         for key, tensor in loaded.adapter_state_dict("de").items():
             saved = expected[key] if config.get("rank_pattern") is None else tensor  # AdaLoRA saves the kept ranks
             assert torch.allclose(tensor, saved, rtol=0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_the_train_command_under_torchrun_resumes_and_matches_one_process(tmp_path, base_dir):

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -29,14 +28,6 @@ def test_every_block_is_found_and_every_skip_says_why():
         text = path.read_text(encoding="utf-8")
         assert text.count("```python") + text.count("```sh") + text.count("```bash") == len(blocks(path)), path
         assert not re.search(r"<!-- snippet: skip\s*-->", text), f"{path}: a skipped block must say why"
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def run_file(path: Path, base: Path | None, workdir: Path, slow: bool) -> int:
@@ -77,8 +68,8 @@ def run_file(path: Path, base: Path | None, workdir: Path, slow: bool) -> int:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_blocks_run_as_written(path, tiny_base, tmp_path):
-    run_file(path, tiny_base, tmp_path, slow=False)
+def test_blocks_run_as_written(path, base_dir, tmp_path):
+    run_file(path, base_dir, tmp_path, slow=False)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 
 import adapterkit as ak
 
-from conftest import batch, logits, make_base
+from conftest import batch, logits, make_base, train_steps
 
 peft = pytest.importorskip("peft")
 
@@ -102,17 +102,8 @@ def test_ia3_trains_only_its_vectors():
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model.train_adapter("ia3")
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in parameters) == 2 * (16 + 16 + 64)  # k, v outputs and down_proj inputs, 2 layers
-    optimizer = torch.optim.AdamW(parameters, lr=5e-2)
-    inputs = batch(seed=5, rows=4)
-    losses = []
-    for _ in range(15):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (16 + 16 + 64)  # k, v outputs, down_proj inputs; 2 layers
+    losses = train_steps(model, batch(seed=5, rows=4), steps=15, lr=5e-2)
     assert losses[-1] < losses[0]
     for key, value in base.state_dict().items():
         assert torch.equal(value, before[key]), key

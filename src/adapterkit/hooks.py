@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compose import Average, Block, Fuse, Stack, adapter_names
+from .compose import Average, Block, Stack, adapter_names
 from .errors import AdapterkitError
 from .inject import Site
 from .methods import AdapterConfig, AdapterModule

@@ -23,3 +23,8 @@ from .ia3 import IA3Config
 from .fusion import FusionConfig
 
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
+
+__all__ = [
+    "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "config_class",
+    "dataclass_from_dict", "get_method", "register_method", "registered_methods", *CONFIG_CLASSES,
+]
