@@ -72,7 +72,8 @@ def test_po2jsonl_command(tmp_path, capsys):
     catalog = tmp_path / "django.po"
     catalog.write_text('msgid ""\nmsgstr "Plural-Forms: nplurals=2; plural=(n != 1);\\n"\n\nmsgid "Save %(name)s"\nmsgstr "%(name)s speichern"\n')
     assert main(["data", "po2jsonl", str(catalog), "--lang", "de", "-o", str(tmp_path / "de.jsonl")]) == 0
-    assert json.loads((tmp_path / "de.jsonl").read_text()) == {"prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern"}
+    assert json.loads((tmp_path / "de.jsonl").read_text()) == {
+        "prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern", "prompt_template": "English: {prompt}\nGerman:"}
     assert "wrote 1 pairs" in capsys.readouterr().out
 
 
