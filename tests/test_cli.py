@@ -311,3 +311,17 @@ def test_the_package_exports_every_registered_config_class():
     assert {"AdapterModel", "load_base", "Stack", "ConfigError"} <= set(ak.__all__) <= set(dir(ak))
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchConfig'"):
         ak.NoSuchConfig
+
+
+def test_info_on_a_peft_folder_names_the_folder_method_and_base(tmp_path, monkeypatch, capsys):
+    import adapterkit as ak
+
+    model = ak.AdapterModel(tiny_llama())
+    model.base.config._name_or_path = "models/tiny-llama"
+    model.add_adapter("x", ak.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_adapter("x", tmp_path / "sql", format="peft")
+    monkeypatch.chdir(tmp_path / "sql")
+    assert main(["info", "."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "adapter     sql  (., peft format)" and lines[1].startswith("method      lora: r=4, ")
+    assert lines[4:] == ["base        models/tiny-llama", "template    none recorded: text is given as it is"]
