@@ -234,12 +234,6 @@ def _train(args: argparse.Namespace) -> int:
     eval_path = options.pop("eval", None)
     eval_examples = read_jsonl(eval_path) if eval_path else []
     template = check_template(options.pop("template", None), "template")
-    earlier = earlier_run(output)
-    if earlier and not (args.resume or args.overwrite):
-        raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
-                          "start afresh with --overwrite (deletes those), or choose another --output")
-    if earlier and args.overwrite and int(os.environ.get("RANK", "0")) == 0:
-        clear_run(output)
     base_name = options.pop("base", DEFAULT_BASE)
     name = options.pop("name", None) or output.name
     method = options.pop("method", "bottleneck")
@@ -247,6 +241,10 @@ def _train(args: argparse.Namespace) -> int:
     checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
     if fsdp and not distributed.launched():
         raise ConfigError("--fsdp shards the base across several processes: launch with torchrun --nproc_per_node N -m adapterkit train ...")
+    earlier = earlier_run(output)
+    if earlier and not (args.resume or args.overwrite):
+        raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                          "start afresh with --overwrite (deletes those), or choose another --output")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
     config_type = config_class(method)
@@ -256,6 +254,8 @@ def _train(args: argparse.Namespace) -> int:
 
     device = distributed.start(device)  # under torchrun: join the ranks; cuda becomes cuda:LOCAL_RANK
     base, tokenizer = load_base(base_name, dtype, "cpu" if fsdp else device)  # sharded from host memory
+    if earlier and args.overwrite and distributed.rank() == 0:
+        clear_run(output)  # only once every option has been checked and the base loaded
     train_examples = apply_template(train_examples, template, tokenizer)
     eval_examples = apply_template(eval_examples, template, tokenizer)
     recorded = recorded_template(train_examples)
