@@ -166,12 +166,13 @@ def test_the_prompt_template_travels_with_the_adapter(tmp_path, base_dir, data, 
     assert all(line.strip() != "[de]" for line in by_hand)  # real answers were compared, not empty ones
 
     scores = {}  # the same examples, filled in by the adapter's template or written out (and so not filled in again)
-    for name, path, flags in (("raw", raw_data(tmp_path), []), ("formatted", data, ["--no-template"])):
+    for name, path, flags in (("raw", raw_data(tmp_path), []), ("formatted", data, []), ("by-hand", data, ["--no-template"])):
         assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--base", str(base_dir), "--max-new-tokens", "4",
                      "--json", str(tmp_path / f"{name}.json"), *flags]) == 0
         assert "6/6" in capsys.readouterr().err  # the progress bar counted every answer
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["de"]
-    assert scores["raw"]["predictions"] == scores["formatted"]["predictions"] and scores["raw"]["loss"] == scores["formatted"]["loss"]
+    assert scores["raw"]["predictions"] == scores["formatted"]["predictions"] == scores["by-hand"]["predictions"]
+    assert scores["raw"]["loss"] == scores["formatted"]["loss"] == scores["by-hand"]["loss"]
 
 
 def test_examples_that_name_their_template_need_no_flag_and_a_mixture_records_none(tmp_path, base_dir, data, capsys):

@@ -271,6 +271,8 @@ def test_a_template_fills_only_prompts_that_do_not_say_their_format(tmp_path):
     assert filled == [{"prompt": "English: cat\nGerman:", "completion": " Katze", "prompt_template": "English: {prompt}\nGerman:"}, said, chat]
     assert [template_of(e) for e in filled] == ["English: {prompt}\nGerman:", "Q: {prompt}\nA:", "chat"]
     assert apply_template([raw], None) == [raw]
+    written_out = {"prompt": "English: cow\nGerman:", "completion": " Kuh"}  # already in the format: not wrapped twice
+    assert apply_template([written_out], "English: {prompt}\nGerman:")[0]["prompt"] == "English: cow\nGerman:"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**raw, "prompt_template": "German:"}) + "\n")
     with pytest.raises(DataError, match=r'bad.jsonl:1: "prompt_template" must be text holding \{prompt\}'):

@@ -22,11 +22,16 @@ def check_template(template: object, where: str = "prompt template") -> str | No
 
 
 def render_prompt(template: str | None, text: str, tokenizer=None) -> str:
-    """``text`` put into ``template`` (None: the text itself)."""
+    """``text`` put into ``template`` (None: the text itself). Text already in a text template's
+    format (it begins with what comes before ``{prompt}`` and ends with what follows) is left as it
+    is, so that a prompt written out by hand is not wrapped twice."""
     if template is None:
         return text
     if template == CHAT:
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    before, _, after = template.partition(SLOT)
+    if len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after):
+        return text
     return template.replace(SLOT, text)
 
 
