@@ -64,7 +64,8 @@ def test_po2jsonl_command(tmp_path, capsys):
     catalog = tmp_path / "django.po"
     catalog.write_text('msgid ""\nmsgstr "Plural-Forms: nplurals=2; plural=(n != 1);\\n"\n\nmsgid "Save %(name)s"\nmsgstr "%(name)s speichern"\n')
     assert main(["data", "po2jsonl", str(catalog), "--lang", "de", "-o", str(tmp_path / "de.jsonl")]) == 0
-    assert json.loads((tmp_path / "de.jsonl").read_text()) == {"prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern"}
+    assert json.loads((tmp_path / "de.jsonl").read_text()) == {
+        "prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern", "prompt_template": "English: {prompt}\nGerman:"}
     assert "wrote 1 pairs" in capsys.readouterr().out
 
 
@@ -123,3 +124,197 @@ def test_every_registered_method_trains_from_the_command_line(tmp_path, base_dir
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "ia3" and info["config"]["feedforward_modules"] == ["down_proj"]
     assert info["parameters"] == 16 + 16 + 64  # k and v outputs, down_proj's input, in layer 1
+
+
+TEMPLATE = "English: {prompt}\nGerman:"
+
+
+def raw_data(tmp_path, **fields):
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e, "completion": f" {g}", **fields}) + "\n" for e, g in PAIRS))
+    return path
+
+
+def test_the_prompt_template_travels_with_the_adapter(tmp_path, base_dir, data, capsys):
+    out = tmp_path / "de"
+    assert main(["train", "--train", str(raw_data(tmp_path)), "-o", str(out), "--base", str(base_dir), "--template", r"English: {prompt}\nGerman:",
+                 "--bottleneck-size", "4", "--steps", "2", "--batch-size", "3", "--lr", "0.001", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["prompt_template"], info["base"]["name_or_path"]) == (TEMPLATE, str(base_dir))
+    assert main(["info", str(out / "adapter")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == f"base        {base_dir}" and lines[-1] == r'template    "English: {prompt}\nGerman:"'
+
+    generate = ["generate", "--adapter", str(out / "adapter"), "--base", str(base_dir), "--max-new-tokens", "4"]
+    assert main([*generate, "cat", "dog"]) == 0
+    captured = capsys.readouterr()
+    assert main([*generate, "--no-template", "English: cat\nGerman:", "English: dog\nGerman:"]) == 0
+    by_hand = capsys.readouterr().out.splitlines()
+    assert [line for line in captured.out.splitlines() if line.startswith("  ")] == [line for line in by_hand if line.startswith("  ")]
+    assert f"de: prompts in the format {TEMPLATE!r}" in captured.err and "de: 100%" in captured.err and "2/2" in captured.err
+
+    assert all(line.strip() != "[de]" for line in by_hand)  # real answers were compared, not empty ones
+
+    scores = {}  # the same examples, filled in by the adapter's template or written out (and so not filled in again)
+    for name, path, flags in (("raw", raw_data(tmp_path), []), ("formatted", data, []), ("by-hand", data, ["--no-template"])):
+        assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--base", str(base_dir), "--max-new-tokens", "4",
+                     "--json", str(tmp_path / f"{name}.json"), *flags]) == 0
+        assert "6/6" in capsys.readouterr().err  # the progress bar counted every answer
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["de"]
+    assert scores["raw"]["predictions"] == scores["formatted"]["predictions"] == scores["by-hand"]["predictions"]
+    assert scores["raw"]["loss"] == scores["formatted"]["loss"] == scores["by-hand"]["loss"]
+
+
+def test_examples_that_name_their_template_need_no_flag_and_a_mixture_records_none(tmp_path, base_dir, data, capsys):
+    named = tmp_path / "named.jsonl"
+    named.write_text(data.read_text().replace('"}\n', f'", "prompt_template": {json.dumps(TEMPLATE)}}}\n'))
+    common = ["--base", str(base_dir), "--steps", "1", "--save-every", "1", "--no-progress"]
+    assert main(["train", "--train", str(named), "-o", str(tmp_path / "a"), *common]) == 0
+    for saved in ("adapter", "checkpoint"):  # a checkpoint loads as an adapter, template included
+        assert json.loads((tmp_path / "a" / saved / "adapter_config.json").read_text())["prompt_template"] == TEMPLATE
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(named.read_text() + data.read_text())
+    capsys.readouterr()
+    assert main(["train", "--train", str(mixed), "-o", str(tmp_path / "b"), *common]) == 0
+    assert json.loads((tmp_path / "b" / "adapter" / "adapter_config.json").read_text())["prompt_template"] is None
+    assert "note: the adapter records no prompt template (they come in several formats)" in capsys.readouterr().err
+
+
+def test_a_used_output_folder_needs_resume_or_overwrite(tmp_path, base_dir, data, capsys):
+    out = tmp_path / "run"
+    train = ["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), "--steps", "2", "--save-every", "1", "--no-progress"]
+    assert main(train) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(train) == 2
+    assert capsys.readouterr().err == (f"adapterkit: error: {out} already holds a run (adapter, checkpoint, metrics.jsonl, loss.png): "
+                                       "continue it with --resume, start afresh with --overwrite (deletes those), or choose another --output\n")
+    assert main([*train, "--resume"]) == 0
+    assert f"resuming from step 2 of 2 ({out / 'checkpoint'})" in capsys.readouterr().out
+    assert main([*train[:-3], "--no-progress", "--overwrite"]) == 0  # without --save-every: no checkpoint is left
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "notes.txt"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_training_logs_to_tensorboard_beside_the_metrics(tmp_path, base_dir, data):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", "--train", str(data), "--eval", str(data), "-o", str(out), "--base", str(base_dir), "--steps", "3",
+                 "--batch-size", "3", "--max-new-tokens", "2", "--report-to", "tensorboard", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/chrf", "eval/loss", "train/learning_rate", "train/loss", "train/seconds", "train/tokens"]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], np.float32(r["loss"])) for r in records if "loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("eval/chrf")] == [(3, np.float32(records[-1]["eval_chrf"]))]
+
+
+def test_a_learning_rate_that_would_overflow_is_refused_before_loading(tmp_path, data, capsys):
+    assert main(["train", "--train", str(data), "-o", str(tmp_path / "x"), "--base", str(tmp_path / "no-base"), "--lr", "1e38"]) == 2
+    assert capsys.readouterr().err == "adapterkit: error: lr must be positive and at most 1 (adapters train at 1e-4 to 1e-2), got 1e+38\n"
+
+
+def test_data_tools_find_a_packages_catalogs_and_split_the_pairs(tmp_path, capsys):
+    from adapterkit.data import package_catalogs, pairs_from_catalogs, read_jsonl, split_held_out
+
+    output = tmp_path / "de.jsonl"
+    assert main(["data", "po2jsonl", "--lang", "de", "--from-package", "django", "-o", str(output)]) == 0
+    pairs = read_jsonl(output)
+    assert pairs == pairs_from_catalogs(package_catalogs("django", "de"), "de") and {p["prompt_template"] for p in pairs} == {TEMPLATE}
+    assert capsys.readouterr().out.splitlines() == [f"found {len(package_catalogs('django', 'de'))} catalogs for 'de' in django",
+                                                    f"wrote {len(pairs)} pairs to {output}"]
+    assert main(["data", "split", str(output), "--held-out", "0.1", "--seed", "0"]) == 0
+    train, held = split_held_out(pairs, 0.1, 0)
+    assert (read_jsonl(tmp_path / "de.train.jsonl"), read_jsonl(tmp_path / "de.heldout.jsonl")) == (train, held)
+    assert capsys.readouterr().out == (f"wrote {len(train)} training examples to {tmp_path / 'de.train.jsonl'} and "
+                                       f"{len(held)} held-out examples to {tmp_path / 'de.heldout.jsonl'}\n")
+    assert main(["data", "po2jsonl", "--lang", "de", "-o", str(output)]) == 2
+    assert capsys.readouterr().err == "adapterkit: error: give catalog files, or --from-package PACKAGE\n"
+
+
+def test_every_option_of_every_command_explains_itself():
+    import argparse
+
+    from adapterkit.cli import COMMANDS, build_parser
+
+    def leaves(parser):
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return [leaf for a in subcommands for sub in a.choices.values() for leaf in leaves(sub)] if subcommands else [parser]
+
+    checked = []
+    for command in COMMANDS:
+        for parser in [p for p in leaves(build_parser(command)) if p.prog.split()[1] == command]:
+            text = " ".join(parser.format_help().split())
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                assert action.help, f"{parser.prog} {action.dest} has no help"
+                if action.option_strings and not (action.default is None or action.default is False or action.default == []):
+                    assert f"(default: {action.default})" in text, f"{parser.prog} {action.option_strings[0]} hides its default"
+                if action.choices:
+                    assert "{" + ",".join(action.choices) + "}" in text
+                checked.append(action.dest)
+    assert len(checked) > 100 and {"lr", "template", "no_template", "report_to", "from_package", "held_out", "adapter.r"} <= set(checked)
+
+
+def test_a_misspelt_flag_shows_the_commands_usage_and_the_closest_flag(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "data.jsonl", "--max-new-token", "4", "--batchsize", "3"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("usage: adapterkit eval ")
+    assert err.splitlines()[-1] == "adapterkit eval: error: unrecognized arguments: --batchsize 3; did you mean --batch-size?"
+
+
+def test_help_and_version_answer_without_torch_and_a_closed_pipe_is_no_traceback(tmp_path, base_dir, data):
+    import subprocess
+    import sys
+
+    import adapterkit
+
+    probe = ("import sys\nfrom adapterkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'adapterkit.methods') if m in sys.modules))")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "usage: adapterkit [-h] [--version] {train,eval,generate,info,data,serve}" in shown and shown.endswith("[]\n")
+    version = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True, check=True).stdout
+    assert version == f"adapterkit {adapterkit.__version__}\n"
+
+    model = adapterkit.AdapterModel(tiny_llama())
+    model.add_adapter("a", adapterkit.BottleneckConfig(bottleneck_size=4))
+    model.save_adapter("a", tmp_path / "a")
+    info = subprocess.Popen([sys.executable, "-m", "adapterkit", "info", "--json", str(tmp_path / "a")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    info.stdout.close()  # the reader is gone before anything is written, as `| head` is after its lines
+    assert info.wait(60) == 1
+    assert info.stderr.read().decode() == "adapterkit: the output was closed before all of it was written\n"
+
+
+def test_the_package_exports_every_registered_config_class():
+    import adapterkit as ak
+    from adapterkit.methods import registered_methods
+
+    for method in registered_methods():
+        name = method.config_class.__name__
+        assert getattr(ak, name) is method.config_class and name in ak.__all__
+    assert {"AdapterModel", "load_base", "Stack", "ConfigError"} <= set(ak.__all__) <= set(dir(ak))
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchConfig'"):
+        ak.NoSuchConfig
+
+
+def test_info_on_a_peft_folder_names_the_folder_method_and_base(tmp_path, monkeypatch, capsys):
+    import adapterkit as ak
+
+    model = ak.AdapterModel(tiny_llama())
+    model.base.config._name_or_path = "models/tiny-llama"
+    model.add_adapter("x", ak.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_adapter("x", tmp_path / "sql", format="peft")
+    monkeypatch.chdir(tmp_path / "sql")
+    assert main(["info", "."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "adapter     sql  (., peft format)" and lines[1].startswith("method      lora: r=4, ")
+    assert lines[4:] == ["base        models/tiny-llama", "template    none recorded: text is given as it is"]

@@ -15,7 +15,7 @@ from adapterkit.data import (
     split_held_out,
     tokenize_example,
 )
-from adapterkit.errors import DataError
+from adapterkit.errors import ConfigError, DataError
 
 CATALOG = r'''# A translator's comment
 msgid ""
@@ -64,6 +64,9 @@ msgstr "Tab\taquí"
 '''
 
 
+ES = "English: {prompt}\nSpanish:"  # the template every Spanish pair names
+
+
 def write_catalog(folder, text, name="es.po"):
     path = folder / name
     path.write_text(text, encoding="utf-8")
@@ -73,13 +76,13 @@ def write_catalog(folder, text, name="es.po"):
 def test_catalog_pairs_come_in_catalog_order_from_every_kind_of_entry(tmp_path):
     pairs = pairs_from_catalogs([write_catalog(tmp_path, CATALOG)], "es")
     assert pairs == [
-        {"prompt": "English: Hello %(name)s\nSpanish:", "completion": " Hola %(name)s"},
-        {"prompt": "English (month name): May\nSpanish:", "completion": " Mayo"},
-        {"prompt": "English (verb): May\nSpanish:", "completion": " Poder"},
-        {"prompt": "English: %s item\nSpanish:", "completion": " %s elemento"},
-        {"prompt": "English: %s items\nSpanish:", "completion": " %s elementos"},
-        {"prompt": "English: A long string {0}\nSpanish:", "completion": " Una cadena larga {0}"},
-        {"prompt": "English: Tab\there\nSpanish:", "completion": " Tab\taquí"},
+        {"prompt": "English: Hello %(name)s\nSpanish:", "completion": " Hola %(name)s", "prompt_template": ES},
+        {"prompt": "English (month name): May\nSpanish:", "completion": " Mayo", "prompt_template": ES},
+        {"prompt": "English (verb): May\nSpanish:", "completion": " Poder", "prompt_template": ES},
+        {"prompt": "English: %s item\nSpanish:", "completion": " %s elemento", "prompt_template": ES},
+        {"prompt": "English: %s items\nSpanish:", "completion": " %s elementos", "prompt_template": ES},
+        {"prompt": "English: A long string {0}\nSpanish:", "completion": " Una cadena larga {0}", "prompt_template": ES},
+        {"prompt": "English: Tab\there\nSpanish:", "completion": " Tab\taquí", "prompt_template": ES},
     ]
 
 
@@ -99,9 +102,9 @@ def test_pairs_from_several_catalogs_keep_the_first_answer_per_prompt(tmp_path):
     first = write_catalog(tmp_path, 'msgid "Yes"\nmsgstr "Sí"\n\nmsgid "No"\nmsgstr "No"\n', "a.po")
     second = write_catalog(tmp_path, 'msgid "Yes"\nmsgstr "Vale"\n\nmsgid "Maybe"\nmsgstr "Quizás"\n', "b.po")
     assert pairs_from_catalogs([first, second], "es") == [
-        {"prompt": "English: Yes\nSpanish:", "completion": " Sí"},
-        {"prompt": "English: No\nSpanish:", "completion": " No"},
-        {"prompt": "English: Maybe\nSpanish:", "completion": " Quizás"},
+        {"prompt": "English: Yes\nSpanish:", "completion": " Sí", "prompt_template": ES},
+        {"prompt": "English: No\nSpanish:", "completion": " No", "prompt_template": ES},
+        {"prompt": "English: Maybe\nSpanish:", "completion": " Quizás", "prompt_template": ES},
     ]
 
 
@@ -224,3 +227,53 @@ def test_held_out_split_is_disjoint_and_seeded():
     assert len(held) == 5 and len(train) == 45
     assert not {e["prompt"] for e in train} & {e["prompt"] for e in held}
     assert (train, held) == split_held_out(examples, 0.1, seed=3)
+
+
+def test_the_catalogs_of_an_installed_package_are_found_by_language():
+    from adapterkit.data import package_catalogs
+
+    found = package_catalogs("django", "de")
+    assert found == sorted(found) and all(path.parent.parts[-3:] == ("locale", "de", "LC_MESSAGES") for path in found)
+    names = {path.as_posix().rpartition("/django/")[2] for path in found}
+    assert {"conf/locale/de/LC_MESSAGES/django.po", "contrib/admin/locale/de/LC_MESSAGES/djangojs.po"} <= names
+    assert len(found) == len(set(found)) >= 10  # the core's and every contrib app's
+    with pytest.raises(DataError, match=r"^django holds no catalogs for language 'xx'; it has: .*\bde\b"):
+        package_catalogs("django", "xx")
+    with pytest.raises(DataError, match=r"^no installed package named 'no_such_pkg'"):
+        package_catalogs("no_such_pkg", "de")
+
+
+def test_split_writes_both_files_next_to_the_input_and_keeps_every_field(tmp_path):
+    from adapterkit.data import split_jsonl
+
+    source = tmp_path / "de.jsonl"
+    examples = [{"prompt": f"English: w{i}\nGerman:", "completion": f" v{i}", "prompt_template": "English: {prompt}\nGerman:"} for i in range(20)]
+    source.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    train_path, held_path, n_train, n_held = split_jsonl(source, 0.1, seed=0)
+    assert (train_path, held_path, n_train, n_held) == (tmp_path / "de.train.jsonl", tmp_path / "de.heldout.jsonl", 18, 2)
+    assert (read_jsonl(train_path), read_jsonl(held_path)) == split_held_out(examples, 0.1, seed=0)
+    assert split_jsonl(source, 0.25, 1, (tmp_path / "a.jsonl", tmp_path / "b.jsonl"))[2:] == (15, 5)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(examples[0]) + "\n")
+    with pytest.raises(DataError, match=r"one.jsonl holds 1 example\(s\): too few"):
+        split_jsonl(one, 0.5, 0)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        split_jsonl(source, 1.0, 0)
+
+
+def test_a_template_fills_only_prompts_that_do_not_say_their_format(tmp_path):
+    from adapterkit.data import apply_template, template_of
+
+    raw = {"prompt": "cat", "completion": " Katze"}
+    said = {"prompt": "Q: dog\nA:", "completion": " Hund", "prompt_template": "Q: {prompt}\nA:"}
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hallo"}]}
+    filled = apply_template([raw, said, chat], "English: {prompt}\nGerman:")
+    assert filled == [{"prompt": "English: cat\nGerman:", "completion": " Katze", "prompt_template": "English: {prompt}\nGerman:"}, said, chat]
+    assert [template_of(e) for e in filled] == ["English: {prompt}\nGerman:", "Q: {prompt}\nA:", "chat"]
+    assert apply_template([raw], None) == [raw]
+    written_out = {"prompt": "English: cow\nGerman:", "completion": " Kuh"}  # already in the format: not wrapped twice
+    assert apply_template([written_out], "English: {prompt}\nGerman:")[0]["prompt"] == "English: cow\nGerman:"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**raw, "prompt_template": "German:"}) + "\n")
+    with pytest.raises(DataError, match=r'bad.jsonl:1: "prompt_template" must be text holding \{prompt\}'):
+        read_jsonl(bad)

@@ -198,3 +198,33 @@ def test_loaded_adapter_can_be_trained_further_without_touching_the_file(tmp_pat
         for p in fresh.adapter_layers["a"].parameters():
             p.add_(1.0)
     assert (path / "adapter_model.safetensors").read_bytes() == on_disk
+
+
+def test_the_config_records_the_base_name_and_an_optional_prompt_template(tmp_path):
+    model = trained_model()
+    model.base.config._name_or_path = "models/tiny-llama"
+    files = model.adapter_files("a")
+    document = json.loads(files["adapter_config.json"])
+    assert document["base_model_name_or_path"] == "models/tiny-llama" and "prompt_template" not in document
+    io.write_folder_atomically(tmp_path / "a", io.with_prompt_template(files, "English: {prompt}\nGerman:"))
+    saved = io.read_adapter(tmp_path / "a")
+    assert (saved.base_name, saved.prompt_template) == ("models/tiny-llama", "English: {prompt}\nGerman:")
+    info = io.describe_adapter(tmp_path / "a")
+    assert info["prompt_template"] == "English: {prompt}\nGerman:" and info["base"]["name_or_path"] == "models/tiny-llama"
+    with pytest.raises(ak.ConfigError, match="must be text holding {prompt}"):
+        io.with_prompt_template(files, "German:")
+
+
+def test_files_written_before_the_optional_fields_still_read(tmp_path):
+    model = trained_model()
+    model.save_adapter("a", tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    document = json.loads(path.read_text())
+    del document["base_model_name_or_path"]
+    path.write_text(json.dumps(document))
+    saved = io.read_adapter(tmp_path / "a")
+    assert (saved.name, saved.base_name, saved.prompt_template) == ("a", None, None)
+    document["prompt_template"] = 3
+    path.write_text(json.dumps(document))
+    with pytest.raises(ak.AdapterFileError, match=r"adapter_config.json: prompt_template must be text holding \{prompt\}"):
+        io.read_adapter(tmp_path / "a")

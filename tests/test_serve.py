@@ -366,3 +366,43 @@ def test_a_request_may_name_a_composition(world):
             assert "choices" in body, body
             answer = body["choices"][0]["text"]
             assert answer == (expected[name] if name in expected else world["answers"][name, PROMPTS[1]])
+
+
+def test_run_folders_are_served_and_chat_fills_the_adapters_template(world, tmp_path):
+    from adapterkit import io
+
+    base, tokenizer = ak.load_base(world["base_dir"])
+    model = ak.AdapterModel(base)
+    model.add_adapter("tiny", ADAPTERS["lora"])
+    randomise(model, "tiny", 7)
+    runs = tmp_path / "runs"
+    io.write_folder_atomically(runs / "tiny" / "adapter", io.with_prompt_template(model.adapter_files("tiny"), "w1 {prompt} w2"))
+    (runs / "tiny" / "metrics.jsonl").write_text("")
+    (runs / "empty-run").mkdir()
+    server = Server(ak.AdapterModel(ak.load_base(world["base_dir"])[0]), tokenizer, runs, "tiny-base")
+    with TestClient(create_app(server)) as test_client:
+        assert [m["id"] for m in test_client.get("/v1/models").json()["data"]] == ["tiny-base", "tiny"]
+        chat = test_client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "w5 w6"}],
+                                                             "temperature": 0, "max_tokens": 8})
+        filled = complete(test_client, "tiny", "w1 w5 w6 w2", stop="\n")
+        assert chat.status_code == filled.status_code == 200
+        assert chat.json()["choices"][0]["message"]["content"] == filled.json()["choices"][0]["text"]
+        assert chat.json()["usage"] == filled.json()["usage"]
+        two = test_client.post("/v1/chat/completions", json={"model": "tiny", "messages": [
+            {"role": "system", "content": "w3"}, {"role": "user", "content": "w5"}]})
+        assert two.status_code == 400 and two.json()["error"]["code"] == "invalid_messages"
+        assert "'w1 {prompt} w2'" in two.json()["error"]["message"]
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_base_and_warns_of_an_empty_folder(tmp_path, capsys, caplog):
+    from adapterkit.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--adapters", str(tmp_path), "--port", str(port), "--base", str(tmp_path / "no-base")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"adapterkit: error: cannot listen on 127.0.0.1:{port}: Address already in use; another program "
+        "(another adapterkit serve?) uses it: stop it or pick another --port")
+    assert f"{tmp_path} holds no adapter yet" in caplog.text

@@ -98,6 +98,8 @@ def load_base(
             )
     model_class = _model_class(folder)
     model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if name in _EMBEDDED:
+        model.config._name_or_path = name  # what adapters record as their base: a name load_base takes
     model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

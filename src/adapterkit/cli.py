@@ -1,32 +1,63 @@
-"""The ``adapterkit`` command: train, eval, generate, info, and data conversion.
+"""The ``adapterkit`` command: train, eval, generate, info, data tools and serve.
 
-Each subcommand is one ``add_<name>_command(subparsers)`` function that adds its parser and sets
-``handler``; ``main`` builds the parser from the list ``COMMANDS``.
+Each subcommand is one ``add_<name>_arguments(parser)`` function that adds its options and sets
+``handler``; ``COMMANDS`` names them. ``main`` builds only the parser of the subcommand it is given,
+so ``adapterkit --help`` imports neither torch nor the method registry, and answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import AdapterkitError, ConfigError
-from .methods import registered_methods
+from .templates import check_template
 
 DEFAULT_BASE = "smollm2-135m"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # bases.DTYPES, without importing torch to build the parser
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default, where it has one worth stating."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and "default" not in text and not (default is None or default is False or default == [] or default == argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def template_option(text: str) -> str:
+    """--template's value: a prompt template, with \\n standing for a newline."""
+    try:
+        return check_template(text.replace("\\n", "\n"), "--template")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_template_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """--template and --no-template, for the commands that put text into adapters' prompt format."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
+        r"prompt format: text holding {prompt} ('English: {prompt}\nGerman:'; \n is a newline), or 'chat' for the "
+        f"tokenizer's chat template (default: {default})"))
+    group.add_argument("--no-template", action="store_true", help="use the text as given, whatever template the adapters record")
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, the same for every command that loads the base."""
     parser.add_argument("--device", help="where the base runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means cuda:LOCAL_RANK")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="the base's weights (default float32); adapters stay float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="the base's weights (default: float32); adapters stay float32")
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -35,13 +66,21 @@ NAME_LISTS = ("target_modules", "feedforward_modules")  # comma-separated on the
 
 def adapter_options() -> dict[str, list[str]]:
     """Every registered method's config fields (but those training sets itself), with the methods
-    that have each: each becomes a flag of ``train``."""
+    that have each and their defaults ("lora: 8"): each becomes a flag of ``train``."""
+    from .methods import registered_methods
+
     options: dict[str, list[str]] = {}
     for method in registered_methods():
         for field in dataclasses.fields(method.config_class):
             if field.name not in method.config_class.set_by_training:
-                options.setdefault(field.name, []).append(method.name)
+                options.setdefault(field.name, []).append(f"{method.name}: {_field_default(field)}")
     return options
+
+
+def _field_default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return str(field.default)
+    return str(field.default_factory()) if field.default_factory is not dataclasses.MISSING else "required"
 
 
 def flag_value(option: str):
@@ -59,45 +98,56 @@ def flag_value(option: str):
     return convert
 
 
-def add_train_command(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train an adapter on a JSONL file", description=(
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .methods import registered_methods
+    from .train import REPORT_TO, TrainConfig
+
+    default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    parser.description = (
         "Train one adapter over a frozen base. Options can also come from --config FILE (YAML or TOML, "
         "the same names with underscores; an 'adapter' table holds method options); flags win."
-    ))
+    )
     parser.add_argument("--config", type=Path, help="YAML or TOML file of options")
-    parser.add_argument("--train", help="training JSONL ({prompt, completion} or {messages})")
+    parser.add_argument("--train", help="training JSONL ({prompt, completion} or {messages}); required")
     parser.add_argument("--eval", help="held-out JSONL, scored every --eval-every steps and at the end")
-    parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png")
-    parser.add_argument("--base", help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
+    parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png; required")
+    parser.add_argument("--base", help=f"embedded base name or local model folder (default: {DEFAULT_BASE})")
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
-    parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="default bottleneck")
+    parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="adapter method (default: bottleneck)")
+    parser.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
+        r"prompt format of the examples that do not name one ('prompt_template'): their prompt fills {prompt} "
+        r"('English: {prompt}\nGerman:'; \n is a newline), or 'chat'. The adapter records the format all examples "
+        "share, for generate, eval and serve (default: what the examples name)"))
     add_device_options(parser)
     adapter_group = parser.add_argument_group("adapter options", "fields of the method's config (--set KEY=VALUE also works)")
     for option, methods in adapter_options().items():
         adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option), dest=f"adapter.{option}",
-                                   metavar=option.upper(), help=", ".join(methods))
+                                   metavar=option.upper(), help="default per method: " + ", ".join(methods))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int)
-    group.add_argument("--epochs", type=float)
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--grad-accum", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--warmup-ratio", type=float)
-    group.add_argument("--weight-decay", type=float)
-    group.add_argument("--max-grad-norm", type=float)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--max-length", type=int)
-    group.add_argument("--eval-every", type=int)
-    group.add_argument("--save-every", type=int)
-    group.add_argument("--metric", choices=["chrf", "exact", "none"])
-    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--steps", type=int, help="optimizer steps (default: --epochs, else one epoch)")
+    group.add_argument("--epochs", type=float, help="passes over the data, when --steps is not given (default: 1)")
+    group.add_argument("--batch-size", type=int, help=f"examples per batch (default: {default['batch_size']})")
+    group.add_argument("--grad-accum", type=int, help=f"batches per optimizer step (default: {default['grad_accum']})")
+    group.add_argument("--lr", type=float, help=f"peak learning rate of AdamW, at most 1 (default: {default['lr']})")
+    group.add_argument("--warmup-ratio", type=float, help=f"share of the steps warming up linearly (default: {default['warmup_ratio']})")
+    group.add_argument("--weight-decay", type=float, help=f"AdamW's weight decay (default: {default['weight_decay']})")
+    group.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {default['max_grad_norm']})")
+    group.add_argument("--seed", type=int, help=f"seed of the adapter's initial weights and the data order (default: {default['seed']})")
+    group.add_argument("--max-length", type=int, help=f"most tokens per example; longer prompts lose their start (default: {default['max_length']})")
+    group.add_argument("--eval-every", type=int, help="score --eval every N steps (default: 0, at the end only)")
+    group.add_argument("--save-every", type=int, help="write checkpoint/ every N steps (default: 0, never)")
+    group.add_argument("--metric", choices=["chrf", "exact", "none"], help=f"score of --eval's generations (default: {default['metric']})")
+    group.add_argument("--max-new-tokens", type=int, help=f"longest generated answer when scoring (default: {default['max_new_tokens']})")
+    group.add_argument("--report-to", choices=REPORT_TO, help="also log the metrics as TensorBoard event files in the output folder (default: none)")
     group.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's activations in the backward pass: less memory, more compute")
     group.add_argument("--fsdp", action="store_true", default=None,
                        help="under torchrun: shard the frozen base's blocks across the ranks (FSDP2)")
-    group.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint if it exists")
-    group.add_argument("--no-progress", action="store_true")
+    reuse = group.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true", help="continue the run in the output folder from its checkpoint/")
+    reuse.add_argument("--overwrite", action="store_true", help="delete the earlier run in the output folder and start afresh")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_train)
 
 
@@ -106,7 +156,7 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = _read_options_file(args.config) if args.config else {}
     adapter = dict(options.pop("adapter", None) or {})
     for key, value in vars(args).items():
-        if value is None or key in ("config", "handler", "command", "set", "resume", "no_progress"):
+        if value is None or key in ("config", "handler", "command", "parser", "set", "resume", "overwrite", "no_progress"):
             continue
         if key.startswith("adapter."):
             adapter[key.split(".", 1)[1]] = value
@@ -173,16 +223,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .bases import load_base, resolve_device
-    from .data import read_jsonl
+    from .data import apply_template, read_jsonl
     from .methods import config_class
     from .model import AdapterModel
-    from .train import Trainer, TrainConfig, planned_steps
+    from .train import Trainer, TrainConfig, checkpoint_step, clear_run, earlier_run, planned_steps
 
     options = train_options(args)
     output = Path(options.pop("output"))
     train_examples = read_jsonl(options.pop("train"))  # every line checked before any training
     eval_path = options.pop("eval", None)
     eval_examples = read_jsonl(eval_path) if eval_path else []
+    template = check_template(options.pop("template", None), "template")
     base_name = options.pop("base", DEFAULT_BASE)
     name = options.pop("name", None) or output.name
     method = options.pop("method", "bottleneck")
@@ -190,6 +241,10 @@ def _train(args: argparse.Namespace) -> int:
     checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
     if fsdp and not distributed.launched():
         raise ConfigError("--fsdp shards the base across several processes: launch with torchrun --nproc_per_node N -m adapterkit train ...")
+    earlier = earlier_run(output)
+    if earlier and not (args.resume or args.overwrite):
+        raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                          "start afresh with --overwrite (deletes those), or choose another --output")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
     config_type = config_class(method)
@@ -199,6 +254,11 @@ def _train(args: argparse.Namespace) -> int:
 
     device = distributed.start(device)  # under torchrun: join the ranks; cuda becomes cuda:LOCAL_RANK
     base, tokenizer = load_base(base_name, dtype, "cpu" if fsdp else device)  # sharded from host memory
+    if earlier and args.overwrite and distributed.rank() == 0:
+        clear_run(output)  # only once every option has been checked and the base loaded
+    train_examples = apply_template(train_examples, template, tokenizer)
+    eval_examples = apply_template(eval_examples, template, tokenizer)
+    recorded = recorded_template(train_examples)
     model = AdapterModel(base)
     torch.manual_seed(config.seed)  # the adapter's initial weights are part of "same seed, same adapter"
     model.add_adapter(name, adapter_config)
@@ -207,7 +267,12 @@ def _train(args: argparse.Namespace) -> int:
         distributed.shard_base(model, device)
     if distributed.rank() == 0:
         model.print_trainable_parameters()
-    trainer = Trainer(model, tokenizer, train_examples, config, output, eval_examples, adapter_name=name, gradient_checkpointing=checkpointing)
+    trainer = Trainer(model, tokenizer, train_examples, config, output, eval_examples, adapter_name=name,
+                      gradient_checkpointing=checkpointing, prompt_template=recorded)
+    if args.resume and distributed.rank() == 0:
+        step = checkpoint_step(output)
+        print(f"resuming from step {step} of {trainer.total_steps} ({output / 'checkpoint'})" if step is not None
+              else f"no checkpoint in {output}: training from step 0")
     started = time.perf_counter()
     result = trainer.train(resume=args.resume)
     if distributed.rank() != 0:
@@ -218,33 +283,49 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_template(examples: list[dict]) -> str | None:
+    """The prompt template every example shares, which the adapter records; says so when there is none."""
+    from .data import template_of
+    from .templates import shared_template
+
+    templates = [template_of(example) for example in examples]
+    shared = shared_template(templates)
+    if shared is None:
+        why = "they come in several formats" if any(templates) else "they name none and --template was not given"
+        print(f"note: the adapter records no prompt template ({why}); generate, eval and serve will give it text as it is",
+              file=sys.stderr)
+    return shared
+
+
 # ---- eval ----------------------------------------------------------------------------------------
-def add_eval_command(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="score adapters (or the bare base) on a JSONL file")
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="JSONL file of prompt/completion or messages examples")
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several); none: the bare base")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also score the bare base")
-    parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
     add_device_options(parser)
-    parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    add_template_options(parser, "each adapter's own, for examples that name none; the bare base takes the one all adapters share")
+    parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf", help="score of the generated answers")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples scored together")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generated answer")
     parser.add_argument("--json", type=Path, help="also write the scores (and predictions) to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import read_jsonl
+    from .data import apply_template, read_jsonl
     from .evaluate import evaluate
 
     examples = read_jsonl(args.data)
-    model, tokenizer, names = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
-    runs = ([None] if args.with_base or not names else []) + names
+    model, tokenizer, adapters = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
     rows, report = [], {}
-    for name in runs:
+    for name, template in run_templates(args, adapters).items():
         model.set_active(name)
-        result = evaluate(model, tokenizer, examples, args.metric, args.batch_size, args.max_new_tokens)
         label = name or "base"
+        with progress_bar(args, label, len(examples) if args.metric != "none" else 0) as bar:
+            result = evaluate(model, tokenizer, apply_template(examples, template, tokenizer), args.metric, args.batch_size,
+                              args.max_new_tokens, progress=bar.update)
         rows.append(_row(label, result, args.metric))
         report[label] = result
     print(format_table(rows))
@@ -253,38 +334,64 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_templates(args: argparse.Namespace, adapters: dict[str, str | None]) -> dict[str | None, str | None]:
+    """{adapter name (None: the bare base): the prompt template its run uses}, the base first when
+    it runs: --template for all, none with --no-template, else each adapter's own and, for the base,
+    the one all the adapters share."""
+    from .templates import shared_template
+
+    runs: dict[str | None, str | None] = {}
+    if args.with_base or not adapters:
+        runs[None] = shared_template(list(adapters.values()))
+    runs.update(adapters)
+    if args.no_template or args.template is not None:
+        runs = dict.fromkeys(runs, args.template)
+    for name, template in runs.items():
+        if template is not None:
+            print(f"{name or 'base'}: prompts in the format {template!r}", file=sys.stderr)
+    return runs
+
+
+def progress_bar(args: argparse.Namespace, label: str, total: int):
+    """A tqdm bar on stderr counting answers (off with --no-progress or nothing to count)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="answer", disable=args.no_progress or not total, dynamic_ncols=True)
+
+
 # ---- generate ------------------------------------------------------------------------------------
-def add_generate_command(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="answer prompts with one or more adapters, side by side")
-    parser.add_argument("prompts", nargs="+", help="prompt texts (put into --template)")
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several)")
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", help="texts to answer, each put into the prompt template")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also answer with the bare base")
-    parser.add_argument("--template", default="{prompt}", help=r"prompt template, e.g. 'English: {prompt}\nGerman:' (\n is a newline)")
-    parser.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
-    parser.add_argument("--base", default=DEFAULT_BASE)
+    add_template_options(parser, "each adapter's own; the bare base takes the one all adapters share")
+    parser.add_argument("--chat", action="store_true", help="also send each filled-in prompt as a user message through the chat template")
+    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
     add_device_options(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest answer")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's: >1 discourages tokens already in prompt or answer")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: subtracted per earlier use of a token")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: subtracted once from every token already used")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from .evaluate import generate_batched
+    from .templates import CHAT, render_prompt
 
-    model, tokenizer, names = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
-    template = args.template.replace("\\n", "\n")
-    texts = [template.format(prompt=p) for p in args.prompts]
-    if args.chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
-    runs = ([None] if args.with_base or not names else []) + names
+    model, tokenizer, adapters = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
     answers = {}
-    for name in runs:
+    for name, template in run_templates(args, adapters).items():
+        texts = [render_prompt(template, p, tokenizer) for p in args.prompts]
+        chat = args.chat or template == CHAT
+        if args.chat:
+            texts = [render_prompt(CHAT, t, tokenizer) for t in texts]
         model.set_active(name)
-        answers[name or "base"] = generate_batched(model, tokenizer, texts, args.max_new_tokens, stop=None if args.chat else "\n",
-                                                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                                                   presence_penalty=args.presence_penalty)
+        with progress_bar(args, name or "base", len(texts)) as bar:
+            answers[name or "base"] = generate_batched(
+                model, tokenizer, texts, args.max_new_tokens, stop=None if chat else "\n", repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, progress=bar.update)
     for i, prompt in enumerate(args.prompts):
         print(f"> {prompt}")
         for label, outputs in answers.items():
@@ -293,9 +400,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # ---- info ----------------------------------------------------------------------------------------
-def add_info_command(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="describe a saved adapter folder")
-    parser.add_argument("path", type=Path)
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="adapter folder (adapterkit's, peft's or AdapterHub's)")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.set_defaults(handler=run_info)
 
@@ -305,57 +411,91 @@ def run_info(args: argparse.Namespace) -> int:
 
     info = describe_adapter(args.path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
     base = info["base"]
     options = ", ".join(f"{k}={v}" for k, v in (info["config"] or {}).items() if v is not None)
-    print(f"adapter     {info['name']}  ({info['path']})")
+    print(f"adapter     {info['name']}  ({info['path']}, {info['format']} format)")
     print(f"method      {info['method']}: {options}")
     print(f"parameters  {info['parameters']:,} ({info['dtype']})")
     print(f"size        {info['size_bytes'] / 1e6:.2f} MB on disk")
-    base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
-    print(f"base        {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, {base.get('dtype') or 'float32'}, weights sha256 {str(base.get('weights_sha256'))[:16]}…)")
+    print(f"base        {base['name_or_path'] or 'not recorded'}")
+    if base.get("weights_sha256"):
+        base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
+        print(f"            {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, {base.get('dtype') or 'float32'}, "
+              f"weights sha256 {base['weights_sha256'][:16]}…)")
+    template = info["prompt_template"]
+    print("template    " + ("the tokenizer's chat template (the text is the user's message)" if template == "chat"
+                            else json.dumps(template, ensure_ascii=False) if template else "none recorded: text is given as it is"))
     return 0
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def add_data_command(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="prepare training data")
-    tools = parser.add_subparsers(dest="tool", required=True)
-    po = tools.add_parser("po2jsonl", help="gettext catalogs (.po) -> prompt/completion JSONL")
-    po.add_argument("catalogs", nargs="+", type=Path)
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="{po2jsonl,split}")
+    po = tools.add_parser("po2jsonl", help="gettext catalogs (.po) -> prompt/completion JSONL", formatter_class=HelpFormatter,
+                          description="Translation pairs from gettext catalogs; each pair names its prompt template, "
+                                      "which the trained adapter records.")
+    po.add_argument("catalogs", nargs="*", type=Path, help="catalog files (.po)")
+    po.add_argument("--from-package", metavar="PACKAGE", help="also every catalog for --lang inside this installed Python package "
+                                                              "(its locale/<lang>/LC_MESSAGES/*.po), e.g. django")
     po.add_argument("--lang", required=True, help="the catalogs' language code, e.g. de")
-    po.add_argument("-o", "--output", required=True, type=Path)
-    po.set_defaults(handler=run_po2jsonl)
+    po.add_argument("-o", "--output", required=True, type=Path, help="JSONL file to write")
+    po.set_defaults(handler=run_po2jsonl, parser=po)
+    split = tools.add_parser("split", help="hold out a random share of a JSONL file", formatter_class=HelpFormatter,
+                             description="Write a seeded random share of the examples to a held-out file and the rest to a training file.")
+    split.add_argument("data", type=Path, help="JSONL file to split")
+    split.add_argument("--held-out", type=float, default=0.1, help="share of the examples held out, between 0 and 1")
+    split.add_argument("--seed", type=int, default=0, help="seed of the random choice")
+    split.add_argument("-o", "--output", nargs=2, type=Path, metavar=("TRAIN", "HELD_OUT"),
+                       help="the two files to write (default: <data>.train.jsonl and <data>.heldout.jsonl beside it)")
+    split.set_defaults(handler=run_split, parser=split)
 
 
 def run_po2jsonl(args: argparse.Namespace) -> int:
-    from .data import po_to_jsonl
+    from .data import package_catalogs, po_to_jsonl
 
-    count = po_to_jsonl(args.catalogs, args.lang, args.output)
+    catalogs = list(args.catalogs)
+    if args.from_package:
+        found = package_catalogs(args.from_package, args.lang)
+        print(f"found {len(found)} catalogs for {args.lang!r} in {args.from_package}")
+        catalogs += found
+    if not catalogs:
+        raise ConfigError("give catalog files, or --from-package PACKAGE")
+    count = po_to_jsonl(catalogs, args.lang, args.output)
     print(f"wrote {count} pairs to {args.output}")
+    return 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from .data import split_jsonl
+
+    train, held, n_train, n_held = split_jsonl(args.data, args.held_out, args.seed, args.output)
+    print(f"wrote {n_train} training examples to {train} and {n_held} held-out examples to {held}")
     return 0
 
 
 # ---- shared --------------------------------------------------------------------------------------
 def _model_with_adapters(base_name: str, paths: Sequence[str], device: str | None = None, dtype: str | None = None):
-    """(model, tokenizer, adapter names): the base (on ``device``, in ``dtype``) with each adapter
-    loaded under its saved name (made unique with a numeric suffix when two share one)."""
+    """(model, tokenizer, {adapter name: its prompt template}): the base (on ``device``, in
+    ``dtype``) with each adapter loaded under its saved name (made unique with a numeric suffix
+    when two share one)."""
     from .bases import load_base
     from .io import read_adapter_config
     from .model import AdapterModel
 
     base, tokenizer = load_base(base_name, dtype, device)
     model = AdapterModel(base)
-    names: list[str] = []
+    adapters: dict[str, str | None] = {}
     for path in paths:
-        saved = read_adapter_config(path).get("name") or "adapter"
+        document = read_adapter_config(path)
+        saved = document.get("name") or "adapter"
         name, n = saved, 1
-        while name in names:
+        while name in adapters:
             n += 1
             name = f"{saved}-{n}"
-        names.append(model.load_adapter(path, name=name))
-    return model, tokenizer, names
+        adapters[model.load_adapter(path, name=name)] = document.get("prompt_template")  # checked by the load
+    return model, tokenizer, adapters
 
 
 def _row(label: str, result: dict, metric: str) -> dict[str, str]:
@@ -376,16 +516,20 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 # ---- serve ---------------------------------------------------------------------------------------
-def add_serve_command(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server over one base and a folder of adapters", description=(
-        "Serve /v1/completions and /v1/chat/completions; a request's 'model' names an adapter folder inside "
-        "--adapters (or the base's name). Concurrent requests run together as mixed-adapter batches."
-    ))
-    parser.add_argument("--base", default=DEFAULT_BASE, help=f"embedded base name or local model folder (default {DEFAULT_BASE})")
-    parser.add_argument("--adapters", required=True, type=Path, help="folder whose sub-folders are saved adapters")
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Serve /v1/completions and /v1/chat/completions; a request's 'model' names an adapter inside "
+        "--adapters (or the base's name). Concurrent requests run together as mixed-adapter batches. "
+        "Completions take the prompt as sent; chat requests to an adapter that records a prompt template "
+        "have their one user message put into it."
+    )
+    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
+    parser.add_argument("--adapters", required=True, type=Path, help=(
+        "folder of adapters, each served under its sub-folder's name: an adapter folder, or a training run's "
+        "output folder (train -o runs/de: runs/de/adapter is served as de); required"))
     add_device_options(parser)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="most rows decoding together")
     parser.add_argument("--max-loaded-adapters", type=int, default=8, help="least recently used idle adapters are unloaded beyond this")
@@ -427,26 +571,62 @@ def read_compositions(path: Path) -> dict:
     return blocks
 
 
-COMMANDS: list[Callable] = [add_train_command, add_eval_command, add_generate_command, add_info_command, add_data_command, add_serve_command]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": ("train an adapter on a JSONL file", add_train_arguments),
+    "eval": ("score adapters (or the bare base) on a JSONL file", add_eval_arguments),
+    "generate": ("answer prompts with one or more adapters, side by side", add_generate_arguments),
+    "info": ("describe a saved adapter folder", add_info_arguments),
+    "data": ("prepare training data: po2jsonl, split", add_data_arguments),
+    "serve": ("OpenAI-compatible HTTP server over one base and a folder of adapters", add_serve_arguments),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adapterkit", description="Adapters over one frozen base model.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_command in COMMANDS:
-        add_command(subparsers)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; only ``command``'s subparser gets its options, so that top-level help
+    needs none of the heavy imports some options' choices do."""
+    parser = argparse.ArgumentParser(prog="adapterkit", description="Adapters over one frozen base model.", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"adapterkit {version('adapterkit')}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                          formatter_class=HelpFormatter)
+        subparser.set_defaults(parser=subparser)
+        if command == name:
+            add_arguments(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.parser.error(unrecognized(args.parser, unknown))
     show_library_messages()
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except AdapterkitError as error:
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # under torchrun
         print(f"adapterkit: error: {rank}{error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `adapterkit info --json ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write at exit
+        print("adapterkit: the output was closed before all of it was written", file=sys.stderr)
+        return 1
+
+
+def unrecognized(parser: argparse.ArgumentParser, arguments: list[str]) -> str:
+    """argparse's message for unknown arguments, naming the closest flag to the first misspelt one."""
+    message = f"unrecognized arguments: {' '.join(arguments)}"
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    for argument in arguments:
+        if argument.startswith("-"):
+            close = difflib.get_close_matches(argument.partition("=")[0], flags, n=1)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+    return message
 
 
 def show_library_messages() -> None:

@@ -3,13 +3,17 @@ and length-bucketed batches.
 
 A training file is JSONL, one example a line: ``{"prompt": ..., "completion": ...}`` or
 ``{"messages": [...]}`` (rendered with the tokenizer's chat template; the last message is the
-assistant's answer). Loss is taken on completion tokens only.
+assistant's answer). Loss is taken on completion tokens only. A prompt example may say the format
+its prompt is written in, ``"prompt_template": "English: {prompt}\nGerman:"`` (its prompt is the
+filled-in text): an adapter trained on such examples records that template, and generation then
+puts new text into it (see ``adapterkit.templates``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gettext
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -18,7 +22,8 @@ from typing import Iterable, Iterator
 import polib
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .templates import CHAT, SLOT, check_template, render_prompt
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
 
@@ -57,8 +62,10 @@ def catalog_pairs(catalog: polib.POFile, language: str) -> list[dict[str, str]]:
 
     Fuzzy, obsolete, untranslated and header entries are skipped. A plural entry gives two pairs:
     the singular and the plural (the form used for n=2). A context goes into the prompt, because it
-    is what tells "May" the month from "May" the verb."""
+    is what tells "May" the month from "May" the verb. Each pair names its template,
+    ``translation_template(language)``."""
     target = LANGUAGE_NAMES.get(language, language)
+    template = translation_template(language)
     many = plural_index_for_many(catalog)
     pairs = []
     for entry in catalog:
@@ -70,7 +77,8 @@ def catalog_pairs(catalog: polib.POFile, language: str) -> list[dict[str, str]]:
             forms.append((entry.msgid_plural, translations.get(many, "")))
         for source, translation in forms:
             if source.strip() and translation.strip():
-                pairs.append({"prompt": format_prompt(source, target, entry.msgctxt), "completion": " " + translation})
+                pairs.append({"prompt": format_prompt(source, target, entry.msgctxt), "completion": " " + translation,
+                              "prompt_template": template})
     return pairs
 
 
@@ -78,6 +86,28 @@ def format_prompt(text: str, target_language: str, context: str | None = None) -
     """The compact translation prompt: ``English: <text>\\n<Language>:``."""
     label = f"English ({context})" if context else "English"
     return f"{label}: {text}\n{target_language}:"
+
+
+def translation_template(language: str) -> str:
+    """The prompt template of translation pairs into ``language``: "English: {prompt}\\n<Language>:"."""
+    return format_prompt(SLOT, LANGUAGE_NAMES.get(language, language))
+
+
+def package_catalogs(package: str, language: str) -> list[Path]:
+    """The gettext catalogs for ``language`` inside an installed package (every
+    ``locale/<language>/LC_MESSAGES/*.po`` under it), in path order."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"no installed package named {package!r}; install it (pip install {package}) or give the .po files' paths")
+    roots = [Path(location) for location in spec.submodule_search_locations]
+    found = sorted(path for root in roots for path in root.glob(f"**/locale/{language}/LC_MESSAGES/*.po"))
+    if not found:
+        languages = sorted({path.parent.parent.name for root in roots for path in root.glob("**/locale/*/LC_MESSAGES/*.po")})
+        raise DataError(f"{package} holds no catalogs for language {language!r}; it has: {', '.join(languages) or 'none'}")
+    return found
 
 
 def pairs_from_catalogs(catalogs: Iterable[str | Path], language: str) -> list[dict[str, str]]:
@@ -93,6 +123,25 @@ def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Pat
     pairs = pairs_from_catalogs(catalogs, language)
     write_jsonl(output, pairs)
     return len(pairs)
+
+
+def split_jsonl(path: str | Path, fraction: float, seed: int, outputs: tuple[str | Path, str | Path] | None = None) -> tuple[Path, Path, int, int]:
+    """Write a seeded ``fraction`` of a JSONL file's examples to a held-out file and the rest to
+    a training file (default: <stem>.train.jsonl and <stem>.heldout.jsonl beside it); returns
+    (train path, held-out path, train count, held-out count)."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"the held-out fraction must be between 0 and 1, got {fraction!r}")
+    path = Path(path)
+    examples = read_jsonl(path)
+    train, held = split_held_out(examples, fraction, seed)
+    if not train:
+        raise DataError(f"{path} holds {len(examples)} example(s): too few to hold {fraction:g} of them out and train on the rest")
+    train_path, held_path = (Path(p) for p in outputs) if outputs else (path.with_suffix(".train.jsonl"), path.with_suffix(".heldout.jsonl"))
+    if path.resolve() in (train_path.resolve(), held_path.resolve()) or train_path.resolve() == held_path.resolve():
+        raise ConfigError("the training and held-out files must be two new files, not the input")
+    write_jsonl(train_path, train)
+    write_jsonl(held_path, held)
+    return train_path, held_path, len(train), len(held)
 
 
 def unique_pairs(pairs: Iterable[dict[str, str]]) -> list[dict[str, str]]:
@@ -168,7 +217,29 @@ def _example_problem(example) -> str | None:
         return 'expected {"prompt": str, "completion": str} or {"messages": [...]}'
     if not example["completion"]:
         return '"completion" is empty'
+    if "prompt_template" in example:
+        try:
+            check_template(example["prompt_template"], '"prompt_template"')
+        except ConfigError as error:
+            return str(error)
     return None
+
+
+def template_of(example: dict) -> str | None:
+    """The format an example's prompt is in: "chat" for messages, else what it says (None: unsaid)."""
+    return CHAT if "messages" in example else example.get("prompt_template")
+
+
+def apply_template(examples: list[dict], template: str | None, tokenizer=None) -> list[dict]:
+    """The examples, those prompt examples that do not say their format put into ``template``
+    (and then saying it); the others, and all of them for ``template`` None, as they are."""
+    if template is None:
+        return examples
+    return [
+        example if template_of(example) is not None
+        else {**example, "prompt": render_prompt(template, example["prompt"], tokenizer), "prompt_template": template}
+        for example in examples
+    ]
 
 
 def write_jsonl(path: str | Path, examples: Iterable[dict]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -81,15 +81,18 @@ def generate_batched(
     repetition_penalty: float = 1.0,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    progress: Callable[[], Any] | None = None,
 ) -> list[str]:
     """Greedy answers to ``prompts``, in order, through the active adapters, at most ``batch_size``
     of them in flight (the generation engine: finished rows leave, waiting prompts take their
-    places). An answer ends at end-of-text or at ``stop``; penalties as in ``Sampling``."""
+    places). An answer ends at end-of-text or at ``stop``; penalties as in ``Sampling``.
+    ``progress`` is called once per finished answer."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths prefill together
     sampling = Sampling(max_tokens=max_new_tokens, stop=[stop] if stop else [], repetition_penalty=repetition_penalty,
                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    done = generate(model, tokenizer, [encoded[i] for i in order], sampling, max_batch_size=batch_size)
+    done = generate(model, tokenizer, [encoded[i] for i in order], sampling, max_batch_size=batch_size,
+                    on_done=(lambda _: progress()) if progress else None)
     answers: list[str] = [""] * len(prompts)
     for i, generation in zip(order, done):
         answers[i] = generation.text.strip()
@@ -104,9 +107,10 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 48,
     max_length: int = 256,
+    progress: Callable[[], Any] | None = None,
 ) -> dict:
     """{"examples", "loss", "perplexity", metric, "predictions", "seconds"}; the model is left in
-    the mode it was in."""
+    the mode it was in. ``progress`` is called once per example answered."""
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {list(METRICS)}")
     started = time.perf_counter()
@@ -114,13 +118,14 @@ def evaluate(
         loss = completion_loss(model, tokenizer, examples, batch_size, max_length)
     result: dict = {"examples": len(examples), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if metric != "none":
-        result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size, max_new_tokens)
+        result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size, max_new_tokens, progress)
     result["seconds"] = time.perf_counter() - started
     return result
 
 
 def score_generations(
-    model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32, max_new_tokens: int = 48
+    model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32, max_new_tokens: int = 48,
+    progress: Callable[[], Any] | None = None,
 ) -> tuple[float, list[str]]:
     """(chrF or exact match, predictions) of greedy answers to the examples' prompts. Without the
     loss pass of ``evaluate``, which costs as much as a third of the scoring on CPU."""
@@ -130,7 +135,7 @@ def score_generations(
     references = [reference_of(e) for e in examples]
     stop = None if any("messages" in e for e in examples) else "\n"
     with _eval_mode(model):
-        predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
+        predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop, progress=progress)
     return (chrf if metric == "chrf" else exact_match)(predictions, references), predictions
 
 

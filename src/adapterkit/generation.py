@@ -549,13 +549,15 @@ def generate(
     sampling: Sampling,
     adapters: Sequence[str | None] | None = None,
     max_batch_size: int = 32,
+    on_done: Callable[[Generation], None] | None = None,
 ) -> list[Generation]:
     """Every prompt (token ids) through one engine, ``max_batch_size`` rows in flight: row i through
-    ``adapters[i]`` when given, else through the model's active adapters. A row that fails raises
-    GenerationError (the server, which must answer the other rows, drives ``Engine`` itself)."""
+    ``adapters[i]`` when given, else through the model's active adapters; ``on_done`` is called as
+    each row ends (a progress bar's tick). A row that fails raises GenerationError (the server,
+    which must answer the other rows, drives ``Engine`` itself)."""
     engine = Engine(model, tokenizer, max_batch_size)
     names = list(adapters) if adapters is not None else [ACTIVE] * len(prompts)
-    done = engine.run([Generation(list(p), sampling, name) for p, name in zip(prompts, names, strict=True)])
+    done = engine.run([Generation(list(p), sampling, name, on_done=on_done) for p, name in zip(prompts, names, strict=True)])
     failed = next((g for g in done if g.error is not None), None)
     if failed is not None:
         raise GenerationError(f"generation failed for prompt {done.index(failed)}: {failed.error}")

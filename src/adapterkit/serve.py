@@ -1,12 +1,21 @@
 """``adapterkit serve``: an OpenAI-compatible HTTP server over one base model and a folder of adapters.
 
-A request names its adapter in ``model`` (the base's own name for none). Every request becomes a
+A request names its adapter in ``model`` (the base's own name for none): a sub-folder of the
+adapters folder that is an adapter, or a training run's output folder (``train -o runs/de`` writes
+``runs/de/adapter``, served as ``de``). Every request becomes a
 row of the generation engine (``adapterkit.generation``), which batches continuously: a request
 that arrives while others decode is prefilled at the next step and decodes with them, each row
 through its own adapter, and leaves as soon as it ends. One thread drives the engine; the event
 loop only parses, tokenises off-loop, queues and streams. Adapters load from the folder on first
 use, outside the engine's lock, and at most ``max_loaded_adapters`` stay loaded (least recently
 used go first, never one a request holds).
+
+Prompt templates: /v1/completions passes the prompt to the model exactly as sent, as OpenAI's
+completions do (clients that score text with ``echo`` and ``logprobs`` rely on it, and a client that
+fills the template itself must not get it twice). /v1/chat/completions is where a server formats the
+input: for an adapter that records a text template ("English: {prompt}\nGerman:") the one user
+message fills it, and the answer ends at a newline unless the request sets ``stop``; otherwise the
+tokenizer's chat template renders the conversation.
 """
 
 from __future__ import annotations
@@ -15,9 +24,11 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -37,11 +48,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .compose import Composition, adapter_names, fusions
 from .errors import AdapterkitError, ShapeMismatchError
 from .generation import Engine, Generation, Sampling, TokenLogprob, check_stops
-from .io import CONFIG_FILE, FUSION_CONFIG_FILE, check_base, read_adapter
+from .io import CONFIG_FILE, FUSION_CONFIG_FILE, check_base, read_adapter, read_adapter_config
 from .model import AdapterModel
 from .names import is_valid_name
+from .templates import CHAT, check_template, render_prompt, shared_template
 
 log = logging.getLogger(__name__)
+
+RUN_ADAPTER = "adapter"  # inside a training run's output folder
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before any parsing
 CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than context × this many characters is refused untokenised
@@ -110,6 +124,27 @@ class LoadRequest(BaseModel):
 
 
 # ---- adapters on demand --------------------------------------------------------------------------
+def adapter_folder(path: Path) -> Path | None:
+    """The adapter a sub-folder of the adapters folder holds: itself, or a training run's adapter/."""
+    for candidate in (path, path / RUN_ADAPTER):
+        if (candidate / CONFIG_FILE).is_file() or (candidate / FUSION_CONFIG_FILE).is_file():
+            if candidate == path or candidate.resolve().parent == path.resolve():  # never a link out of the run
+                return candidate
+    return None
+
+
+def find_adapters(folder: Path) -> dict[str, Path]:
+    """{name: adapter folder} of every sub-folder that is an adapter or a training run."""
+    folder = folder.resolve()
+    found = {}
+    for path in folder.iterdir():
+        if is_valid_name(path.name) and path.resolve().parent == folder:
+            adapter = adapter_folder(path)
+            if adapter is not None:
+                found[path.name] = adapter
+    return found
+
+
 class AdapterPool:
     """Adapters loaded from one folder on first use, at most ``capacity`` at a time.
 
@@ -124,6 +159,7 @@ class AdapterPool:
         self.capacity = capacity
         self.recent: OrderedDict[str, None] = OrderedDict((name, None) for name in self.model.adapters)
         self.holds: Counter[str] = Counter()
+        self.templates: dict[str, str | None] = {}  # of the adapters loaded from the folder
         self.loading: set[str] = set()
         self._changed: asyncio.Condition | None = None
 
@@ -140,22 +176,27 @@ class AdapterPool:
         try:
             if path.resolve().parent != self.folder:
                 raise ApiError(400, f"adapter {name!r} is a link out of the adapters folder; refusing to read it", "invalid_model_name")
-            found = (path / CONFIG_FILE).is_file() or (path / FUSION_CONFIG_FILE).is_file()
+            found = adapter_folder(path)
         except OSError:
-            found = False
-        if not found:
+            found = None
+        if found is None:
             raise ApiError(404, f"the model {name!r} does not exist: no adapter folder of that name", "model_not_found")
-        return path
+        return found
 
     def available(self) -> list[str]:
         try:
-            entries = list(self.folder.iterdir())
-            return sorted(
-                p.name for p in entries
-                if is_valid_name(p.name) and p.resolve().parent == self.folder and (p / CONFIG_FILE).is_file()
-            )
+            return sorted(find_adapters(self.folder))
         except OSError:
             raise ApiError(503, "the adapters folder cannot be read; only the base model is served", "adapters_unavailable") from None
+
+    def template(self, name: str) -> str | None:
+        """The prompt template adapter ``name`` records (read from its folder until it is loaded)."""
+        if name not in self.templates:
+            try:
+                return check_template(read_adapter_config(self.path_of(name)).get("prompt_template"))
+            except AdapterkitError as error:
+                raise ApiError(400, self._hide_paths(f"adapter {name!r} cannot be loaded: {error}"), "adapter_load_failed") from None
+        return self.templates[name]
 
     async def acquire(self, name: str) -> None:
         """Hold ``name``, loading it (and evicting another) if needed; waits while every loaded
@@ -224,6 +265,7 @@ class AdapterPool:
             if saved.base is not None:
                 await asyncio.to_thread(check_base, saved.base, self.model.base, path)
             await asyncio.to_thread(self._locked, self.model.add_adapter, name, saved.config, saved.tensors)
+            self.templates[name] = saved.prompt_template
         except ShapeMismatchError as error:
             raise ApiError(400, self._hide_paths(f"adapter {name!r} cannot be loaded: {path}: {error}"), "adapter_load_failed") from None
         except AdapterkitError as error:
@@ -408,15 +450,31 @@ class Server:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizing, lambda: [tokenizer.encode(t) for t in texts])
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def template_of(self, model_name: str) -> str | None:
+        """The prompt template of what a request names: its adapter's, or the one every adapter of a
+        composition shares; None for the base."""
+        if model_name == self.base_name:
+            return None
+        names = [model_name] if model_name not in self.compositions else adapter_names(self.compositions[model_name])
+        return shared_template([self.pool.template(name) for name in names])
+
+    async def encode_chat(self, messages: list[ChatMessage], template: str | None = None) -> list[int]:
+        """The conversation's tokens: the one user message put into a text ``template``, else the
+        conversation rendered by the tokenizer's chat template."""
         tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
+        text_template = template is not None and template != CHAT
+        if text_template and [m.role for m in messages] != ["user"]:
+            raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: send one user message "
+                                "(or the filled-in prompt to /v1/completions)", "invalid_messages")
+        if not text_template and not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
         text = "".join(m.content for m in messages)
         if len(text) > self.context * CHARS_PER_TOKEN_LIMIT:
             raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold", "context_length_exceeded")
 
         def encode() -> list[int]:
+            if text_template:
+                return tokenizer.encode(render_prompt(template, messages[0].content), add_special_tokens=False)
             chat = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False)
             return tokenizer.encode(chat, add_special_tokens=False)
 
@@ -679,8 +737,12 @@ def create_app(server: Server) -> FastAPI:
         _refuse_unsupported(body)
         server.check_model(body.model)
         server.check_room(body.model, 1)
-        prompt = await server.encode_chat(body.messages)
-        jobs = await server.submit(body.model, [prompt], server.sampling(body, len(prompt)))
+        template = await asyncio.to_thread(server.template_of, body.model)
+        prompt = await server.encode_chat(body.messages, template)
+        sampling = server.sampling(body, len(prompt))
+        if template not in (None, CHAT) and body.stop is None:
+            sampling.stop = ["\n"]  # the answer's line, as in scoring and ``adapterkit generate``
+        jobs = await server.submit(body.model, [prompt], sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
@@ -761,7 +823,8 @@ def serve(
     dtype: str | None = None,
 ) -> None:
     """Load ``base`` (on ``device``, in ``dtype``) and serve the adapters in ``adapters_dir`` (and
-    ``compositions`` of them) until interrupted."""
+    ``compositions`` of them) until interrupted. The port is taken before the base loads, so a busy
+    one fails at once with our error."""
     import uvicorn
 
     from .bases import load_base
@@ -769,8 +832,32 @@ def serve(
     folder = Path(adapters_dir)
     if not folder.is_dir():
         raise AdapterkitError(f"no adapters folder at {folder}")
-    base_model, tokenizer = load_base(base, dtype, device)
-    base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
-    server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, max_loaded_adapters,
-                    max_queue, max_prefill_tokens, compositions)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="info")
+    if not find_adapters(folder):
+        log.warning("%s holds no adapter yet (neither <name>/%s nor a training run's <name>/%s/%s): only the base is served "
+                    "until one is added", folder, CONFIG_FILE, RUN_ADAPTER, CONFIG_FILE)
+    listener = listen(host, port)
+    try:
+        base_model, tokenizer = load_base(base, dtype, device)
+        base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
+        server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, max_batch_size, max_loaded_adapters,
+                        max_queue, max_prefill_tokens, compositions)
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (as uvicorn binds one), or an error saying why not."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, protocol)
+    except (OSError, UnicodeError) as error:
+        raise AdapterkitError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        hint = "; another program (another adapterkit serve?) uses it: stop it or pick another --port" if error.errno == errno.EADDRINUSE else ""
+        raise AdapterkitError(f"cannot listen on {host}:{port}: {error.strerror}{hint}") from None
+    return listener

@@ -4,7 +4,8 @@ accumulation, length-bucketed batches, periodic evaluation, and checkpoints that
 A checkpoint is one folder, ``<output>/checkpoint``, replaced atomically: the adapter's own files
 (so a checkpoint loads as an adapter), ``optimizer.safetensors`` (AdamW's moment tensors, the
 torch RNG state and the method's own training state, such as AdaLoRA's rank allocation) and
-``trainer_state.json`` (step, scalars). No pickle anywhere. Resuming from it
+``trainer_state.json`` (step, scalars). No pickle anywhere. Every record of metrics.jsonl also
+goes to TensorBoard event files beside it when ``report_to="tensorboard"``. Resuming from it
 gives bit-for-bit the adapter an uninterrupted run gives: the data order is a function of the seed
 and the step, and the dropout RNG state is saved with the rest.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,8 +34,9 @@ from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, write_folder_atomically
+from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, with_prompt_template, write_folder_atomically
 from .methods import dataclass_from_dict
+from .templates import check_template
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
@@ -42,6 +45,9 @@ LOSS_PLOT = "loss.png"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_PREFIX = "adapter_state."  # in OPTIMIZER_FILE: AdapterModel.training_state's tensors
+REPORT_TO = ("none", "tensorboard")
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # SummaryWriter's file names
+MAX_LR = 1.0  # AdamW moves each weight by about lr a step: beyond this nothing trains (and float32 overflows)
 
 
 @dataclasses.dataclass
@@ -64,6 +70,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 48
     progress: bool = True
+    report_to: str = "none"  # "tensorboard": event files beside metrics.jsonl
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
@@ -73,14 +80,16 @@ class TrainConfig:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr must be positive and at most {MAX_LR:g} (adapters train at 1e-4 to 1e-2), got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric {self.metric!r} is not one of {list(METRICS)}")
         if self.eval_every < 0 or self.save_every < 0:
             raise ConfigError("eval_every and save_every must be 0 (off) or positive")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to must be one of {list(REPORT_TO)}, got {self.report_to!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -118,6 +127,28 @@ def planned_steps(n_examples: int, config: TrainConfig) -> int:
     return max(1, math.ceil((config.epochs or 1.0) * batches_per_epoch / config.grad_accum))
 
 
+def earlier_run(output_dir: str | Path) -> list[str]:
+    """The files and folders an earlier run left in an output folder, which a new run would overwrite."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    ours = [name for name in (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, LOSS_PLOT) if (folder / name).exists()]
+    return ours + sorted(path.name for path in folder.glob(TENSORBOARD_EVENTS))
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Delete what ``earlier_run`` lists (and nothing else of the folder)."""
+    for name in earlier_run(output_dir):
+        path = Path(output_dir) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def checkpoint_step(output_dir: str | Path) -> int | None:
+    """The step of the checkpoint in a run's output folder (None when it has none)."""
+    path = Path(output_dir) / CHECKPOINT_DIR / STATE_FILE
+    return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The complete records of a metrics file: a line that is not a JSON object with an integer
     "step" (the torn end of a write a kill interrupted) is skipped rather than stopping a resume."""
@@ -151,6 +182,8 @@ class Trainer:
     it (full fine-tuning, for comparisons) it only trains. Batches go to the model's device.
     ``gradient_checkpointing`` recomputes each block's activations in the backward pass. In a
     torch.distributed process group (torchrun) it trains data-parallel over the ranks.
+    ``prompt_template`` is recorded in the saved adapter (and its checkpoints): the format of the
+    examples' prompts, which generation then applies by default (``adapterkit.templates``).
     """
 
     def __init__(
@@ -163,6 +196,7 @@ class Trainer:
         eval_examples: list[dict] | None = None,
         adapter_name: str | None = None,
         gradient_checkpointing: bool = False,
+        prompt_template: str | None = None,
     ) -> None:
         if adapter_name is None and config.save_every:
             raise ConfigError("checkpoints need an adapter to save: pass adapter_name or set save_every=0")
@@ -172,6 +206,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.eval_examples = eval_examples or []
         self.adapter_name = adapter_name
+        self.prompt_template = check_template(prompt_template)
+        self._tensorboard = None
         if adapter_name is not None:
             model.train_adapter(adapter_name)
         self.examples: list[TokenizedExample] = tokenize_all(train_examples, tokenizer, config.max_length)
@@ -195,8 +231,6 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run to ``total_steps``; returns the final evaluation (or {} without eval data)."""
-        from tqdm.auto import tqdm
-
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for name in (CHECKPOINT_DIR, ADAPTER_DIR):
@@ -205,6 +239,17 @@ class Trainer:
         if resume and (self.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             self._restore()
         self._trim_metrics()
+        self._tensorboard = self._open_tensorboard()
+        try:
+            return self._train()
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+
+    def _train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         was_training = self.model.training
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
@@ -231,7 +276,7 @@ class Trainer:
             self.plot_losses()
         result = self._evaluate() if self.eval_examples else {}
         if self.adapter_name is not None and self.rank == 0:
-            self.model.save_adapter(self.adapter_name, self.output_dir / ADAPTER_DIR)
+            write_folder_atomically(self.output_dir / ADAPTER_DIR, self._adapter_files())
         self.plot_losses()
         return result
 
@@ -304,6 +349,22 @@ class Trainer:
             return
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:  # HF Trainer's names: train/loss, eval/loss, ...
+            for key, value in record.items():
+                if key != "step":
+                    tag = "eval/" + key.removeprefix("eval_") if key.startswith("eval_") else "train/" + {"lr": "learning_rate"}.get(key, key)
+                    self._tensorboard.add_scalar(tag, value, record["step"])
+
+    def _open_tensorboard(self):
+        """A SummaryWriter into the output folder (rank 0, when asked); a resumed run first drops
+        the events a killed run wrote after its checkpoint."""
+        if self.config.report_to != "tensorboard" or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("report_to='tensorboard' needs the tensorboard package: pip install 'adapterkit[train]'") from None
+        return SummaryWriter(log_dir=str(self.output_dir), purge_step=self.step or None)
 
     def _trim_metrics(self) -> None:
         """Drop records written after the step training restarts from (a killed run's tail), and
@@ -367,9 +428,12 @@ class Trainer:
         files = {
             OPTIMIZER_FILE: save_safetensors_bytes(tensors),
             STATE_FILE: (json.dumps(document, indent=2) + "\n").encode(),
-            **self.model.adapter_files(self.adapter_name),  # its config file goes last
+            **self._adapter_files(),  # its config file goes last
         }
         write_folder_atomically(self.output_dir / CHECKPOINT_DIR, files)
+
+    def _adapter_files(self) -> dict[str, bytes]:
+        return with_prompt_template(self.model.adapter_files(self.adapter_name), self.prompt_template)
 
     def _restore(self) -> None:
         folder = self.output_dir / CHECKPOINT_DIR
@@ -417,9 +481,8 @@ class Trainer:
             )
 
     def _last_good_checkpoint(self) -> str:
-        folder = self.output_dir / CHECKPOINT_DIR
-        if (folder / STATE_FILE).is_file():
-            step = json.loads((folder / STATE_FILE).read_text())["step"]
-            return f"The last good checkpoint (step {step}) is kept in {folder}."
+        step = checkpoint_step(self.output_dir)
+        if step is not None:
+            return f"The last good checkpoint (step {step}) is kept in {self.output_dir / CHECKPOINT_DIR}."
         return "No checkpoint had been saved yet."
 

@@ -19,7 +19,9 @@ from ..names import is_valid_name
 from .adapterhub import FUSION_CONFIG_FILE, adapterhub_adapter, adapterhub_fusion, is_adapterhub_config
 from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_base, forget_base_fingerprint
 from .folders import read_json, remove_interrupted_writes, write_folder_atomically
-from .native import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_tensors
+from .native import (
+    CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_prompt_template, native_tensors, with_prompt_template,
+)
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
 from .tensors import read_tensors, tensors_to_bytes
 
@@ -28,21 +30,24 @@ FORMATS = (FORMAT, "peft")
 __all__ = [
     "CONFIG_FILE", "FUSION_CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
     "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter", "read_adapter_config",
-    "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "write_folder_atomically",
+    "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "with_prompt_template", "write_folder_atomically",
 ]
 
 
 @dataclasses.dataclass
 class SavedAdapter:
     """What a saved adapter folder holds: a name (None when the folder does not say), its config,
-    its tensors keyed "<module>.adapter.<parameter>", and the base fingerprint it records (None
-    for formats without one)."""
+    its tensors keyed "<module>.adapter.<parameter>", the base fingerprint it records (None
+    for formats without one), the base's name or path and the prompt template it was trained
+    with (None when not recorded)."""
 
     name: str | None
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     base: dict[str, Any] | None
     format: str
+    base_name: str | None = None
+    prompt_template: str | None = None
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
@@ -67,24 +72,27 @@ def read_adapter(path: str | Path, base: nn.Module | None = None) -> SavedAdapte
         return SavedAdapter(name if is_valid_name(name) else None, config, tensors, None, "adapterhub")
     if is_peft_config(document):
         config = peft_config(document, path)
-        name = path.name if is_valid_name(path.name) else None
-        return SavedAdapter(name, config, peft_tensors(config, path), None, "peft")
+        folder_name = path.resolve().name
+        base_name = document.get("base_model_name_or_path")
+        return SavedAdapter(folder_name if is_valid_name(folder_name) else None, config, peft_tensors(config, path), None, "peft",
+                            base_name if isinstance(base_name, str) else None)
     config = native_config(document, path)
     base = document.get("base")
     if not isinstance(base, dict) or not all(isinstance(base.get(key), str) for key in FINGERPRINT_FIELDS):
         raise AdapterFileError(f"{path / CONFIG_FILE} is corrupt: 'base' should be the base model's fingerprint, got {base!r}")
-    name = document.get("name")
-    return SavedAdapter(name if isinstance(name, str) else None, config, native_tensors(document, path), base, FORMAT)
+    name, base_name = document.get("name"), document.get("base_model_name_or_path")
+    return SavedAdapter(name if isinstance(name, str) else None, config, native_tensors(document, path), base, FORMAT,
+                        base_name if isinstance(base_name, str) else None, native_prompt_template(document, path))
 
 
 def adapter_files(
     format: str, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], base, sites: list[Site]
 ) -> dict[str, bytes]:
     """The files of a saved adapter in ``format`` ("adapterkit" or "peft"), by name, config last."""
+    base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     if format == FORMAT:
-        return native_files(name, config, tensors, base_fingerprint(base))
+        return native_files(name, config, tensors, base_fingerprint(base), base_name)
     if format == "peft":
-        base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         return peft_files(config, tensors, sites, base_name)
     raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
 
@@ -104,5 +112,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         "parameters": sum(t.numel() for t in saved.tensors.values()),
         "dtype": str(next(iter(saved.tensors.values())).dtype).removeprefix("torch.") if saved.tensors else None,
         "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()),
-        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "dtype", "weights_sha256")},
+        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "dtype", "weights_sha256")}
+        | {"name_or_path": saved.base_name},
+        "prompt_template": saved.prompt_template,
     }

@@ -1,8 +1,11 @@
 """adapterkit's own adapter format.
 
 - ``adapter_config.json``: {"format": "adapterkit", "format_version": 1, "name", "method",
-  "config", "dtype", "base": fingerprint, "weights_crc32"}; "dtype" names the tensors' dtype
-  (float32 unless the adapter was made in another), whatever the base's dtype was.
+  "config", "dtype", "base": fingerprint, "base_model_name_or_path", "prompt_template",
+  "weights_crc32"}; "dtype" names the tensors' dtype (float32 unless the adapter was made in
+  another), whatever the base's dtype was. "base_model_name_or_path" (as peft names it: what
+  ``load_base`` was given) and "prompt_template" (see ``adapterkit.templates``) are optional:
+  files written before them, or without them, read as None.
 - ``adapter_model.safetensors``: the tensors, keyed "<base module name>.adapter.<parameter>".
 """
 
@@ -16,6 +19,7 @@ import torch
 
 from ..errors import AdapterFileError, ConfigError
 from ..methods import AdapterConfig, config_class
+from ..templates import check_template
 from .tensors import crc32, read_tensors, tensors_to_bytes
 
 FORMAT = "adapterkit"
@@ -24,7 +28,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def native_files(name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any]) -> dict[str, bytes]:
+def native_files(
+    name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], base_name: str | None = None
+) -> dict[str, bytes]:
     """The bytes of a saved adapter folder, by file name (the config last: it marks the folder complete)."""
     weights = tensors_to_bytes(config.tensors_to_save(tensors))
     document = {
@@ -35,9 +41,29 @@ def native_files(name: str, config: AdapterConfig, tensors: dict[str, torch.Tens
         "config": config.to_dict(),
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
         "base": fingerprint,
+        "base_model_name_or_path": base_name,
         "weights_crc32": crc32(weights),
     }
-    return {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(document, indent=2) + "\n").encode()}
+    return {WEIGHTS_FILE: weights, CONFIG_FILE: _config_bytes(document)}
+
+
+def with_prompt_template(files: dict[str, bytes], template: str | None) -> dict[str, bytes]:
+    """The files of a saved adapter (``native_files``) with ``template`` recorded in its config:
+    the prompt format it was trained on, which generation and scoring then apply by default."""
+    document = json.loads(files[CONFIG_FILE])
+    document["prompt_template"] = check_template(template)
+    return {**files, CONFIG_FILE: _config_bytes(document)}
+
+
+def native_prompt_template(document: dict[str, Any], path: Path) -> str | None:
+    try:
+        return check_template(document.get("prompt_template"), f"{path / CONFIG_FILE}: prompt_template")
+    except ConfigError as error:
+        raise AdapterFileError(str(error)) from None
+
+
+def _config_bytes(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def native_config(document: dict[str, Any], path: Path) -> AdapterConfig:
