@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import VOCAB, tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -28,6 +31,19 @@ def test_every_block_is_found_and_every_skip_says_why():
         text = path.read_text(encoding="utf-8")
         assert text.count("```python") + text.count("```sh") + text.count("```bash") == len(blocks(path)), path
         assert not re.search(r"<!-- snippet: skip\s*-->", text), f"{path}: a skipped block must say why"
+
+
+@pytest.fixture(scope="module")
+def docs_base(tmp_path_factory) -> Path:
+    """A tiny Llama as deep as the default base (30 layers), so that the docs' ``--layers 10-29``
+    mean what they say, and the character tokenizer."""
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("docs-base")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def run_file(path: Path, base: Path | None, workdir: Path, slow: bool) -> int:
@@ -68,8 +84,8 @@ def run_file(path: Path, base: Path | None, workdir: Path, slow: bool) -> int:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_blocks_run_as_written(path, base_dir, tmp_path):
-    run_file(path, base_dir, tmp_path, slow=False)
+def test_blocks_run_as_written(path, docs_base, tmp_path):
+    run_file(path, docs_base, tmp_path, slow=False)
 
 
 @pytest.mark.slow

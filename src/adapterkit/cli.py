@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 from .errors import AdapterkitError, ConfigError
 from .templates import check_template
 
-DEFAULT_BASE = "smollm2-135m"
+DEFAULT_BASE = "smollm2-135m"  # unless $ADAPTERKIT_BASE names another (bases.default_base)
+BASE_HELP = f"embedded base name or local model folder (default: $ADAPTERKIT_BASE, else {DEFAULT_BASE})"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # bases.DTYPES, without importing torch to build the parser
 
 
@@ -70,7 +71,7 @@ def adapter_options() -> dict[str, list[str]]:
     from .methods import registered_methods
 
     options: dict[str, list[str]] = {}
-    for method in registered_methods():
+    for method in (m for m in registered_methods() if m.trains_alone):
         for field in dataclasses.fields(method.config_class):
             if field.name not in method.config_class.set_by_training:
                 options.setdefault(field.name, []).append(f"{method.name}: {_field_default(field)}")
@@ -111,9 +112,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", help="training JSONL ({prompt, completion} or {messages}); required")
     parser.add_argument("--eval", help="held-out JSONL, scored every --eval-every steps and at the end")
     parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png; required")
-    parser.add_argument("--base", help=f"embedded base name or local model folder (default: {DEFAULT_BASE})")
+    parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
-    parser.add_argument("--method", choices=[m.name for m in registered_methods()], help="adapter method (default: bottleneck)")
+    parser.add_argument("--method", choices=[m.name for m in registered_methods() if m.trains_alone], help="adapter method (default: bottleneck)")
     parser.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
         r"prompt format of the examples that do not name one ('prompt_template'): their prompt fills {prompt} "
         r"('English: {prompt}\nGerman:'; \n is a newline), or 'chat'. The adapter records the format all examples "
@@ -234,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
     eval_path = options.pop("eval", None)
     eval_examples = read_jsonl(eval_path) if eval_path else []
     template = check_template(options.pop("template", None), "template")
-    base_name = options.pop("base", DEFAULT_BASE)
+    base_name = options.pop("base", None) or default_base_name()
     name = options.pop("name", None) or output.name
     method = options.pop("method", "bottleneck")
     device, dtype = resolve_device(options.pop("device", None)), options.pop("dtype", None)
@@ -302,7 +303,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="JSONL file of prompt/completion or messages examples")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also score the bare base")
-    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
+    parser.add_argument("--base", help=BASE_HELP)
     add_device_options(parser)
     add_template_options(parser, "each adapter's own, for examples that name none; the bare base takes the one all adapters share")
     parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf", help="score of the generated answers")
@@ -318,7 +319,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     examples = read_jsonl(args.data)
-    model, tokenizer, adapters = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
+    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device, args.dtype)
     rows, report = [], {}
     for name, template in run_templates(args, adapters).items():
         model.set_active(name)
@@ -366,7 +367,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-base", action="store_true", help="also answer with the bare base")
     add_template_options(parser, "each adapter's own; the bare base takes the one all adapters share")
     parser.add_argument("--chat", action="store_true", help="also send each filled-in prompt as a user message through the chat template")
-    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
+    parser.add_argument("--base", help=BASE_HELP)
     add_device_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest answer")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's: >1 discourages tokens already in prompt or answer")
@@ -380,7 +381,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .evaluate import generate_batched
     from .templates import CHAT, render_prompt
 
-    model, tokenizer, adapters = _model_with_adapters(args.base, args.adapter, args.device, args.dtype)
+    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device, args.dtype)
     answers = {}
     for name, template in run_templates(args, adapters).items():
         texts = [render_prompt(template, p, tokenizer) for p in args.prompts]
@@ -523,7 +524,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "Completions take the prompt as sent; chat requests to an adapter that records a prompt template "
         "have their one user message put into it."
     )
-    parser.add_argument("--base", default=DEFAULT_BASE, help="embedded base name or local model folder")
+    parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--adapters", required=True, type=Path, help=(
         "folder of adapters, each served under its sub-folder's name: an adapter folder, or a training run's "
         "output folder (train -o runs/de: runs/de/adapter is served as de); required"))
@@ -548,7 +549,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
-    serve(args.base, args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
+    serve(args.base or default_base_name(), args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
           args.max_queue, args.max_prefill_tokens, read_compositions(args.compositions) if args.compositions else None,
           device=args.device, dtype=args.dtype)
     return 0
@@ -569,6 +570,12 @@ def read_compositions(path: Path) -> dict:
     if plain:
         raise ConfigError(f"{path}: {plain} name a single adapter; a composition is a stack, average or fuse")
     return blocks
+
+
+def default_base_name() -> str:
+    from .bases import default_base
+
+    return default_base()
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {

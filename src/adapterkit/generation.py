@@ -349,21 +349,27 @@ class Engine:
             self._finish(generation, "cancelled")
 
     def _admit(self) -> None:
-        """Newcomers, first come first served, into a new prefill batch: as many as there is room
-        for, while their left-padded block fits the prefill budget (the first always comes in)."""
+        """Newcomers into a new prefill batch: the oldest always, then, in arrival order, every
+        other one whose prompt still lets the left-padded block fit the prefill budget. A prompt
+        that does not fit waits for the next batch instead of stopping the admission, so short
+        prompts are not held behind a long one's padding; the oldest is never passed over."""
         if self.running is not None and not self.running.joinable:
             return
         room = self.max_batch_size - (self.running.size if self.running else 0)
         chosen: list[Generation] = []
         width = 0
-        while self.waiting and len(chosen) < room:
-            wider = max(width, len(self.waiting[0].prompt))
-            if chosen and wider * (len(chosen) + 1) > self.max_prefill_tokens:
+        for generation in self.waiting:
+            if len(chosen) >= room:
                 break
-            chosen.append(self.waiting.popleft())
+            wider = max(width, len(generation.prompt))
+            if chosen and wider * (len(chosen) + 1) > self.max_prefill_tokens:
+                continue
+            chosen.append(generation)
             width = wider
         if not chosen:
             return
+        for generation in chosen:
+            self.waiting.remove(generation)
         now = time.perf_counter()
         for generation in chosen:
             generation.started = now

@@ -523,10 +523,13 @@ class AdapterModel(nn.Module):
         self._check_known(name)
         return adapter_files(format, name, self._configs[name], self.adapter_state_dict(name), self.base, self.hooks.sites(name))
 
-    def save_adapter(self, name: str, path: str | Path, format: str = "adapterkit") -> None:
-        """Write one adapter to a folder (adapter_config.json + adapter_model.safetensors), atomically;
-        other files in the folder are left alone. format="peft" writes it as peft's
-        ``save_pretrained`` does (for methods with a peft format)."""
+    def save_adapter(self, name: "str | Fuse", path: str | Path, format: str = "adapterkit") -> None:
+        """Write one adapter (or a ``Fuse`` block's fusion) to a folder (adapter_config.json +
+        adapter_model.safetensors), atomically; other files in the folder are left alone.
+        format="peft" writes it as peft's ``save_pretrained`` does (for methods with a peft format)."""
+        if isinstance(name, Fuse):
+            self._check_fusion(name)
+            name = name.name
         path = Path(path)
         if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
             raise AdapterFileError(f"{path} is a non-empty folder that holds no adapter; save into a new or adapter folder")

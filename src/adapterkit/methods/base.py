@@ -255,13 +255,16 @@ Combiner = Callable[..., tuple[AdapterConfig, dict[str, torch.Tensor]]]
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method. ``combine(configs, states, weights, how, **options)`` makes one adapter
-    (config, state dict) from several of this method, for ``AdapterModel.merge_adapters``."""
+    (config, state dict) from several of this method, for ``AdapterModel.merge_adapters``.
+    ``trains_alone``: whether an adapter of it can be made from its config alone (a fusion needs
+    its children, so ``adapterkit train --method`` does not offer it)."""
 
     name: str
     config_class: type[AdapterConfig]
     training: Callable[[str, AdapterConfig, dict[str, AdapterModule]], MethodTraining] | None = None
     peft: PeftFormat | None = None
     combine: Combiner | None = None
+    trains_alone: bool = True
 
 
 _METHODS: dict[str, Method] = {}

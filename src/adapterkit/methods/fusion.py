@@ -93,4 +93,4 @@ class FusionLayer(AdapterModule):
         return y + F.linear((weights.unsqueeze(-1) * changes).sum(-2), self.value_weight)
 
 
-register_method(Method("fusion", FusionConfig))
+register_method(Method("fusion", FusionConfig, trains_alone=False))
