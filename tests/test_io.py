@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit import io
 
 from conftest import logits, make_base
 
