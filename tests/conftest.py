@@ -106,3 +106,14 @@ def train_steps(model, inputs, steps: int, lr: float) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def rows_alone(model, inputs: dict, names: list) -> torch.Tensor:
+    """Each row run on its own with its adapter or composition active (None or "base": the bare
+    base): what a mixed batch's rows must equal."""
+    rows = []
+    for row, name in enumerate(names):
+        model.set_active(None if name in (None, "base") else name)
+        rows.append(logits(model, {k: v[row : row + 1] for k, v in inputs.items()}))
+    model.set_active(None)
+    return torch.cat(rows)

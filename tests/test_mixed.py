@@ -7,7 +7,7 @@ import torch
 
 import adapterkit as ak
 
-from conftest import VOCAB, batch, logits, make_base
+from conftest import VOCAB, batch, logits, make_base, rows_alone
 
 PLACEMENTS = ["houlsby", "pfeiffer", "attention", "parallel"]
 TOLERANCE = 1e-5
@@ -21,16 +21,6 @@ def _model(arch: str, configs: dict[str, ak.BottleneckConfig]) -> ak.AdapterMode
     return model
 
 
-def _alone(model: ak.AdapterModel, inputs: dict, names: list) -> torch.Tensor:
-    """Each row run on its own with its adapter active (or the bare base)."""
-    rows = []
-    for row, name in enumerate(names):
-        model.set_active(None if name in (None, "base") else name)
-        rows.append(logits(model, {k: v[row : row + 1] for k, v in inputs.items()}))
-    model.set_active(None)
-    return torch.cat(rows)
-
-
 def _mixed(model: ak.AdapterModel, inputs: dict, names: list) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, adapter_names=names).logits
@@ -38,14 +28,14 @@ def _mixed(model: ak.AdapterModel, inputs: dict, names: list) -> torch.Tensor:
 
 def _assert_rows_match(model, inputs, names):
     mixed = _mixed(model, inputs, names)
-    alone = _alone(model, inputs, names)
+    alone = rows_alone(model, inputs, names)
     assert (mixed - alone).abs().max().item() <= TOLERANCE
     return mixed
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_each_row_matches_its_adapter_alone(arch, placement):
+def test_each_row_matches_its_adapterrows_alone(arch, placement):
     model = _model(arch, {
         "wide": ak.BottleneckConfig(placement=placement, bottleneck_size=8, init="bert"),
         "narrow": ak.BottleneckConfig(placement=placement, bottleneck_size=3, activation="relu", init="bert", scaling=0.5),
@@ -83,7 +73,7 @@ def test_all_rows_on_one_adapter_equal_set_active_exactly_enough():
     assert (_mixed(model, inputs, ["a"] * 4) - expected).abs().max().item() <= TOLERANCE
 
 
-def _generate_alone(model, inputs, names, **kwargs):
+def _generaterows_alone(model, inputs, names, **kwargs):
     outputs = []
     for row, name in enumerate(names):
         model.set_active(None if name in (None, "base") else name)
@@ -97,18 +87,18 @@ def _generate_alone(model, inputs, names, **kwargs):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("placement", ["houlsby", "parallel"])
-def test_greedy_generate_matches_each_row_alone(arch, placement):
+def test_greedy_generate_matches_each_rowrows_alone(arch, placement):
     model = _model(arch, {n: ak.BottleneckConfig(placement=placement, bottleneck_size=8, init="bert") for n in "abc"})
     names = ["a", "b", "base", "c", "a"]
     inputs = batch(seed=5, rows=len(names), length=6)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     mixed = model.generate(**inputs, adapter_names=names, **kwargs)[:, 6:]
-    alone = _generate_alone(model, inputs, names, **kwargs)
+    alone = _generaterows_alone(model, inputs, names, **kwargs)
     assert [row.tolist() for row in mixed] == [row[0].tolist() for row in alone]
     assert len({tuple(row.tolist()) for row in mixed[:4]}) > 1
 
 
-def test_left_padded_generate_with_beams_matches_each_row_alone():
+def test_left_padded_generate_with_beams_matches_each_rowrows_alone():
     model = _model("llama", {n: ak.BottleneckConfig(bottleneck_size=8, init="bert") for n in "ab"})
     names = ["a", "b", "base"]
     inputs = batch(seed=6, rows=3, length=7)
@@ -117,7 +107,7 @@ def test_left_padded_generate_with_beams_matches_each_row_alone():
     inputs["input_ids"][inputs["attention_mask"] == 0] = 0
     kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
     mixed = model.generate(**inputs, adapter_names=names, **kwargs)[:, 7:]
-    alone = _generate_alone(model, inputs, names, **kwargs)
+    alone = _generaterows_alone(model, inputs, names, **kwargs)
     assert mixed.tolist() == [seq.tolist() for out in alone for seq in out]
 
 
@@ -229,13 +219,13 @@ def test_lora_and_adalora_rows_match_alone_beside_bottlenecks(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_lora_greedy_generate_matches_each_row_alone(arch):
+def test_lora_greedy_generate_matches_each_rowrows_alone(arch):
     model = _low_rank_model(arch)
     names = ["lora8", "adalora", "bottleneck", "lora2", "base"]
     inputs = batch(seed=11, rows=len(names), length=6)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     mixed = model.generate(**inputs, adapter_names=names, **kwargs)[:, 6:]
-    assert [row.tolist() for row in mixed] == [row[0].tolist() for row in _generate_alone(model, inputs, names, **kwargs)]
+    assert [row.tolist() for row in mixed] == [row[0].tolist() for row in _generaterows_alone(model, inputs, names, **kwargs)]
 
 
 def test_a_merged_adapter_refuses_mixed_batches():
