@@ -114,7 +114,7 @@ def main() -> int:
         rows[code] = (len(examples), len(held_out), train_seconds, zero_shot, scored)
 
     print("\n4. A fresh AdapterModel over the same frozen base, adapters loaded from disk")
-    fresh = ak.AdapterModel(base)
+    fresh = ak.AdapterModel(model.unload())  # one wrapper per base: the first lets go of it
     for code in LANGUAGES:
         tic = time.perf_counter()
         fresh.load_adapter(args.out / code / "adapter", name=code)
