@@ -39,7 +39,7 @@ from .base import (
     check_target_modules,
     register_method,
 )
-from .lora import LowRankAdapter, default_targets, layers_from_peft
+from .lora import LowRankAdapter, default_targets
 
 RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
 FACTORS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # each factor and its rank dimension
@@ -83,8 +83,6 @@ class AdaLoraConfig(AdapterConfig):
 
     def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
         self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
         for field in ("init_r", "target_r", "deltaT"):
             check_int(field, getattr(self, field))
         if self.target_r > self.init_r:
@@ -421,7 +419,6 @@ def _unselect(kept: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, dim:
 
 def _adalora_from_peft(values: dict) -> dict:
     """peft keys rank_pattern by "<module>.lora_E"."""
-    values = layers_from_peft(values)
     if values.get("rank_pattern"):
         values["rank_pattern"] = {key.removesuffix(".lora_E"): keep for key, keep in values["rank_pattern"].items()}
     return values

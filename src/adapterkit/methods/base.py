@@ -115,8 +115,11 @@ def check_choice(field: str, value: Any, choices) -> Any:
 
 
 def check_layers(layers: Any) -> list[int] | None:
+    """Block indices as a list; one index alone is taken as peft takes ``layers_to_transform``."""
     if layers is None:
         return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
     if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise ConfigError(f"layers must be non-negative layer indices, got {layers!r}")
     return list(layers)

@@ -31,7 +31,6 @@ from .base import (
     check_target_modules,
     register_method,
 )
-from .lora import layers_from_peft
 
 
 @dataclasses.dataclass
@@ -52,8 +51,6 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self, layers_to_transform=None) -> None:
         self.take_peft_names(layers_to_transform=layers_to_transform)
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
         self.target_modules = check_target_modules(self.target_modules, required=False)
         if self.feedforward_modules is not None:
             if self.target_modules is None:
@@ -140,7 +137,7 @@ register_method(Method(
         "IA3",
         {"target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
          "layers_to_transform": "layers", "init_ia3_weights": "init_ia3_weights"},
-        from_peft=layers_from_peft, to_peft=_ia3_to_peft,
+        to_peft=_ia3_to_peft,
     ),
     combine=average_parameters,
 ))

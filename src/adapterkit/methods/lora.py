@@ -53,8 +53,6 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
         self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
         check_int("r", self.r)
         check_number("alpha", self.alpha, positive=True)
         check_number("dropout", self.dropout, 0.0, 1.0)
@@ -150,13 +148,6 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
     return names
 
 
-def layers_from_peft(values: dict) -> dict:
-    """peft writes ``layers_to_transform`` as one int or a list."""
-    if isinstance(values.get("layers"), int):
-        values["layers"] = [values["layers"]]
-    return values
-
-
 def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
     if config.target_modules is None:
         document["target_modules"] = [site.module_name for site in sites]
@@ -242,7 +233,7 @@ register_method(Method(
         "LORA",
         {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
          "use_rslora": "use_rslora", "layers_to_transform": "layers"},
-        tensor_suffix=".weight", from_peft=layers_from_peft, to_peft=_lora_to_peft,
+        tensor_suffix=".weight", to_peft=_lora_to_peft,
     ),
     combine=combine_loras,
 ))
