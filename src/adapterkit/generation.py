@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .errors import ConfigError, GenerationError
 
@@ -37,6 +38,7 @@ MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows: use 0 (gre
 MAX_STOPS, MAX_STOP_CHARS = 4, 128
 MAX_LOGPROBS = 20
 SEED_LIMIT = 2**63  # torch generators take seeds below this (and negative ones, which we refuse)
+PADDING_WORTH_A_FORWARD = 40  # padding tokens that cost what a forward pass's fixed part does (CPU, 135M)
 
 
 @dataclass
@@ -223,10 +225,10 @@ class _Batch:
 
     @property
     def joinable(self) -> bool:
-        """Whether other rows can be spliced into this cache: plain per-position key/value layers
-        (a sliding-window layer keeps only its last positions)."""
+        """Whether other rows can be spliced into this cache: every layer one of ours (a
+        sliding-window layer, say, keeps only its last positions and cannot be)."""
         layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in layers)
+        return bool(layers) and all(isinstance(layer, _RoomyLayer) for layer in layers)
 
     def select(self, keep: list[int], tokens: torch.Tensor) -> "_Batch | None":
         """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
@@ -247,8 +249,7 @@ class _Batch:
         """These rows and ``other``'s in one batch, the shorter history padded on the left."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - 1, -2), _pad_left(theirs.keys, width - 1, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, width - 1, -2), _pad_left(theirs.values, width - 1, -2)])
+            mine.splice(theirs, width - 1)
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         self.inputs = torch.cat([self.inputs, other.inputs])
         self.positions = torch.cat([self.positions, other.positions])
@@ -261,7 +262,97 @@ class _Batch:
         if empty and self.joinable:
             self.mask = self.mask[:, empty:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., empty:, :], layer.values[..., empty:, :]
+                layer.drop_left(empty)
+
+
+class _RoomyLayer(DynamicLayer):
+    """A key/value layer kept in a buffer with spare columns, so that a decode step writes its one
+    column in place. The stock layer concatenates, copying every row's whole history at every
+    layer and step: on a CPU that copy took most of a 32-row decode step once prompts were a few
+    hundred tokens long. Rows leaving (``batch_select_indices``) or joining (``splice``) cost one
+    copy into a new buffer; dropping columns on the left (``drop_left``) costs none."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._rooms: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._start = 0  # the buffers' first column in use
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if self._rooms is None:
+            self._rooms, self._start = (_room_like(key_states, new), _room_like(value_states, new)), 0
+        elif self._start + length + new > self._rooms[0].shape[-2]:
+            self._move(self.keys, self.values, length + new)
+        end = self._start + length
+        for room, states in zip(self._rooms, (key_states, value_states)):
+            room[..., end : end + new, :] = states
+        self._view(length + new)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        length = self.get_seq_length()
+        if length:
+            rooms = tuple(_room_like(states[: len(indices)], length) for states in (self.keys, self.values))
+            for room, states in zip(rooms, (self.keys, self.values)):
+                torch.index_select(states, 0, indices, out=room[..., :length, :])
+            self._rooms, self._start = rooms, 0
+            self._view(length)
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first ``columns`` columns (no row attends to them any more)."""
+        length = self.get_seq_length()
+        self._start += columns
+        self._view(length - columns)
+
+    def splice(self, other: "_RoomyLayer", length: int) -> None:
+        """These rows, then ``other``'s, each right-aligned to ``length`` columns (zeros before:
+        masked columns still enter the attention sum with weight 0, so they must be finite)."""
+        n, mine, theirs = self.keys.shape[0], self.get_seq_length(), other.get_seq_length()
+        rooms = []
+        for own, added in ((self.keys, other.keys), (self.values, other.values)):
+            room = own.new_empty((n + added.shape[0], own.shape[1], _roomy(length), own.shape[-1]))
+            room[:n, :, : length - mine].zero_()
+            room[:n, :, length - mine : length] = own
+            room[n:, :, : length - theirs].zero_()
+            room[n:, :, length - theirs : length] = added
+            rooms.append(room)
+        self._rooms, self._start = tuple(rooms), 0
+        self._view(length)
+
+    def _move(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+        """Into new buffers with room for ``columns`` columns and some to spare."""
+        length = keys.shape[-2]
+        self._rooms, self._start = (_room_like(keys, columns), _room_like(values, columns)), 0
+        for room, states in zip(self._rooms, (keys, values)):
+            room[..., :length, :] = states
+        self._view(length)
+
+    def _view(self, length: int) -> None:
+        keys, values = self._rooms
+        self.keys = keys[..., self._start : self._start + length, :]
+        self.values = values[..., self._start : self._start + length, :]
+
+
+def _room_like(states: torch.Tensor, columns: int) -> torch.Tensor:
+    return states.new_empty((*states.shape[:2], _roomy(columns), states.shape[-1]))
+
+
+def _roomy(columns: int) -> int:
+    return columns + max(64, columns // 2)
+
+
+def _roomy_cache(model: nn.Module) -> DynamicCache:
+    """A cache for ``model`` whose full-attention layers keep spare columns (sliding-window and
+    other kinds of layer stay as transformers makes them)."""
+    config = getattr(model, "config", None)
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    if cache.layers:
+        cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    else:
+        cache.layer_class_to_replicate = _RoomyLayer
+    return cache
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -349,25 +440,26 @@ class Engine:
             self._finish(generation, "cancelled")
 
     def _admit(self) -> None:
-        """Newcomers into a new prefill batch: the oldest always, then, in arrival order, every
-        other one whose prompt still lets the left-padded block fit the prefill budget. A prompt
-        that does not fit waits for the next batch instead of stopping the admission, so short
-        prompts are not held behind a long one's padding; the oldest is never passed over."""
+        """Newcomers into a new prefill batch: the oldest always (so none waits forever), then
+        those whose prompt lengths are closest to it, while the left-padded block fits the prefill
+        budget and each one adds fewer padding tokens than a forward pass of its own would cost.
+        Padding is computed like real tokens, so mixing a 10-token prompt into a 250-token block
+        wastes 240 tokens of work; a separate forward costs about ``PADDING_WORTH_A_FORWARD``."""
         if self.running is not None and not self.running.joinable:
             return
         room = self.max_batch_size - (self.running.size if self.running else 0)
-        chosen: list[Generation] = []
-        width = 0
-        for generation in self.waiting:
+        if room < 1 or not self.waiting:
+            return
+        oldest = self.waiting[0]
+        chosen, width = [oldest], len(oldest.prompt)
+        for generation in sorted(list(self.waiting)[1:], key=lambda g: abs(len(g.prompt) - len(oldest.prompt))):
             if len(chosen) >= room:
                 break
             wider = max(width, len(generation.prompt))
-            if chosen and wider * (len(chosen) + 1) > self.max_prefill_tokens:
-                continue
-            chosen.append(generation)
-            width = wider
-        if not chosen:
-            return
+            padding = (wider - width) * len(chosen) + wider - len(generation.prompt)
+            if wider * (len(chosen) + 1) <= self.max_prefill_tokens and padding <= PADDING_WORTH_A_FORWARD:
+                chosen.append(generation)
+                width = wider
         for generation in chosen:
             self.waiting.remove(generation)
         now = time.perf_counter()
@@ -375,6 +467,7 @@ class Engine:
             generation.started = now
         rows = [_Row(g, self.tokenizer, self.device) for g in chosen]
         self.prefilling = _Batch.from_prompts(rows, self.pad_id, self.device)
+        self.prefilling.cache = _roomy_cache(self.model)
 
     def _prefill_chunk(self) -> int:
         batch = self.prefilling

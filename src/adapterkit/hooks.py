@@ -29,6 +29,7 @@ from .methods import AdapterConfig, AdapterModule
 from .mixed import MixedPlan
 
 _STACK_CACHE_ENTRIES = 256  # (site, kind, adapters) stacks kept between calls
+_PLAN_CACHE_ENTRIES = 4  # mixed plans kept between calls (an engine alternates prefill and decode rows)
 _HOLDERS: "weakref.WeakKeyDictionary[nn.Module, HookLayer]" = weakref.WeakKeyDictionary()
 
 
@@ -269,7 +270,9 @@ class HookLayer:
         self._hooks: dict[str, SiteHooks] = {}
         self._taps: dict[tuple[str, bool], Tap] = {}
         self._site_cache: dict[str, list[Site]] = {}
-        self._stacks: OrderedDict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = OrderedDict()
+        self._stacks: OrderedDict[tuple, tuple[list[nn.Parameter], tuple, dict[str, torch.Tensor]]] = OrderedDict()
+        self._plans: OrderedDict[tuple, MixedPlan] = OrderedDict()
+        self._attachments = 0  # moves whenever a hook is added or removed: plans made before are stale
 
     @property
     def base(self) -> nn.Module:
@@ -316,10 +319,12 @@ class HookLayer:
         if hooks is None:
             hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name], self.routing)
         hooks.add(name, adapter, reader)
+        self._attachments += 1
 
     def detach_site(self, name: str, module_name: str) -> None:
         """Take one adapter off one module (its tap stays: the adapter may come back)."""
         hooks = self._hooks[module_name]
+        self._attachments += 1
         if hooks.remove(name):
             del self._hooks[module_name]
 
@@ -350,26 +355,41 @@ class HookLayer:
             del _HOLDERS[base]
 
     # ---- mixed batches -------------------------------------------------------------------------
-    def mixed_plan(self, rows: list[str | None]) -> MixedPlan:
-        return MixedPlan(rows, self.stacked)
+    def mixed_plan(self, rows: list) -> MixedPlan:
+        """The plan for these rows; the same object as last time while no hook was added or
+        removed, so a generation loop that enters ``mixed_adapters`` at every step lays the rows
+        out once (the plan still checks, per module, that the adapters' weights have not moved)."""
+        key = (tuple(rows), self._attachments)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = MixedPlan(rows, self.stacked)
+            if len(self._plans) > _PLAN_CACHE_ENTRIES:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
 
     def stacked(self, hooks: SiteHooks, kind: tuple, names: list[str]) -> dict[str, torch.Tensor]:
-        """The weights of ``names`` at one module, stacked; kept between calls until a parameter
-        changes (its version counter moves) or one of the adapters is detached."""
-        modules = [hooks.adapter(name) for name in names]
-        signature = tuple((id(p), p._version, p.data_ptr()) for module in modules for p in module.parameters())
+        """The weights of ``names`` at one module, stacked; kept between calls (the same dict)
+        until a parameter changes (its version counter or storage moves) or one of the adapters
+        is detached."""
         key = (hooks, kind, tuple(names))
         cached = self._stacks.get(key)
-        if cached is not None and cached[0] == signature:
+        if cached is not None and cached[1] == _weights_signature(cached[0]):
             self._stacks.move_to_end(key)
-            return cached[1]
+            return cached[2]
+        modules = [hooks.adapter(name) for name in names]
+        parameters = [p for module in modules for p in module.parameters()]
         with torch.no_grad():
             stacked = type(modules[0]).stack(modules)
-        self._stacks[key] = (signature, stacked)
+        self._stacks[key] = (parameters, _weights_signature(parameters), stacked)
         if len(self._stacks) > _STACK_CACHE_ENTRIES:
             self._stacks.popitem(last=False)
         return stacked
 
     def cached_stacks(self) -> list[dict[str, Any]]:
         """What the stack cache holds: module, adapter names and the stacked tensors, oldest first."""
-        return [{"module": hooks.module_name, "adapters": names, "tensors": tensors} for (hooks, _, names), (_, tensors) in self._stacks.items()]
+        return [{"module": hooks.module_name, "adapters": names, "tensors": tensors} for (hooks, _, names), (_, _, tensors) in self._stacks.items()]
+
+
+def _weights_signature(parameters: list[nn.Parameter]) -> tuple:
+    return tuple((p._version, p.data_ptr()) for p in parameters)

@@ -90,8 +90,9 @@ class ScaleRows:
 class MixedPlan:
     """One adapter per row for the length of a call (or a ``mixed_adapters`` block).
 
-    Per hooked module, the rows are grouped by kind once and reused for every forward pass of the
-    call, so generation pays for the layout only at the first step. ``stacked(hooks, kind, names)``
+    Per hooked module, the rows are grouped by kind once and reused for every forward pass while
+    the adapters' stacked weights stay the same objects, so generation pays for the layout only at
+    the first step. ``stacked(hooks, kind, names)``
     gives the stacked weights of ``names`` at a module (the hook layer keeps them between calls)."""
 
     def __init__(self, rows: list, stacked: Stacker) -> None:
@@ -135,28 +136,30 @@ class MixedPlan:
         if remainder or not repeat:
             raise AdapterkitError(f"the batch has {batch_rows} rows but adapter_names names {len(self.rows)}")
         key = (hooks, place, repeat)
-        groups = self._layouts.get(key)
-        if groups is None:
-            groups = self._layouts[key] = self._layout(hooks, place, repeat)
-        return groups
+        layout = self._layouts.get(key)
+        if layout is None or not all(self._stacked(hooks, kind, names) is stacked for kind, names, stacked in layout[0]):
+            layout = self._layouts[key] = self._layout(hooks, place, repeat)
+        return layout[1]
 
-    def _layout(self, hooks, place: str, repeat: int) -> list:
-        """Rows repeated ``repeat`` times each: generate expands rows for beams and samples."""
+    def _layout(self, hooks, place: str, repeat: int) -> tuple[list, list]:
+        """(the stacked weights it was made from, the groups) for rows repeated ``repeat`` times
+        each: generate expands rows for beams and samples."""
         attached = hooks.inputs if place == "input" else {name: entry[0] for name, entry in hooks.outputs.items()}
         by_kind: dict[tuple, list[str]] = {}
         for name in sorted(self.names & attached.keys()):
             reader = hooks.outputs[name][1] if place == "output" else None
             by_kind.setdefault((attached[name].mixed_kind(), reader), []).append(name)
-        groups = []
+        sources, groups = [], []
         for (kind, reader), names in by_kind.items():
             first = attached[names[0]]
             index = {name: i for i, name in enumerate(names)}
             row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
             stacked = self._stacked(hooks, kind, names)
+            sources.append((kind, names, stacked))
             if first.mixed == "delta":
                 groups.append(Group(kind, type(first), first.reads, reader, stacked, row_adapter))
             elif first.mixed == "scale":
                 groups.append(ScaleRows(stacked, row_adapter))
             else:
                 raise AdapterkitError(f"{type(first).__name__} adapters cannot run in a mixed-adapter batch")
-        return groups
+        return sources, groups
