@@ -527,8 +527,8 @@ class Engine:
     # ---- per row -------------------------------------------------------------------------------
     def _advance(self, rows: list[_Row], logits: torch.Tensor, skip: set[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
         """Pick each row's next token and apply it; (tokens, indices of the rows that go on)."""
-        finite = torch.isfinite(logits).all(-1).tolist()
-        tokens = logits.argmax(-1)
+        best, tokens = logits.max(-1)  # NaN and +inf win the max, so checking the best logit finds them
+        finite = torch.isfinite(best).tolist()
         greedy = tokens.tolist()
         keep = []
         for i, row in enumerate(rows):

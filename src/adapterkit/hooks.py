@@ -143,12 +143,16 @@ class SiteHooks:
         elif self.routing.tree is not None:
             return None  # a composition runs this site's input adapters in the output hook
         else:
-            x = args[0]
-            for name in self.routing.active:
-                adapter = self.inputs.get(name)
-                if adapter is not None:
-                    x = adapter.transform_input(x.to(compute_dtype(adapter)))
+            x = self.transform_input(self.routing.active, args[0])
         return None if x is args[0] else (x.to(args[0].dtype), *args[1:])
+
+    def transform_input(self, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the input adapters among ``names``, in order (``x`` itself if none)."""
+        for name in names:
+            adapter = self.inputs.get(name)
+            if adapter is not None:
+                x = adapter.transform_input(x.to(compute_dtype(adapter)))
+        return x
 
     def _apply_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         plan = self.routing.mixed
@@ -161,12 +165,17 @@ class SiteHooks:
             y = self.run(tree, args[0], output)
             self.clear_taps()
             return y
-        entries = [entry for name in self.routing.active if (entry := self.outputs.get(name)) is not None]
+        return self.apply_outputs(self.routing.active, args[0], output)
+
+    def apply_outputs(self, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """The module's ``output`` (input ``x``) changed by the output adapters among ``names``;
+        None if none of them is here."""
+        entries = [entry for name in names if (entry := self.outputs.get(name)) is not None]
         if not entries:
             return None
         if len(entries) > 1:  # changes of the layer itself first, then output transforms in order
             entries.sort(key=lambda entry: not entry[0].changes_layer)
-        x, y, tapped = args[0], output, False
+        y, tapped = output, False
         for adapter, reader in entries:
             dtype = compute_dtype(adapter)
             if reader is not None:

@@ -19,38 +19,51 @@ from .errors import AdapterkitError
 Stacker = Callable[[object, tuple, list[str]], dict[str, torch.Tensor]]
 
 
-class Group:
-    """The rows one kind of delta adapter serves at one module, laid out for batched products.
+class RowLayout:
+    """Where each row of one kind of delta adapter goes for batched products: rows are packed
+    into equal-sized groups, each group holding rows of one adapter.
 
-    Rows are packed into equal-sized groups, each group holding rows of one adapter; an adapter
-    with many rows takes several groups. With group size ceil(rows / adapters) the padding never
-    exceeds one group per adapter, so an uneven mix costs at most twice the adapter FLOPs of an
-    even one, and an even one costs the same as a single adapter."""
+    When one group per adapter, as big as the busiest adapter's rows, holds at most twice the
+    rows, that is the layout: the groups line up with the stacked weights, which are used as they
+    are. Otherwise (one adapter has many more rows than the others) the group size is
+    ceil(rows / adapters) and a busy adapter takes several groups, so the padding never exceeds
+    one group per adapter. Either way an uneven mix costs at most twice the adapter FLOPs of an
+    even one, and an even one costs the same as a single adapter. The layout depends on the rows'
+    adapters alone, so one serves every module of a plan."""
 
-    def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor], row_adapter: list[int]) -> None:
-        self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
-        device = next(iter(stacked.values())).device
+    def __init__(self, row_adapter: tuple[int, ...], device: torch.device) -> None:
         members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
         self.rows = None if len(members) == len(row_adapter) else torch.tensor(members, device=device)
         positions: dict[int, list[int]] = {}
         for position, row in enumerate(members):
             positions.setdefault(row_adapter[row], []).append(position)
-        self.size = math.ceil(len(members) / len(positions))
-        group_adapter, slot_rows, row_slot = [], [], [0] * len(members)
-        for adapter, adapter_positions in positions.items():
+        busiest = max(len(p) for p in positions.values())
+        self.size = busiest if busiest * len(positions) <= 2 * len(members) else math.ceil(len(members) / len(positions))
+        self.group_adapter, slot_rows, row_slot = [], [], [0] * len(members)
+        for adapter, adapter_positions in sorted(positions.items()):
             for start in range(0, len(adapter_positions), self.size):
                 chunk = adapter_positions[start : start + self.size]
                 for offset, position in enumerate(chunk):
                     row_slot[position] = len(slot_rows) + offset
                 slot_rows += chunk + [chunk[0]] * (self.size - len(chunk))
-                group_adapter.append(adapter)
+                self.group_adapter.append(adapter)
         self.in_order = slot_rows == list(range(len(members)))
         self.slot_rows = torch.tensor(slot_rows, device=device)
         self.row_slot = torch.tensor(row_slot, device=device)
-        if group_adapter == list(range(len(next(iter(stacked.values()))))):
+
+
+class Group:
+    """The rows one kind of delta adapter serves at one module: a ``RowLayout`` and the weights
+    of each group's adapter."""
+
+    def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor], layout: RowLayout) -> None:
+        self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
+        self.rows, self.size, self.in_order = layout.rows, layout.size, layout.in_order
+        self.slot_rows, self.row_slot = layout.slot_rows, layout.row_slot
+        if layout.group_adapter == list(range(len(next(iter(stacked.values()))))):
             self.weights = stacked
         else:
-            index = torch.tensor(group_adapter, device=device)
+            index = torch.tensor(layout.group_adapter, device=layout.slot_rows.device)
             self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -104,10 +117,15 @@ class MixedPlan:
             if row is not None and not isinstance(row, str):
                 self.compositions.setdefault(row, []).append(i)
         self.routed = self.names.union(*(adapter_names(block) for block in self.compositions))
+        # every row through one adapter: the plain path, with nothing to stack or group
+        self.uniform = (self.rows[0],) if self.rows[0] is not None and self.rows.count(self.rows[0]) == len(rows) else None
         self._stacked = stacked
         self._layouts: dict[tuple, list] = {}
+        self._row_layouts: dict[tuple, RowLayout] = {}
 
     def apply_output(self, hooks, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if self.uniform is not None:
+            return hooks.apply_outputs(self.uniform, x, y)
         groups = self._groups(hooks, "output", y.shape[0])
         composed = [(block, rows) for block, rows in self.compositions.items() if hooks.acts(block)]
         if not groups and not composed:
@@ -127,6 +145,8 @@ class MixedPlan:
         return torch.tensor([row * repeat + k for row in rows for k in range(repeat)], device=device)
 
     def apply_input(self, hooks, x: torch.Tensor) -> torch.Tensor:
+        if self.uniform is not None:
+            return hooks.transform_input(self.uniform, x)
         for group in self._groups(hooks, "input", x.shape[0]):
             x = group.apply(x)
         return x
@@ -153,11 +173,14 @@ class MixedPlan:
         for (kind, reader), names in by_kind.items():
             first = attached[names[0]]
             index = {name: i for i, name in enumerate(names)}
-            row_adapter = [index.get(name, -1) for name in self.rows for _ in range(repeat)]
+            row_adapter = tuple(index.get(name, -1) for name in self.rows for _ in range(repeat))
             stacked = self._stacked(hooks, kind, names)
             sources.append((kind, names, stacked))
             if first.mixed == "delta":
-                groups.append(Group(kind, type(first), first.reads, reader, stacked, row_adapter))
+                layout = self._row_layouts.get(row_adapter)
+                if layout is None:
+                    layout = self._row_layouts[row_adapter] = RowLayout(row_adapter, next(iter(stacked.values())).device)
+                groups.append(Group(kind, type(first), first.reads, reader, stacked, layout))
             elif first.mixed == "scale":
                 groups.append(ScaleRows(stacked, row_adapter))
             else:
