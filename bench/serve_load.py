@@ -6,7 +6,8 @@ saved adapters, has a prompt of mixed length (short, medium or long few-shot) an
 list is sent one at a time, then from N client threads; rounds alternate (bench/harness.py) so
 drift hits both alike. Prints throughput, p50/p95 end-to-end latency and time to first token of
 each mode, and the ratios: concurrent / one-at-a-time throughput, and p95 time to first token
-under load / a lone request's p50 end-to-end latency.
+under load / a lone request's p50 end-to-end latency. Last, a floor under that p95 that no
+scheduler beats on this machine: the prefill the burst of the first N requests needs.
 
 With --on-disk N, N small LoRA adapters are written to disk and the server keeps at most
 --max-loaded of them resident (LRU), so most requests find their adapter cold.
@@ -22,6 +23,7 @@ import concurrent.futures
 import json
 import random
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -60,12 +62,11 @@ def write_adapters(model: ak.AdapterModel, folder: Path, names: list[str], small
         model.delete_adapter(name)
 
 
-def start_server(folder: Path, names: list[str], args) -> str:
+def start_server(base, tokenizer, folder: Path, names: list[str], args) -> str:
     import uvicorn
 
     from adapterkit.serve import Server, create_app
 
-    base, tokenizer = ak.load_base()
     model = ak.AdapterModel(base).eval()
     write_adapters(model, folder, names, small=bool(args.on_disk))
     server = Server(model, tokenizer, folder, "smollm2-135m", max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
@@ -122,8 +123,9 @@ def main() -> None:
     requests = [{"model": chooser.choice(names), "prompt": t, "max_tokens": args.max_tokens, "temperature": 0} for t in texts]
     modes = {"one at a time": 1, f"{args.clients} concurrent clients": args.clients}
     results: dict[str, list] = {label: [] for label in modes}
+    base, tokenizer = ak.load_base()
     with tempfile.TemporaryDirectory() as folder:
-        url = start_server(Path(folder), names, args)
+        url = start_server(base, tokenizer, Path(folder), names, args)
         with httpx.Client(limits=httpx.Limits(max_connections=args.clients + 4)) as client:
             variants = {label: (lambda label=label, n=n: results[label].append(send_all(client, url, requests, n))) for label, n in modes.items()}
             walls = time_interleaved(variants, args.rounds)  # the warm-up round also loads adapters
@@ -149,6 +151,27 @@ def main() -> None:
     alone, loaded = summary.values()
     print(f"throughput, concurrent / one at a time: {loaded['req/s'] / alone['req/s']:.2f} (goal >= 4)")
     print(f"p95 TTFT under load / a lone request's p50 end-to-end: {loaded['p95 TTFT'] / alone['p50 e2e']:.2f} (goal <= 2)")
+    lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
+    print_prefill_floor(lengths, [r[1] for samples in results["one at a time"][1:] for r in samples], args.clients, alone["p50 e2e"])
+
+
+def print_prefill_floor(lengths: list[int], lone_ttft: list[float], clients: int, lone_e2e: float) -> None:
+    """A lower bound on the p95 time to first token that no scheduler can beat on this machine.
+
+    The first ``clients`` requests arrive together, and each needs its prompt prefilled before its
+    first token. p95 is the sample of rank round(0.95 (n - 1)), so it is at least the time by
+    which all but n - 1 - that rank of those requests could have their first token: the prefill
+    of the shortest of their prompts, at the per-token cost that the lone requests' times to first
+    token rise by with prompt length (fixed costs per forward pass left out, so the bound is low)."""
+    n = len(lengths)
+    above = n - 1 - round(0.95 * (n - 1))
+    burst = sorted(lengths[:clients])[: max(0, min(clients, n) - above)]
+    repeats = len(lone_ttft) // n
+    per_token = statistics.linear_regression(lengths * repeats, lone_ttft).slope
+    floor = per_token * sum(burst)
+    print(f"prefill floor: the first {clients} requests arrive together; prefilling the {len(burst)} shortest of their prompts "
+          f"({sum(burst)} tokens) at {1 / per_token:.0f} tokens/s (the lone requests' marginal rate) takes {floor:.2f} s, "
+          f"so p95 TTFT >= {floor / lone_e2e:.2f} x a lone request on this machine")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The generation engine on its own: penalties as HF and OpenAI define them, chunked prefill,
-prompt log-probabilities, and a failing row that fails alone."""
+rows joining and leaving, admission by prompt length, prompt log-probabilities, and a failing row
+that fails alone."""
 
 import pytest
 import torch
@@ -68,6 +69,50 @@ def test_chunked_prefill_gives_the_same_greedy_answers(model_and_tokenizer):
     whole = run(model, tokenizer, Sampling(max_tokens=TOKENS))
     chunked = run(model, tokenizer, Sampling(max_tokens=TOKENS), max_prefill_tokens=3)  # 19-token prompt: 7 chunks
     assert [g.tokens for g in chunked] == [g.tokens for g in whole] == [hf_greedy(model, tokenizer, p) for p in PROMPTS]
+
+
+def test_rows_joining_and_leaving_mid_decode_keep_their_solo_answers(model_and_tokenizer):
+    """Newcomers wider and narrower than the running rows are spliced in; rows with smaller
+    budgets leave early; every answer is still the one HF gives the prompt alone."""
+    model, tokenizer = model_and_tokenizer
+    waves = [[("a", 3), ("The quick brown fox", 10)], [("xyz: 12 and then some more words", 8), ("b c", 10)], [("hello there", 6)]]
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    submitted = []
+    for wave in waves:
+        for prompt, tokens in wave:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            submitted.append((engine.submit(Generation(ids, Sampling(max_tokens=tokens))), prompt, tokens))
+        engine.step()
+        engine.step()
+    while not all(g.done for g, _, _ in submitted):
+        engine.step()
+    assert [g.tokens for g, _, _ in submitted] == [hf_greedy(model, tokenizer, p)[:k] for _, p, k in submitted]
+
+
+def test_a_decode_step_writes_the_cache_in_place(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    for prompt in PROMPTS:
+        engine.submit(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"], Sampling(max_tokens=TOKENS)))
+    engine.step()
+    layer = engine.running.cache.layers[0]
+    before = (layer.keys.data_ptr(), layer.keys.shape[-2])
+    engine.step()
+    assert (layer.keys.data_ptr(), layer.keys.shape[-2]) == (before[0], before[1] + 1)
+
+
+def test_admission_does_not_pad_a_short_prompt_to_a_long_one(model_and_tokenizer):
+    """The oldest goes first with prompts of about its length; a much shorter one, which would
+    be padded to the long length, waits for the next prefill (and is answered the same)."""
+    model, tokenizer = model_and_tokenizer
+    prompts = ["x" * 48, "ab", "y" * 46]
+    engine = Engine(model, tokenizer, max_prefill_tokens=1000)
+    done = [engine.submit(Generation(tokenizer(p, add_special_tokens=False)["input_ids"], Sampling(max_tokens=4))) for p in prompts]
+    engine.step()
+    assert done[0].started is not None and done[2].started == done[0].started and done[1].started is None
+    while not all(g.done for g in done):
+        engine.step()
+    assert [g.tokens for g in done] == [hf_greedy(model, tokenizer, p)[:4] for p in prompts]
 
 
 def test_prompt_logprobs_equal_the_models_own_across_chunks(model_and_tokenizer):
