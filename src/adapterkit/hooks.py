@@ -388,12 +388,24 @@ class HookLayer:
             return cached[2]
         modules = [hooks.adapter(name) for name in names]
         parameters = [p for module in modules for p in module.parameters()]
-        with torch.no_grad():
-            stacked = type(modules[0]).stack(modules)
+        stacked = self._picked_from_stack(hooks, kind, names)
+        if stacked is None:
+            with torch.no_grad():
+                stacked = type(modules[0]).stack(modules)
         self._stacks[key] = (parameters, _weights_signature(parameters), stacked)
         if len(self._stacks) > _STACK_CACHE_ENTRIES:
             self._stacks.popitem(last=False)
         return stacked
+
+    def _picked_from_stack(self, hooks: SiteHooks, kind: tuple, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """``names``' slices of a valid stack of more adapters at the same module, if one is kept:
+        one contiguous copy, where stacking afresh prepares every adapter's weights again."""
+        wanted = set(names)
+        for (site, other_kind, others), (parameters, signature, stacked) in reversed(self._stacks.items()):
+            if site is hooks and other_kind == kind and wanted < set(others) and signature == _weights_signature(parameters):
+                index = torch.tensor([others.index(name) for name in names], device=next(iter(stacked.values())).device)
+                return {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
+        return None
 
     def cached_stacks(self) -> list[dict[str, Any]]:
         """What the stack cache holds: module, adapter names and the stacked tensors, oldest first."""
