@@ -161,6 +161,13 @@ def test_bad_sampling_values_are_refused_before_running(model_and_tokenizer, fie
     assert not engine.has_work()
 
 
+def test_a_tiny_top_p_keeps_the_likeliest_token(model_and_tokenizer):
+    """1e-300 rounds to 0 in float32; top-p still keeps the likeliest token, so sampling is greedy."""
+    model, tokenizer = model_and_tokenizer
+    done = run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=2.0, top_p=1e-300, seed=3))
+    assert [g.tokens for g in done] == [hf_greedy(model, tokenizer, p) for p in PROMPTS]
+
+
 def test_a_seed_fixes_a_sampled_answer(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed), prompts=PROMPTS[:1])[0].tokens

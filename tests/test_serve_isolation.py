@@ -89,6 +89,10 @@ def test_a_failing_row_fails_its_request_alone(live_nan, nan_world):
         ({"best_of": 3}, "unsupported_field", "best_of"),
         ({"logprobs": 2, "stream": True}, "unsupported_field", "logprobs"),
         ({"prompt": "w1 " * 2000}, "context_length_exceeded", "characters"),
+        ({"repetition_penalty": 1e-300}, "invalid_request", "repetition_penalty"),
+        ({"max_tokens": "5"}, "invalid_request", "max_tokens"),
+        ({"max_tokens": True}, "invalid_request", "max_tokens"),
+        ({"prompt": ["w1"] * 65}, "too_many_prompts", "65 prompts"),
     ],
 )
 def test_bad_values_are_refused_at_the_door(nan_world, fields, code, named):
@@ -100,16 +104,82 @@ def test_bad_values_are_refused_at_the_door(nan_world, fields, code, named):
         assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
 
 
-def test_bodies_too_large_or_not_utf8_get_openai_errors(nan_world):
+def test_bodies_too_large_not_utf8_or_holding_lone_surrogates_get_openai_errors(nan_world):
     with TestClient(create_app(make_server(nan_world))) as client:
         huge = client.post("/v1/completions", content=json.dumps({"model": "lora", "prompt": "w1 " * 1_000_000}),
                            headers={"content-type": "application/json"})
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
         broken = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
         assert broken.status_code == 400 and broken.json()["error"]["message"]
+        lone = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "w1 \\ud800", "max_tokens": 2}',
+                           headers={"content-type": "application/json"})  # valid JSON, but not text: no tokenizer takes it
+        assert lone.status_code == 400 and lone.json()["error"]["code"] == "invalid_text"
         missing = client.get("/v1/nothing-here")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert complete(client, "lora", PROMPTS[1]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[1]]
+
+
+def test_chat_refuses_empty_message_floods_and_unknown_message_fields(nan_world):
+    """Roles count toward the length bound and there are at most context-many messages, so a
+    flood of empty messages is refused before the template is rendered or tokenised."""
+    with TestClient(create_app(make_server(nan_world))) as client:
+        flood = client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": [{"role": "system", "content": ""}] * 3000})
+        assert flood.status_code == 400 and flood.json()["error"]["code"] == "context_length_exceeded"
+        named = client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": [{"role": "user", "content": "w1", "name": "bob"}]})
+        assert named.status_code == 400 and named.json()["error"]["code"] == "unsupported_field" and "name" in named.json()["error"]["message"]
+        assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
+
+
+def read_responses(conn: socket.socket, count: int, seconds: float = 30) -> list[tuple[int, dict]]:
+    """``count`` HTTP/1.1 responses with Content-Length bodies read from ``conn``: (status, JSON)."""
+    conn.settimeout(seconds)
+    data, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            assert chunk, f"the server closed the connection after {len(answers)} answer(s)"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(data) < length:
+            chunk = conn.recv(65536)
+            assert chunk, "the server closed the connection mid-answer"
+            data += chunk
+        answers.append((int(head.split(b" ")[1]), json.loads(data[:length])))
+        data = data[length:]
+    return answers
+
+
+def test_an_unexpected_error_is_a_500_and_the_connection_serves_on(nan_world):
+    """Two requests pipelined on one connection: the first hits a bug (here, a planted one), the
+    second is still answered on the same connection."""
+    server = make_server(nan_world)
+    check_model = server.check_model
+
+    def buggy(name: str) -> None:
+        if name == "boom":
+            raise RuntimeError("a bug")
+        check_model(name)
+
+    server.check_model = buggy
+    runner, thread, sock, url = run_live(server)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        conn = socket.create_connection((host, int(port)))
+        requests = b""
+        for name in ("boom", "lora"):
+            payload = json.dumps({"model": name, "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8}).encode()
+            requests += (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        conn.sendall(requests)
+        (status, failed), (ok_status, answer) = read_responses(conn, 2)
+        conn.close()
+        assert status == 500 and failed["error"]["code"] == "internal_error" and "a bug" not in failed["error"]["message"]
+        assert ok_status == 200 and answer["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
+    finally:
+        runner.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def test_load_errors_hide_server_paths_and_a_vanished_folder_is_an_error(nan_world, tmp_path):
@@ -213,6 +283,16 @@ def test_health_answers_while_a_long_prompt_is_tokenised_and_refused(slow_server
         refused = pool.submit(httpx.post, f"{slow_server}/v1/completions", json={"model": "base0", "prompt": prompt}, timeout=30)
         assert health(slow_server)["status"] == "ok"
         assert refused.result().status_code == 400
+
+
+def test_scoring_a_prompt_through_a_failing_adapter_is_an_error_not_ok(live_nan, nan_world):
+    before = sample(httpx.get(f"{live_nan}/metrics").text, "adapterkit_requests_total", adapter="nan", outcome="error")
+    scored = ask(live_nan, "nan", PROMPTS[0], max_tokens=0, echo=True, logprobs=2)
+    assert scored.status_code == 500 and scored.json()["error"]["code"] == "generation_failed"
+    metrics = httpx.get(f"{live_nan}/metrics").text
+    assert sample(metrics, "adapterkit_requests_total", adapter="nan", outcome="error") == before + 1
+    assert sample(metrics, "adapterkit_requests_total", adapter="nan", outcome="ok") == 0
+    assert ask(live_nan, "lora", PROMPTS[2]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[2]]
 
 
 # ---- logprobs and echo through the official client ----------------------------------------------

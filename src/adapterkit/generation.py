@@ -35,6 +35,7 @@ class Active:
 ACTIVE = Active()
 
 MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows: use 0 (greedy)
+MIN_REPETITION_PENALTY = 1e-2  # dividing logits by less overflows them
 MAX_STOPS, MAX_STOP_CHARS = 4, 128
 MAX_LOGPROBS = 20
 SEED_LIMIT = 2**63  # torch generators take seeds below this (and negative ones, which we refuse)
@@ -71,8 +72,8 @@ class Sampling:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
-        if not 0 < self.repetition_penalty <= 10:
-            raise ConfigError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            raise ConfigError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (1: none), got {self.repetition_penalty!r}")
         check_stops(self.stop)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
@@ -487,11 +488,12 @@ class Engine:
         if not batch.prefilled:
             return 0
         self.prefilling = None
-        zero = [i for i, row in enumerate(batch.rows) if row.generation.sampling.max_tokens == 0]
-        for i in zero:
-            self._finish(batch.rows[i].generation, "length")
-        made = batch.size - len(zero)
-        tokens, keep = self._advance(batch.rows, logits[:, -1], skip=set(zero))
+        ended = {i for i, row in enumerate(batch.rows) if row.generation.done or row.generation.sampling.max_tokens == 0}
+        for i in ended:
+            if not batch.rows[i].generation.done:
+                self._finish(batch.rows[i].generation, "length")
+        made = batch.size - len(ended)
+        tokens, keep = self._advance(batch.rows, logits[:, -1], skip=ended)
         batch = batch.select(keep, tokens)
         if batch is not None:
             self.running = batch if self.running is None else self.running.join(batch)
@@ -569,6 +571,7 @@ class Engine:
         if sampling.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             kept = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
+            kept[0] = True  # and never less than the likeliest token (a tiny top_p rounds to 0 in float32)
             probs = torch.zeros_like(probs).scatter_(0, order[kept], sorted_probs[kept])
         if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
             raise FloatingPointError("sampling probabilities are not finite")
@@ -605,7 +608,11 @@ class Engine:
         width = batch.inputs.shape[1]
         for i, row in enumerate(batch.rows):
             sampling = row.generation.sampling
-            if not sampling.prompt_logprobs:
+            if not sampling.prompt_logprobs or row.generation.done:
+                continue
+            if not torch.isfinite(logits[i]).all():
+                row.generation.error = "FloatingPointError: the model produced non-finite logits for this prompt"
+                self._finish(row.generation, "error")
                 continue
             first = width - len(row.generation.prompt)
             if start <= first < end:

@@ -78,7 +78,8 @@ class ApiError(Exception):
 
 # ---- requests ------------------------------------------------------------------------------------
 class _Sampled(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an OpenAI field we do not implement is refused by name
+    # an OpenAI field we do not implement is refused by name; "5" is not a number, true not 1
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -110,6 +111,8 @@ class CompletionRequest(_Sampled):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -120,6 +123,8 @@ class ChatRequest(_Sampled):
 
 
 class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     name: str
 
 
@@ -434,6 +439,9 @@ class Server:
             raise ApiError(400, str(error), "invalid_request") from None
 
     def check_room(self, model_name: str, prompts: int) -> None:
+        if prompts > self.max_queue:
+            raise ApiError(400, f"the request has {prompts} prompts; this server queues at most {self.max_queue}: "
+                                "send them in smaller requests", "too_many_prompts")
         if self.queued + prompts > self.max_queue:
             self.metrics.requests.labels(model_name, "rejected").inc(prompts)
             raise ApiError(429, f"the server is busy: {self.queued} requests are waiting (at most {self.max_queue}); retry shortly",
@@ -443,6 +451,7 @@ class Server:
         """Token ids of each text, tokenised off the event loop after a cheap length check."""
         limit = self.context * CHARS_PER_TOKEN_LIMIT
         for text in texts:
+            _check_unicode(text, "the prompt")
             if len(text) > limit:
                 raise ApiError(400, f"the prompt has {len(text)} characters, more than this model's context of {self.context} "
                                     f"tokens can hold; shorten it", "context_length_exceeded")
@@ -468,8 +477,11 @@ class Server:
                                 "(or the filled-in prompt to /v1/completions)", "invalid_messages")
         if not text_template and not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
-        text = "".join(m.content for m in messages)
-        if len(text) > self.context * CHARS_PER_TOKEN_LIMIT:
+        for message in messages:
+            _check_unicode(message.content, "a message")
+        # every message renders as at least its role and content, and at least one token
+        characters = sum(len(m.role) + len(m.content) for m in messages)
+        if len(messages) > self.context or characters > self.context * CHARS_PER_TOKEN_LIMIT:
             raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold", "context_length_exceeded")
 
         def encode() -> list[int]:
@@ -587,6 +599,7 @@ async def _until_done_or_gone(jobs: list[_Job], request: Request) -> None:
         for job in jobs:
             job.generation.cancel()
         results.cancel()
+        results.add_done_callback(lambda future: future.cancelled() or future.exception())
         raise ApiError(499, "the client closed the connection", "client_closed")
     results.result()
 
@@ -642,6 +655,33 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class AnswerUnexpected:
+    """ASGI middleware: an unexpected error is logged once and answered 500 in OpenAI's shape, and
+    the connection stays open. (Starlette's handler for ``Exception`` answers too, but then
+    re-raises, and the server closes the connection: a pooled client's next request on it failed.)"""
+
+    def __init__(self, app, on_error) -> None:
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:
+            log.exception("request failed")
+            self.on_error()
+            if not started:
+                await ApiError(500, f"internal error: {type(error).__name__}", "internal_error").response()(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application for ``server``; run it with uvicorn (``adapterkit serve`` does)."""
 
@@ -652,6 +692,7 @@ def create_app(server: Server) -> FastAPI:
         server.stop()
 
     app = FastAPI(title="adapterkit", lifespan=lifespan)
+    app.add_middleware(AnswerUnexpected, on_error=lambda: server.metrics.errors.labels("500").inc())
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, on_refused=lambda status: server.metrics.errors.labels(str(status)).inc())
     playground = resources.files("adapterkit").joinpath("playground.html").read_text(encoding="utf-8")
 
@@ -673,11 +714,6 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
         return await api_error(request, ApiError(error.status_code, str(error.detail), code))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return await api_error(request, ApiError(500, f"internal error: {type(error).__name__}", "internal_error"))
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -773,6 +809,15 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate (\\ud800); it is not text, and tokenizers refuse it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode",
+                       "invalid_text") from None
+
+
 def _refuse_unsupported(body: _Sampled) -> None:
     for name in ("n", "best_of"):
         value = getattr(body, name, None)
@@ -794,7 +839,8 @@ def _sse(job: _Job, text_chunk, final_chunk, first: dict | None = None) -> Strea
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as error:
-            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'param': None, 'code': error.code}})}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             if not job.generation.done:
                 job.generation.cancel()  # the client went away: its row leaves at the next step
