@@ -6,7 +6,7 @@ default base (SmolLM2-135M-Instruct) on CPU, scores base zero-shot vs each adapt
 held-out strings, saves the adapters, reloads them into a fresh model, and translates one English
 string into all three languages by switching adapters on the same frozen base.
 
-    python examples/demo.py            # the full run (about 20 minutes on 2 cores)
+    python examples/demo.py            # the full run (about 6 minutes on 2 quiet cores, 20+ on shared ones)
     python examples/demo.py --quick    # a smoke run of a minute or two
 """
 
@@ -28,7 +28,7 @@ LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 SHOWCASE = "Please correct the errors below."
 
 # The recipe: Houlsby adapters after attention and FFN of all 30 layers, 170 steps of batch 8
-# (about 5.5 minutes per language on 2 cores). German trials at about that cost: 170 x 8 scored
+# (about 90 s per language on 2 quiet cores, 5.5 minutes on shared ones). German trials at about that cost: 170 x 8 scored
 # 33.1 and 34.1 (two seeds), 32.7 and 35.0 without dropout, 90 x 16 32.4; leaving out layers 0-5
 # (AdapterDrop: a cheaper backward) 34.6 at 105 x 16 but 32.8 at 200 x 8. Training pairs longer
 # than TRAIN_MAX_TOKENS (a few long help texts) are left out of training: they cost the most

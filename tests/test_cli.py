@@ -196,6 +196,10 @@ def test_a_used_output_folder_needs_resume_or_overwrite(tmp_path, base_dir, data
     assert main([*train[:-3], "--no-progress", "--overwrite"]) == 0  # without --save-every: no checkpoint is left
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "notes.txt"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main([*train[:-3], "--no-progress", "--resume"]) == 2  # nothing to resume from: refused, nothing replaced
+    assert "holds a run but no checkpoint/ to resume from" in capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_training_logs_to_tensorboard_beside_the_metrics(tmp_path, base_dir, data):

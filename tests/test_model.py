@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 import adapterkit as ak
 from adapterkit.inject import find_sites
 
-from conftest import batch, logits, make_base
+from conftest import batch, logits, make_base, tiny_llama
 
 PLACEMENTS = ["houlsby", "pfeiffer", "attention", "parallel"]
 EXPECTED_SITES = {
@@ -251,3 +252,12 @@ def test_switching_is_a_constant_time_assignment():
     routing_before = model.hooks.routing
     model.set_active("a49")
     assert model.hooks.routing is routing_before and model.hooks.routing.active == ("a49",)
+
+
+def test_peft_method_names_point_to_ours():
+    """The base's transformers mixin has set_adapter too, and would answer with a peft version error."""
+    model = ak.AdapterModel(tiny_llama())
+    for name, ours in (("set_adapter", "set_active(name)"), ("disable_adapter_layers", "disabled()")):
+        with pytest.raises(AttributeError, match=re.escape(ours)):
+            getattr(model, name)
+    assert model.config is model.base.config  # everything else still reaches the base

@@ -246,6 +246,9 @@ def _train(args: argparse.Namespace) -> int:
     if earlier and not (args.resume or args.overwrite):
         raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
                           "start afresh with --overwrite (deletes those), or choose another --output")
+    if earlier and args.resume and checkpoint_step(output) is None:
+        raise ConfigError(f"{output} holds a run but no checkpoint/ to resume from (it was trained without --save-every); "
+                          "start afresh with --overwrite (deletes it), or choose another --output")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
     config_type = config_class(method)

@@ -36,6 +36,16 @@ class AdapterLayers(nn.ModuleDict):
         self._modules[key] = module
 
 
+# peft's (and transformers' adapter mixin's) methods a peft user reaches for, and ours
+PEFT_METHODS = {
+    "set_adapter": "set_active(name)",
+    "enable_adapter_layers": "set_active(name)",
+    "disable_adapter_layers": "set_active(None), or the disabled() context manager",
+    "enable_adapters": "set_active(name)",
+    "disable_adapters": "set_active(None), or the disabled() context manager",
+}
+
+
 class AdapterModel(nn.Module):
     """A frozen transformers model with named adapters that can be added, switched, trained,
     saved and loaded without touching the base or each other.
@@ -177,6 +187,8 @@ class AdapterModel(nn.Module):
         except AttributeError:
             if name in ("base", "_modules", "_parameters", "_buffers"):
                 raise
+            if name in PEFT_METHODS:  # else the base's transformers mixin answers with an unrelated error
+                raise AttributeError(f"AdapterModel has no {name}(); in adapterkit use {PEFT_METHODS[name]}") from None
             return getattr(self.base, name)
 
     # ---- managing adapters -----------------------------------------------------------------
