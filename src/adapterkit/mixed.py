@@ -58,8 +58,7 @@ class Group:
 
     def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor], layout: RowLayout) -> None:
         self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
-        self.rows, self.size, self.in_order = layout.rows, layout.size, layout.in_order
-        self.slot_rows, self.row_slot = layout.slot_rows, layout.row_slot
+        self.layout = layout
         if layout.group_adapter == list(range(len(next(iter(stacked.values()))))):
             self.weights = stacked
         else:
@@ -67,21 +66,22 @@ class Group:
             self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
         source = y if self.reads == "output" else x if self.reader is None else self.reader(y)
         n = y.shape[0]
         h = source.reshape(n, -1, source.shape[-1])
-        if self.rows is not None:
-            h = h.index_select(0, self.rows)
-        if not self.in_order:
-            h = h.index_select(0, self.slot_rows)
+        if layout.rows is not None:
+            h = h.index_select(0, layout.rows)
+        if not layout.in_order:
+            h = h.index_select(0, layout.slot_rows)
         length = h.shape[1]
         dtype = next(iter(self.weights.values())).dtype  # the adapters' dtype: cast in, and back to the base's
-        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, self.size * length, h.shape[-1]).to(dtype), self.weights)
+        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, layout.size * length, h.shape[-1]).to(dtype), self.weights)
         delta = delta.reshape(-1, length, delta.shape[-1]).to(y.dtype)
-        if not self.in_order:
-            delta = delta.index_select(0, self.row_slot)
+        if not layout.in_order:
+            delta = delta.index_select(0, layout.row_slot)
         out = y.reshape(n, -1, y.shape[-1])
-        out = out + delta if self.rows is None else out.index_add(0, self.rows, delta)
+        out = out + delta if layout.rows is None else out.index_add(0, layout.rows, delta)
         return out.reshape(y.shape)
 
 
