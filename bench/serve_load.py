@@ -65,12 +65,13 @@ def write_adapters(model: ak.AdapterModel, folder: Path, names: list[str], small
 def start_server(base, tokenizer, folder: Path, names: list[str], args) -> str:
     import uvicorn
 
-    from adapterkit.serve import Server, create_app
+    from adapterkit.serve import ServeConfig, Server, create_app
 
     model = ak.AdapterModel(base).eval()
     write_adapters(model, folder, names, small=bool(args.on_disk))
-    server = Server(model, tokenizer, folder, "smollm2-135m", max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
-                    max_queue=max(64, args.requests), max_prefill_tokens=args.max_prefill_tokens)
+    limits = ServeConfig(max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
+                         max_queue=max(64, args.requests), max_prefill_tokens=args.max_prefill_tokens)
+    server = Server(model, tokenizer, folder, "smollm2-135m", config=limits)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     runner = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))

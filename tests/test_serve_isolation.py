@@ -18,7 +18,7 @@ from test_serve import ADAPTERS, PROMPTS, WORDS, complete, make_server, sample, 
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapterkit as ak
-from adapterkit.serve import Server, create_app
+from adapterkit.serve import ServeConfig, Server, create_app
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def long_base(tmp_path_factory):
 @pytest.fixture
 def slow_server(long_base):
     base, tokenizer = ak.load_base(long_base / "base")
-    server = Server(ak.AdapterModel(base), tokenizer, long_base / "adapters", "base0", max_batch_size=1, max_queue=1)
+    server = Server(ak.AdapterModel(base), tokenizer, long_base / "adapters", "base0", config=ServeConfig(max_batch_size=1, max_queue=1))
     runner, thread, sock, url = run_live(server)
     yield url
     runner.should_exit = True

@@ -19,8 +19,9 @@ _EXPORTS = {  # name -> the module that defines it
     "Average": "compose",
     "load_base": "bases",
     **dict.fromkeys([
-        "AdapterkitError", "AdapterFileError", "AdapterNameError", "BaseMismatchError", "BaseModelError", "ConfigError",
-        "GenerationError", "InjectionError", "MergeError", "ShapeMismatchError",
+        "AdapterkitError", "AdapterFileError", "AdapterInUseError", "AdapterLoadError", "AdapterNameError",
+        "AdapterNotFoundError", "BaseMismatchError", "BaseModelError", "ConfigError", "GenerationError", "InjectionError",
+        "MergeError", "ShapeMismatchError",
     ], "errors"),
 }
 

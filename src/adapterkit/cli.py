@@ -521,6 +521,8 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .serve.config import ServeConfig
+
     parser.description = (
         "Serve /v1/completions and /v1/chat/completions; a request's 'model' names an adapter inside "
         "--adapters (or the base's name). Concurrent requests run together as mixed-adapter batches. "
@@ -535,25 +537,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="most rows decoding together")
-    parser.add_argument("--max-loaded-adapters", type=int, default=8, help="least recently used idle adapters are unloaded beyond this")
-    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a place; beyond it, 429 with Retry-After")
-    parser.add_argument("--max-prefill-tokens", type=int, default=512,
-                        help="most prompt tokens (rows x padded length) prefilled in one step; longer prompts prefill in chunks")
+    for name in ServeConfig.names():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(ServeConfig, name),
+                            help=ServeConfig.help_of(name))
     parser.add_argument("--compositions", type=Path, help='JSON file naming compositions, e.g. {"de-legal": {"stack": ["de", "legal"]}}; '
                         'a request\'s model may name one')
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .serve import ServeConfig, serve
 
-    for option in ("max_batch_size", "max_loaded_adapters", "max_queue", "max_prefill_tokens"):
-        if getattr(args, option) < 1:
-            raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
+    config = ServeConfig(**{name: getattr(args, name) for name in ServeConfig.names()})
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
-    serve(args.base or default_base_name(), args.adapters, args.host, args.port, api_key, args.max_batch_size, args.max_loaded_adapters,
-          args.max_queue, args.max_prefill_tokens, read_compositions(args.compositions) if args.compositions else None,
+    compositions = read_compositions(args.compositions) if args.compositions else None
+    serve(args.base or default_base_name(), args.adapters, args.host, args.port, api_key, config, compositions,
           device=args.device, dtype=args.dtype)
     return 0
 

@@ -50,3 +50,15 @@ class MergeError(AdapterkitError):
 
 class GenerationError(AdapterkitError):
     """A prompt could not be answered: the model produced non-finite values, say."""
+
+
+class AdapterNotFoundError(AdapterNameError):
+    """No adapter or composition of that name exists where it was looked for."""
+
+
+class AdapterInUseError(AdapterkitError):
+    """An adapter cannot be unloaded or replaced while requests or a loaded fusion use it."""
+
+
+class AdapterLoadError(AdapterFileError):
+    """A served adapter could not be loaded; the message names no server path."""

@@ -1,0 +1,216 @@
+"""The routes: the OpenAI API, the playground, health, metrics and adapter management. This is the
+one place where errors become HTTP statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
+from ..templates import CHAT
+from .middleware import AnswerUnexpected, BodyLimit
+from .protocol import ApiError, ChatRequest, CompletionRequest, LoadRequest, logprobs_block, usage
+from .server import Job, Server, finished, until_gone
+
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before any parsing
+
+# our errors as statuses: the first class that matches wins
+STATUSES: list[tuple[type[AdapterkitError], int, str]] = [
+    (AdapterNotFoundError, 404, "model_not_found"),
+    (AdapterInUseError, 409, "adapter_in_use"),
+    (AdapterNameError, 400, "invalid_model_name"),
+    (AdapterLoadError, 400, "adapter_load_failed"),
+    (AdapterkitError, 400, "invalid_request"),
+]
+
+
+def as_api_error(error: AdapterkitError) -> ApiError:
+    status, code = next((s, c) for kind, s, c in STATUSES if isinstance(error, kind))
+    return ApiError(status, str(error), code)
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI application for ``server``; run it with uvicorn (``adapterkit serve`` does)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        yield
+        server.stop()
+
+    app = FastAPI(title="adapterkit", lifespan=lifespan)
+    app.add_middleware(AnswerUnexpected, on_error=lambda: server.metrics.errors.labels("500").inc())
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES,
+                       on_refused=lambda status: server.metrics.errors.labels(str(status)).inc())
+    playground = resources.files("adapterkit").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        server.metrics.errors.labels(str(error.status)).inc()
+        return error.response()
+
+    @app.exception_handler(AdapterkitError)
+    async def adapterkit_error(request: Request, error: AdapterkitError) -> JSONResponse:
+        return await api_error(request, as_api_error(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        unsupported = [str(e["loc"][-1]) for e in error.errors() if e["type"] == "extra_forbidden"]
+        if unsupported:
+            message = f"unsupported field(s): {', '.join(unsupported)}; adapterkit does not implement them"
+            return await api_error(request, ApiError(400, message, "unsupported_field"))
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors())
+        return await api_error(request, ApiError(400, f"invalid request: {details}", "invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
+        return await api_error(request, ApiError(error.status_code, str(error.detail), code))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(playground)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "base": server.base_name, "loaded_adapters": list(server.pool.resident),
+                "rows_in_flight": server.engine.in_flight, "queued": server.queued}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        try:
+            adapters = server.pool.available()
+        except OSError:
+            raise ApiError(503, "the adapters folder cannot be read; only the base model is served",
+                           "adapters_unavailable") from None
+        names = [server.base_name] + adapters + sorted(server.compositions)
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "adapterkit"} for n in names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.refuse_unsupported()
+        prompts = body.prompts()
+        if not prompts or (body.stream and len(prompts) > 1):
+            raise ApiError(400, "give one prompt to stream, or a non-empty list of prompts without streaming",
+                           "invalid_prompt")
+        if body.stream and body.logprobs is not None:
+            raise ApiError(400, "logprobs is supported without streaming only", "unsupported_field")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is supported without streaming only", "unsupported_field")
+        server.check_model(body.model)
+        sampling = server.sampling(body, 0)
+        server.check_room(body.model, len(prompts))
+        ids = await server.encode(prompts)
+        server.check_scoring(ids, sampling, body.echo)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(piece: str, reason: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+
+        if body.stream:
+            jobs = await until_gone(request, server.submit(body.model, ids, sampling))
+            return _sse(jobs[0], lambda piece: chunk(piece, None), lambda reason: chunk("", reason))
+        jobs = await until_gone(request, _answered(server, body.model, ids, sampling))
+        tokenizer = server.engine.tokenizer
+
+        def build() -> list[dict[str, Any]]:  # tens of MB of logprobs take seconds: never on the event loop
+            choices = []
+            for i, (job, prompt) in enumerate(zip(jobs, prompts)):
+                generation = job.generation
+                echoed = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) if body.echo else ""
+                logprobs = None
+                if body.logprobs is not None:
+                    scored = (generation.prompt_logprobs if body.echo else []) + generation.logprobs
+                    logprobs = logprobs_block(tokenizer, scored)
+                choices.append({"index": i, "text": echoed + generation.text, "logprobs": logprobs,
+                                "finish_reason": generation.finish_reason})
+            return choices
+
+        choices = await asyncio.to_thread(build)
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+                "usage": usage([job.generation for job in jobs])}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        body.refuse_unsupported()
+        server.check_model(body.model)
+        server.check_room(body.model, 1)
+        template = await asyncio.to_thread(server.template_of, body.model)
+        prompt = await server.encode_chat(body.messages, template)
+        sampling = server.sampling(body, len(prompt))
+        if template not in (None, CHAT) and body.stop is None:
+            sampling.stop = ["\n"]  # the answer's line, as in scoring and ``adapterkit generate``
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        if body.stream:
+            jobs = await until_gone(request, server.submit(body.model, [prompt], sampling))
+            first = chunk({"role": "assistant", "content": ""}, None)
+            return _sse(jobs[0], lambda piece: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
+        jobs = await until_gone(request, _answered(server, body.model, [prompt], sampling))
+        generation = jobs[0].generation
+        message = {"role": "assistant", "content": generation.text}
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": generation.finish_reason}],
+                "usage": usage([generation])}
+
+    @app.post("/v1/adapters")
+    async def load(body: LoadRequest, request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return await server.pool.reload(body.name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str, request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        await server.pool.unload(name)
+        return {"name": name, "loaded": False}
+
+    return app
+
+
+async def _answered(server: Server, model: str, prompts: list[list[int]], sampling) -> list[Job]:
+    return await finished(await server.submit(model, prompts, sampling))
+
+
+def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | None = None) -> StreamingResponse:
+    async def stream() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            async for event in job.events_until_done():
+                if event[0] == "text":
+                    payload = text_chunk(event[1])
+                else:  # the last chunk also carries the token counts (as OpenAI's include_usage does)
+                    payload = final_chunk(event[1]) | {"usage": usage([job.generation])}
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        except ApiError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not job.generation.done:
+                job.generation.cancel()  # the client went away: its row leaves at the next step
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+

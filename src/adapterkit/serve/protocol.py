@@ -1,0 +1,141 @@
+"""The OpenAI wire format: request models, their checks, errors in OpenAI's shape, and the parts
+of an answer (``logprobs``, ``usage``) that do not depend on how the engine ran."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import AdapterkitError
+from ..generation import Generation, TokenLogprob, check_stops
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with a status."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class Sampled(BaseModel):
+    # an OpenAI field we do not implement is refused by name; "5" is not a number, true not 1
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    user: str | None = None  # an end-user id for the caller's own records; it changes nothing here
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            check_stops(stops)
+        except AdapterkitError as error:
+            raise ApiError(400, str(error), "invalid_stop") from None
+        return stops
+
+    def refuse_unsupported(self) -> None:
+        for name in ("n", "best_of"):
+            value = getattr(self, name, None)
+            if value is not None and value != 1:
+                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt (send the prompt again, "
+                                    "with seeds)", "unsupported_field")
+
+
+class CompletionRequest(Sampled):
+    # text, or token ids as OpenAI's API and vLLM take them (lm-evaluation-harness sends ids)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, one per choice: texts, or lists of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampled):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+def check_unicode(text: str, what: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate (\\ud800); it is not text, and tokenizers refuse it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); send valid "
+                            "Unicode", "invalid_text") from None
+
+
+def check_token_ids(prompt: list[int], vocabulary: int) -> None:
+    bad = next((i for i in prompt if not 0 <= i < vocabulary), None)
+    if bad is not None:
+        raise ApiError(400, f"the prompt holds token id {bad}; this model's ids run from 0 to {vocabulary - 1}",
+                       "invalid_prompt")
+
+
+def scored_logprobs(prompt_length: int, max_tokens: int, echo: bool, alternatives: int | None) -> int:
+    """How many log-probabilities a prompt's answer carries: each scored token's and its alternatives'."""
+    if alternatives is None:
+        return 0
+    return ((prompt_length if echo else 0) + max_tokens) * (1 + alternatives)
+
+
+def logprobs_block(tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top alternatives and
+    each token's character offset in the returned text. Each distinct id is decoded once."""
+    ids = sorted({e.token for e in entries} | {t for e in entries for t, _ in e.top})
+    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    tokens = [text[e.token] for e in entries]
+    offsets, at = [], 0
+    for piece in tokens:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [None if e.logprob is None else {text[t]: v for t, v in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def usage(generations: list[Generation]) -> dict[str, int]:
+    prompt = sum(len(g.prompt) for g in generations)
+    completion = sum(len(g.tokens) for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
