@@ -12,10 +12,20 @@ scheduler beats on this machine: the prefill the burst of the first N requests n
 With --on-disk N, N small LoRA adapters are written to disk and the server keeps at most
 --max-loaded of them resident (LRU), so most requests find their adapter cold.
 
+With --arrivals poisson the load is open-loop, as serving papers measure it: requests arrive at
+random (Poisson) at a given rate, whether or not earlier ones have finished, with prompts from the
+demo's German catalog (Django's), each to one of the adapters (uniform, or Zipf-skewed with
+--zipf S). Rates sweep from 0.25x to 3x (or --rates) the one-at-a-time capacity, measured first;
+each rate runs about --duration seconds of arrivals. Per rate it prints throughput, p50/p95 time to
+first token, p50/p95 time per output token and the share of requests meeting the SLO (TTFT <=
+--slo-ttft and TPOT <= --slo-tpot), then the goodput: the highest rate at which 90% meet it.
+
 Full-size figures (on a quiet machine):
 
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --adapters-count 8 --requests 64 --max-tokens 32
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --on-disk 1000 --max-loaded 16 --requests 64 --max-tokens 32
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --adapters-count 8
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --on-disk 1000 --max-loaded 16 --zipf 1.1
 """
 
 import argparse
@@ -70,7 +80,7 @@ def start_server(base, tokenizer, folder: Path, names: list[str], args) -> str:
     model = ak.AdapterModel(base).eval()
     write_adapters(model, folder, names, small=bool(args.on_disk))
     limits = ServeConfig(max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
-                         max_queue=max(64, args.requests), max_prefill_tokens=args.max_prefill_tokens)
+                         max_queue=max(256, args.requests), max_prefill_tokens=args.max_prefill_tokens)
     server = Server(model, tokenizer, folder, "smollm2-135m", config=limits)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -105,6 +115,74 @@ def send_all(client: httpx.Client, url: str, requests: list[dict], clients: int)
         return list(pool.map(lambda request: send(client, url, request), requests))
 
 
+def catalog_prompts(count: int, chooser: random.Random) -> list[str]:
+    """Translation prompts from Django's German catalog, as the demo's adapters are asked."""
+    from adapterkit.data import package_catalogs, pairs_from_catalogs
+
+    pairs = pairs_from_catalogs(package_catalogs("django", "de"), "de")
+    return [chooser.choice(pairs)["prompt"] for _ in range(count)]
+
+
+def adapter_chooser(names: list[str], zipf: float, chooser: random.Random):
+    """A function picking an adapter per request: uniform, or the k-th most popular with weight 1/k^zipf."""
+    weights = [1.0 / (rank + 1) ** zipf for rank in range(len(names))]
+    return lambda: chooser.choices(names, weights)[0]
+
+
+def send_open_loop(client: httpx.Client, url: str, requests: list[dict], rate: float, seed: int) -> tuple[list, float]:
+    """Send each request at its Poisson arrival time (rate per second), never waiting for earlier
+    answers; ([(e2e, TTFT, tokens)], seconds from the first arrival to the last answer)."""
+    gaps = random.Random(seed)
+    arrivals, at = [], 0.0
+    for _ in requests:
+        arrivals.append(at)
+        at += gaps.expovariate(rate)
+    start = time.perf_counter()
+
+    def at_its_time(index: int):
+        time.sleep(max(0.0, start + arrivals[index] - time.perf_counter()))
+        return send(client, url, requests[index])
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(at_its_time, range(len(requests))))
+    return results, time.perf_counter() - start
+
+
+def open_loop(args, url: str, client: httpx.Client, names: list[str]) -> None:
+    chooser = random.Random(0)
+    pick = adapter_chooser(names, args.zipf, chooser)
+
+    def requests(count: int) -> list[dict]:
+        return [{"model": pick(), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}
+                for p in catalog_prompts(count, chooser)]
+
+    send_all(client, url, requests(4), 1)  # warm-up
+    lone = send_all(client, url, requests(args.capacity_requests), 1)
+    capacity = 1 / statistics.mean(r[0] for r in lone)
+    kind = (f"{args.on_disk} small LoRA adapters on disk, at most {args.max_loaded} idle resident" if args.on_disk
+            else f"{len(names)} Houlsby adapters")
+    spread = f"Zipf {args.zipf}" if args.zipf else "uniform"
+    print(f"open loop, Poisson arrivals; {kind}, {spread}; {args.max_tokens} tokens each; catalog prompts; "
+          f"one-at-a-time capacity {capacity:.2f} req/s (mean e2e {1 / capacity:.2f} s over {len(lone)} requests); "
+          f"SLO: TTFT <= {args.slo_ttft} s and TPOT <= {args.slo_tpot} s")
+    print(f"{'rate x':>7}{'req/s in':>9}{'req/s out':>10}{'p50 TTFT':>9}{'p95 TTFT':>9}{'p50 TPOT':>9}"
+          f"{'p95 TPOT':>9}{'SLO met':>8}")
+    goodput = 0.0
+    for multiple in args.rates:
+        rate = multiple * capacity
+        batch = requests(max(16, round(rate * args.duration)))
+        results, wall = send_open_loop(client, url, batch, rate, seed=round(multiple * 1000))
+        ttft = [r[1] for r in results]
+        tpot = [(r[0] - r[1]) / max(1, r[2] - 1) for r in results]
+        met = sum(t <= args.slo_ttft and p <= args.slo_tpot for t, p in zip(ttft, tpot)) / len(results)
+        if met >= 0.9:
+            goodput = max(goodput, multiple)
+        print(f"{multiple:>7.2f}{rate:>9.2f}{len(results) / wall:>10.2f}{percentile(ttft, 0.5):>9.2f}"
+              f"{percentile(ttft, 0.95):>9.2f}{percentile(tpot, 0.5):>9.3f}{percentile(tpot, 0.95):>9.3f}{met:>8.0%}")
+    print(f"goodput: the highest rate with >= 90% of requests within the SLO is {goodput:.2f} x the one-at-a-time "
+          f"capacity ({goodput * capacity:.2f} req/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -116,8 +194,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-prefill-tokens", type=int, default=512)
+    parser.add_argument("--arrivals", choices=["closed", "poisson"], default="closed",
+                        help="closed: N clients, each sending its next request when the last is answered")
+    parser.add_argument("--rates", type=lambda text: [float(r) for r in text.split(",")],
+                        default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], help="Poisson rates, x one-at-a-time capacity")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per rate (at least 16 requests)")
+    parser.add_argument("--capacity-requests", type=int, default=12, help="lone requests measuring the capacity")
+    parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity skew (0: uniform)")
+    parser.add_argument("--slo-ttft", type=float, default=1.0)
+    parser.add_argument("--slo-tpot", type=float, default=0.2)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.arrivals == "poisson":
+        names = [f"ad{i:04d}" for i in range(args.on_disk or args.adapters_count)]
+        base, tokenizer = ak.load_base()
+        with tempfile.TemporaryDirectory() as folder:
+            url = start_server(base, tokenizer, Path(folder), names, args)
+            with httpx.Client(limits=httpx.Limits(max_connections=256)) as client:
+                open_loop(args, url, client, names)
+        return
     chooser = random.Random(0)
     names = [f"ad{i:04d}" for i in range(args.on_disk or args.adapters_count)]
     texts = prompts(args.requests, chooser)
