@@ -2,10 +2,14 @@
 rows joining and leaving, admission by prompt length, prompt log-probabilities, and a failing row
 that fails alone."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
-from transformers import LogitsProcessor, LogitsProcessorList
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
 import adapterkit as ak
 from adapterkit.generation import Engine, Generation, Sampling, generate
@@ -32,6 +36,98 @@ class OpenAIPenalties(LogitsProcessor):
         counts = torch.zeros_like(scores)
         counts.scatter_add_(1, input_ids[:, self.prompt_length:], torch.ones_like(input_ids[:, self.prompt_length:], dtype=scores.dtype))
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class Scripted(nn.Module):
+    """A stand-in language model that writes ``answer`` after any prompt of ``prompt_length``
+    tokens: the logits at position p are 10 at answer[p + 1 - prompt_length], 0 elsewhere."""
+
+    def __init__(self, prompt_length: int, answer: list[int], vocab: int) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # the engine finds the device from a parameter
+        self.sequence, self.vocab = torch.tensor([0] * prompt_length + answer), vocab
+
+    def forward(self, input_ids, position_ids, cache=None, logits_to_keep=1, **_):
+        positions = (position_ids[:, -logits_to_keep:] + 1).clamp(max=len(self.sequence) - 1)
+        logits = 10.0 * nn.functional.one_hot(self.sequence[positions], self.vocab).float()
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+class CountingDecodes:
+    """A tokenizer that counts the work asked of its ``decode``: one per id decoded, at least one a call."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.work = tokenizer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **options) -> str:
+        self.work += max(1, len(ids))
+        return self.tokenizer.decode(ids, **options)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer without merges: every byte of the text is a token, so a character
+    of several bytes is split over several tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{char: 3 + i for i, char in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def scripted_run(tokenizer, answer: list[int], **sampling) -> tuple[Generation, list[str], list[int]]:
+    """The generation of ``answer`` by a scripted model, the pieces of text it released token by
+    token, and the decoding work done by the time each token was taken (from the engine's start)."""
+    counting = CountingDecodes(tokenizer)
+    engine = Engine(Scripted(2, answer, len(tokenizer)), counting)
+    start, pieces, work = counting.work, [], []
+
+    def taken(_, piece, __) -> None:
+        pieces.append(piece)
+        work.append(counting.work - start)
+
+    generation = Generation([5, 6], Sampling(**{"max_tokens": len(answer), **sampling}), on_token=taken)
+    engine.run([generation])
+    return generation, pieces, work
+
+
+@pytest.mark.parametrize("kind", ["a special token", "a lone first byte of a character"])
+def test_decoding_work_per_token_stays_flat_when_tokens_make_no_text(kind):
+    """2,000 tokens that decode to nothing (a special token skipped) or to a half character each:
+    the last 500 cost no more than twice the first 500 to decode (it was quadratic)."""
+    tokenizer = tiny_tokenizer() if kind == "a special token" else byte_tokenizer()
+    lead_byte = tokenizer("€", add_special_tokens=False)["input_ids"][0]
+    token = tokenizer.bos_token_id if kind == "a special token" else lead_byte
+    generation, _, work = scripted_run(tokenizer, [token] * 2000)
+    assert generation.tokens == [token] * 2000 and generation.finish_reason == "length"
+    assert work[1999] - work[1499] <= 2 * work[499]
+    if kind == "a special token":
+        assert generation.text == ""
+    else:
+        assert set(generation.text) == {"\ufffd"} and len(generation.text) >= 1990
+
+
+def test_a_character_split_over_tokens_comes_out_whole():
+    """Byte tokens of "€" come out as one piece, also with a skipped special token between its
+    bytes and after a long run of broken characters; the text is what decoding it all at once gives."""
+    tokenizer = byte_tokenizer()
+    ids = tokenizer("a€b€x", add_special_tokens=False)["input_ids"]
+    lead = ids[1]
+    answer = ids[:2] + [tokenizer.bos_token_id] + ids[2:5] + [lead] * 30 + ids[5:]
+    generation, pieces, _ = scripted_run(tokenizer, answer)
+    assert generation.text == tokenizer.decode(answer, skip_special_tokens=True) == "a€b" + "\ufffd" * 30 + "€x"
+    assert "".join(pieces) == generation.text and "€" in pieces and pieces[-2].endswith("€") and pieces[-1] == "x"
+
+
+def test_a_stop_string_over_a_split_character_is_held_back_and_cut():
+    tokenizer = byte_tokenizer()
+    answer = tokenizer("ab€cd", add_special_tokens=False)["input_ids"]
+    generation, pieces, _ = scripted_run(tokenizer, answer, stop=["€c"])
+    assert generation.text == "ab" and generation.finish_reason == "stop"
+    assert pieces == ["a", "b", "", "", "", ""] and generation.tokens == answer[:6]
 
 
 @pytest.fixture(scope="module")
