@@ -21,8 +21,7 @@ TOKENS = 10
 def hf_greedy(model, tokenizer, prompt: str, **options) -> list[int]:
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0, **options)
-    tokens = out[0, ids.shape[1]:].tolist()
-    return tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_token_id else tokens
+    return out[0, ids.shape[1]:].tolist()  # with the end-of-text token, when one stopped it (as the engine's tokens)
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -269,3 +268,38 @@ def test_a_seed_fixes_a_sampled_answer(model_and_tokenizer):
     answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed), prompts=PROMPTS[:1])[0].tokens
                for seed in (3, 3, 4)]
     assert answers[0] == answers[1] and len(answers[0]) > 0
+
+
+def test_the_end_of_text_token_that_stops_a_row_is_counted_and_scored_but_not_written():
+    """The greedy next token made the end-of-text token: the answer is that one token, with the
+    log-probability a plain forward pass gives it (clients scoring with max_tokens=1 drop the
+    last entry), and no text, as HF's generate ends its sequence with it."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    ids = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    eos = int(reference.argmax())
+    model.generation_config.eos_token_id = eos
+    calls = []
+
+    def record(_, text, logprob) -> None:
+        calls.append((text, logprob))
+
+    generation = Generation(ids, Sampling(max_tokens=5, logprobs=1), on_token=record)
+    Engine(model, tokenizer).run([generation])
+    assert generation.tokens == [eos] == hf_greedy(model, tokenizer, "hello there")
+    assert generation.finish_reason == "stop" and generation.text == "" and tokenizer.decode([eos]) != ""
+    [entry] = generation.logprobs
+    assert entry.token == eos and entry.logprob == pytest.approx(reference[eos].item(), abs=1e-5)
+    assert entry.top == [(eos, pytest.approx(reference[eos].item(), abs=1e-5))]
+    assert calls == [("", entry)]
+
+
+def test_the_token_that_completes_a_stop_string_is_counted_and_scored():
+    tokenizer = tiny_tokenizer()
+    answer = tokenizer("ab\ncd", add_special_tokens=False)["input_ids"]
+    generation, pieces, _ = scripted_run(tokenizer, answer, stop=["\n"], logprobs=0)
+    assert generation.text == "ab" and generation.finish_reason == "stop" and pieces == ["a", "b", ""]
+    assert generation.tokens == answer[:3] and [entry.token for entry in generation.logprobs] == answer[:3]
+    chosen = 10 - torch.logsumexp(torch.tensor([10.0] + [0.0] * (len(tokenizer) - 1)), 0).item()
+    assert [entry.logprob for entry in generation.logprobs] == pytest.approx([chosen] * 3, abs=1e-5)

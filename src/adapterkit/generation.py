@@ -104,7 +104,8 @@ class TokenLogprob:
 class Generation:
     """One prompt's way through the engine. ``on_token(generation, text, logprob)`` is called on
     the engine's thread for every generated token with the text it released (possibly ""), and
-    ``on_done(generation)`` once at the end, whatever the outcome."""
+    ``on_done(generation)`` once at the end, whatever the outcome. The end-of-text token that
+    stops a row is in ``tokens`` and ``logprobs`` (as OpenAI counts and scores it), not in ``text``."""
 
     prompt: list[int]
     sampling: Sampling = field(default_factory=Sampling)
@@ -620,14 +621,14 @@ class Engine:
         generation = row.generation
         if generation.first_token is None:
             generation.first_token = time.perf_counter()
-        if token in self.eos_ids:
-            self._emit(generation, row.text.rest(), None)
-            self._finish(generation, "stop")
-            return False
         logprob = _logprob_of(token, logits, generation.sampling.logprobs) if generation.sampling.logprobs is not None else None
         generation.tokens.append(token)
         if logprob is not None:
             generation.logprobs.append(logprob)
+        if token in self.eos_ids:  # counted and scored like any token (as OpenAI and HF do), but never text
+            self._emit(generation, row.text.rest(), logprob)
+            self._finish(generation, "stop")
+            return False
         piece, stopped = row.text.add(token)
         if stopped:
             self._emit(generation, piece, logprob)
