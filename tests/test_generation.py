@@ -303,3 +303,51 @@ def test_the_token_that_completes_a_stop_string_is_counted_and_scored():
     assert generation.tokens == answer[:3] and [entry.token for entry in generation.logprobs] == answer[:3]
     chosen = 10 - torch.logsumexp(torch.tensor([10.0] + [0.0] * (len(tokenizer) - 1)), 0).item()
     assert [entry.logprob for entry in generation.logprobs] == pytest.approx([chosen] * 3, abs=1e-5)
+
+
+def nested(block, levels: int):
+    for _ in range(levels):
+        block = ak.Stack(block)
+    return block
+
+
+def test_a_row_whose_adapter_the_model_refuses_is_refused_at_submit_and_the_others_run():
+    """A fusion's children in another order, an unknown name, a fusion by its own name or 300
+    levels of nesting fail the batched forward; submit refuses such a row alone, and the rows
+    submitted around it give the answers they give alone."""
+    model = ak.AdapterModel(tiny_llama()).eval()
+    for seed, name in enumerate("ab"):
+        model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=4))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.adapter_layers[name].parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.add_fusion(ak.Fuse("a", "b", name="ab"))
+    tokenizer = tiny_tokenizer()
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    good = ["a", None, ak.Stack(ak.Fuse("a", "b", name="ab"), "b"), "b"]
+    bad = [(ak.Fuse("b", "a", name="ab"), ak.ConfigError, "was made for"),
+           ("zz", ak.AdapterNameError, "no adapter named"),
+           ("ab", ak.AdapterNameError, "is a fusion"),
+           (nested("a", 300), ak.ConfigError, "nest at most 32 levels")]
+    engine = Engine(model, tokenizer)
+    submitted = []
+    for ids, adapter, (wrong, error, message) in zip(encoded, good, bad):
+        submitted.append(engine.submit(Generation(ids, Sampling(max_tokens=TOKENS), adapter)))
+        with pytest.raises(error, match=message):
+            engine.submit(Generation(ids, Sampling(max_tokens=TOKENS), wrong))
+    assert list(engine.waiting) == submitted
+    while engine.has_work():
+        engine.step()
+    alone = [Engine(model, tokenizer).run([Generation(ids, Sampling(max_tokens=TOKENS), adapter)])[0]
+             for ids, adapter in zip(encoded, good)]
+    assert [g.error for g in submitted] == [None] * 4 and [g.tokens for g in submitted] == [g.tokens for g in alone]
+    assert alone[0].tokens != hf_greedy(tiny_llama(), tokenizer, PROMPTS[0])  # the adapters change answers
+
+
+def test_a_row_naming_an_adapter_on_a_plain_model_is_refused_at_submit(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ak.ConfigError, match="need an AdapterModel, not a LlamaForCausalLM"):
+        engine.submit(Generation([5, 6], Sampling(max_tokens=4), "a"))
+    assert not engine.has_work()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .compose import Composition
 from .errors import ConfigError, GenerationError
 
 class Active:
@@ -431,14 +432,28 @@ class Engine:
 
     # ---- feeding and driving -------------------------------------------------------------------
     def submit(self, generation: Generation) -> Generation:
+        """Queue ``generation``; a row the engine could not run (bad sampling, an empty prompt, an
+        adapter the model refuses) raises here instead of failing the rows batched with it."""
         generation.sampling.check()
         if not generation.prompt:
             raise ConfigError("the prompt is empty")
+        self._check_adapter(generation.adapter)
         generation.submitted = time.perf_counter()
         with self._work:
             self.waiting.append(generation)
             self._work.notify()
         return generation
+
+    def _check_adapter(self, adapter: str | Composition | None | Active) -> None:
+        """What the batched forward would raise for this row's adapter, raised now: there it
+        would fail every row of the batch."""
+        if adapter is ACTIVE:
+            return
+        check = getattr(self.model, "check_adapter", None)
+        if check is None:
+            model = type(self.model).__name__
+            raise ConfigError(f"rows that name adapters ({adapter!r}) need an AdapterModel, not a {model}")
+        check(adapter)
 
     @property
     def in_flight(self) -> int:
