@@ -2,10 +2,14 @@
 rows joining and leaving, admission by prompt length, prompt log-probabilities, and a failing row
 that fails alone."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
-from transformers import LogitsProcessor, LogitsProcessorList
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
 import adapterkit as ak
 from adapterkit.generation import Engine, Generation, Sampling, generate
@@ -17,8 +21,7 @@ TOKENS = 10
 def hf_greedy(model, tokenizer, prompt: str, **options) -> list[int]:
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0, **options)
-    tokens = out[0, ids.shape[1]:].tolist()
-    return tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_token_id else tokens
+    return out[0, ids.shape[1]:].tolist()  # with the end-of-text token, when one stopped it (as the engine's tokens)
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -32,6 +35,98 @@ class OpenAIPenalties(LogitsProcessor):
         counts = torch.zeros_like(scores)
         counts.scatter_add_(1, input_ids[:, self.prompt_length:], torch.ones_like(input_ids[:, self.prompt_length:], dtype=scores.dtype))
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class Scripted(nn.Module):
+    """A stand-in language model that writes ``answer`` after any prompt of ``prompt_length``
+    tokens: the logits at position p are 10 at answer[p + 1 - prompt_length], 0 elsewhere."""
+
+    def __init__(self, prompt_length: int, answer: list[int], vocab: int) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # the engine finds the device from a parameter
+        self.sequence, self.vocab = torch.tensor([0] * prompt_length + answer), vocab
+
+    def forward(self, input_ids, position_ids, cache=None, logits_to_keep=1, **_):
+        positions = (position_ids[:, -logits_to_keep:] + 1).clamp(max=len(self.sequence) - 1)
+        logits = 10.0 * nn.functional.one_hot(self.sequence[positions], self.vocab).float()
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+class CountingDecodes:
+    """A tokenizer that counts the work asked of its ``decode``: one per id decoded, at least one a call."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.work = tokenizer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **options) -> str:
+        self.work += max(1, len(ids))
+        return self.tokenizer.decode(ids, **options)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer without merges: every byte of the text is a token, so a character
+    of several bytes is split over several tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{char: 3 + i for i, char in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def scripted_run(tokenizer, answer: list[int], **sampling) -> tuple[Generation, list[str], list[int]]:
+    """The generation of ``answer`` by a scripted model, the pieces of text it released token by
+    token, and the decoding work done by the time each token was taken (from the engine's start)."""
+    counting = CountingDecodes(tokenizer)
+    engine = Engine(Scripted(2, answer, len(tokenizer)), counting)
+    start, pieces, work = counting.work, [], []
+
+    def taken(_, piece, __) -> None:
+        pieces.append(piece)
+        work.append(counting.work - start)
+
+    generation = Generation([5, 6], Sampling(**{"max_tokens": len(answer), **sampling}), on_token=taken)
+    engine.run([generation])
+    return generation, pieces, work
+
+
+@pytest.mark.parametrize("kind", ["a special token", "a lone first byte of a character"])
+def test_decoding_work_per_token_stays_flat_when_tokens_make_no_text(kind):
+    """2,000 tokens that decode to nothing (a special token skipped) or to a half character each:
+    the last 500 cost no more than twice the first 500 to decode (it was quadratic)."""
+    tokenizer = tiny_tokenizer() if kind == "a special token" else byte_tokenizer()
+    lead_byte = tokenizer("€", add_special_tokens=False)["input_ids"][0]
+    token = tokenizer.bos_token_id if kind == "a special token" else lead_byte
+    generation, _, work = scripted_run(tokenizer, [token] * 2000)
+    assert generation.tokens == [token] * 2000 and generation.finish_reason == "length"
+    assert work[1999] - work[1499] <= 2 * work[499]
+    if kind == "a special token":
+        assert generation.text == ""
+    else:
+        assert set(generation.text) == {"\ufffd"} and len(generation.text) >= 1990
+
+
+def test_a_character_split_over_tokens_comes_out_whole():
+    """Byte tokens of "€" come out as one piece, also with a skipped special token between its
+    bytes and after a long run of broken characters; the text is what decoding it all at once gives."""
+    tokenizer = byte_tokenizer()
+    ids = tokenizer("a€b€x", add_special_tokens=False)["input_ids"]
+    lead = ids[1]
+    answer = ids[:2] + [tokenizer.bos_token_id] + ids[2:5] + [lead] * 30 + ids[5:]
+    generation, pieces, _ = scripted_run(tokenizer, answer)
+    assert generation.text == tokenizer.decode(answer, skip_special_tokens=True) == "a€b" + "\ufffd" * 30 + "€x"
+    assert "".join(pieces) == generation.text and "€" in pieces and pieces[-2].endswith("€") and pieces[-1] == "x"
+
+
+def test_a_stop_string_over_a_split_character_is_held_back_and_cut():
+    tokenizer = byte_tokenizer()
+    answer = tokenizer("ab€cd", add_special_tokens=False)["input_ids"]
+    generation, pieces, _ = scripted_run(tokenizer, answer, stop=["€c"])
+    assert generation.text == "ab" and generation.finish_reason == "stop"
+    assert pieces == ["a", "b", "", "", "", ""] and generation.tokens == answer[:6]
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +268,86 @@ def test_a_seed_fixes_a_sampled_answer(model_and_tokenizer):
     answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed), prompts=PROMPTS[:1])[0].tokens
                for seed in (3, 3, 4)]
     assert answers[0] == answers[1] and len(answers[0]) > 0
+
+
+def test_the_end_of_text_token_that_stops_a_row_is_counted_and_scored_but_not_written():
+    """The greedy next token made the end-of-text token: the answer is that one token, with the
+    log-probability a plain forward pass gives it (clients scoring with max_tokens=1 drop the
+    last entry), and no text, as HF's generate ends its sequence with it."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    ids = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    eos = int(reference.argmax())
+    model.generation_config.eos_token_id = eos
+    calls = []
+
+    def record(_, text, logprob) -> None:
+        calls.append((text, logprob))
+
+    generation = Generation(ids, Sampling(max_tokens=5, logprobs=1), on_token=record)
+    Engine(model, tokenizer).run([generation])
+    assert generation.tokens == [eos] == hf_greedy(model, tokenizer, "hello there")
+    assert generation.finish_reason == "stop" and generation.text == "" and tokenizer.decode([eos]) != ""
+    [entry] = generation.logprobs
+    assert entry.token == eos and entry.logprob == pytest.approx(reference[eos].item(), abs=1e-5)
+    assert entry.top == [(eos, pytest.approx(reference[eos].item(), abs=1e-5))]
+    assert calls == [("", entry)]
+
+
+def test_the_token_that_completes_a_stop_string_is_counted_and_scored():
+    tokenizer = tiny_tokenizer()
+    answer = tokenizer("ab\ncd", add_special_tokens=False)["input_ids"]
+    generation, pieces, _ = scripted_run(tokenizer, answer, stop=["\n"], logprobs=0)
+    assert generation.text == "ab" and generation.finish_reason == "stop" and pieces == ["a", "b", ""]
+    assert generation.tokens == answer[:3] and [entry.token for entry in generation.logprobs] == answer[:3]
+    chosen = 10 - torch.logsumexp(torch.tensor([10.0] + [0.0] * (len(tokenizer) - 1)), 0).item()
+    assert [entry.logprob for entry in generation.logprobs] == pytest.approx([chosen] * 3, abs=1e-5)
+
+
+def nested(block, levels: int):
+    for _ in range(levels):
+        block = ak.Stack(block)
+    return block
+
+
+def test_a_row_whose_adapter_the_model_refuses_is_refused_at_submit_and_the_others_run():
+    """A fusion's children in another order, an unknown name, a fusion by its own name or 300
+    levels of nesting fail the batched forward; submit refuses such a row alone, and the rows
+    submitted around it give the answers they give alone."""
+    model = ak.AdapterModel(tiny_llama()).eval()
+    for seed, name in enumerate("ab"):
+        model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=4))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.adapter_layers[name].parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.add_fusion(ak.Fuse("a", "b", name="ab"))
+    tokenizer = tiny_tokenizer()
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    good = ["a", None, ak.Stack(ak.Fuse("a", "b", name="ab"), "b"), "b"]
+    bad = [(ak.Fuse("b", "a", name="ab"), ak.ConfigError, "was made for"),
+           ("zz", ak.AdapterNameError, "no adapter named"),
+           ("ab", ak.AdapterNameError, "is a fusion"),
+           (nested("a", 300), ak.ConfigError, "nest at most 32 levels")]
+    engine = Engine(model, tokenizer)
+    submitted = []
+    for ids, adapter, (wrong, error, message) in zip(encoded, good, bad):
+        submitted.append(engine.submit(Generation(ids, Sampling(max_tokens=TOKENS), adapter)))
+        with pytest.raises(error, match=message):
+            engine.submit(Generation(ids, Sampling(max_tokens=TOKENS), wrong))
+    assert list(engine.waiting) == submitted
+    while engine.has_work():
+        engine.step()
+    alone = [Engine(model, tokenizer).run([Generation(ids, Sampling(max_tokens=TOKENS), adapter)])[0]
+             for ids, adapter in zip(encoded, good)]
+    assert [g.error for g in submitted] == [None] * 4 and [g.tokens for g in submitted] == [g.tokens for g in alone]
+    assert alone[0].tokens != hf_greedy(tiny_llama(), tokenizer, PROMPTS[0])  # the adapters change answers
+
+
+def test_a_row_naming_an_adapter_on_a_plain_model_is_refused_at_submit(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ak.ConfigError, match="need an AdapterModel, not a LlamaForCausalLM"):
+        engine.submit(Generation([5, 6], Sampling(max_tokens=4), "a"))
+    assert not engine.has_work()

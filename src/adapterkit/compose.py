@@ -122,3 +122,16 @@ def fusions(block: Block) -> list["Fuse"]:
     for child in block.children:
         found += fusions(child)
     return found
+
+
+MAX_NESTING = 32
+
+
+def check_nesting(block: Block, limit: int = MAX_NESTING) -> None:
+    """A ConfigError when blocks nest more than ``limit`` levels deep: running, naming and
+    saving a block recurse once per level, and Python's stack ends near a thousand."""
+    level, layer = 0, [block]
+    while layer := [child for b in layer if isinstance(b, Composition) for child in b.children]:
+        level += 1
+        if level > limit:
+            raise ConfigError(f"blocks nest at most {limit} levels deep; this composition nests deeper")

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .compose import Block, Composition, Fuse, Stack, fusions, to_json
+from .compose import Block, Composition, Fuse, Stack, check_nesting, fusions, to_json
 from .compose import adapter_names as names_in
 from .errors import AdapterFileError, AdapterkitError, AdapterNameError, ConfigError, MergeError, ShapeMismatchError
 from .hooks import HookLayer
@@ -152,6 +152,12 @@ class AdapterModel(nn.Module):
             yield
         finally:
             routing.mixed = saved
+
+    def check_adapter(self, adapter: "str | Composition | None") -> None:
+        """Raise what ``mixed_adapters`` would raise for one row through ``adapter`` (an adapter or
+        composition name, a block, or None / "base" for the bare base), so that whoever batches
+        independent rows can refuse the bad one alone rather than fail the whole batch's forward."""
+        self._mixed_rows([adapter], None)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Keep only each block's input in the forward pass and recompute the block in the backward
@@ -325,6 +331,7 @@ class AdapterModel(nn.Module):
             raise AdapterNameError(f"expected an adapter name, a list of names or a composition, got {names!r}")
         if block is None:
             return None
+        check_nesting(block)
         for name in names_in(block):
             self._check_known(name)
             if self._configs[name].method == "fusion":
@@ -366,6 +373,7 @@ class AdapterModel(nn.Module):
 
         if not isinstance(fuse, Fuse):
             raise ConfigError(f"expected a Fuse block, got {type(fuse).__name__}")
+        check_nesting(fuse)
         for name in names_in(fuse):
             self._check_known(name)
         for inner in fusions(fuse)[1:]:

@@ -1,18 +1,9 @@
-"""The one generation loop: scoring (``evaluate``), ``adapterkit generate`` and the server all run
-their prompts through an ``Engine``.
-
-The engine batches continuously. Each ``step`` prefills newcomers (left-padded, in chunks of at
-most ``max_prefill_tokens`` so that a long prompt cannot stall the decoding rows for long), then
-decodes every running row by one token. A row leaves the batch, KV cache included, the moment it
-finishes; waiting rows take its place at the next step. Each row has its own adapter (or the bare
-base), sampling, penalties, stop strings and token budget, and a failure in one row (non-finite
-logits, say) ends that row alone.
-"""
+"""The engine: rows admitted, prefilled in chunks, decoded together, and finished one by one
+(see the package's docstring for the whole loop)."""
 
 from __future__ import annotations
 
 import collections
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,9 +11,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .errors import ConfigError, GenerationError
+from ..compose import Composition
+from ..errors import ConfigError, GenerationError
+from .detokenizer import Detokenizer, silent_ids
+from .kv import RoomyLayer, pad_left, roomy_cache
+from .sampling import Sampling, TokenLogprob, logprob_of, pick
+
 
 class Active:
     """A row's adapter when it should run through whatever the model has active (``set_active``),
@@ -34,77 +29,15 @@ class Active:
 
 ACTIVE = Active()
 
-MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows: use 0 (greedy)
-MIN_REPETITION_PENALTY = 1e-2  # dividing logits by less overflows them
-MAX_STOPS, MAX_STOP_CHARS = 4, 128
-MAX_LOGPROBS = 20
-SEED_LIMIT = 2**63  # torch generators take seeds below this (and negative ones, which we refuse)
 PADDING_WORTH_A_FORWARD = 40  # padding tokens that cost what a forward pass's fixed part does (CPU, 135M)
-
-
-@dataclass
-class Sampling:
-    """How one row picks its tokens. Temperature 0 is greedy. Penalties follow OpenAI
-    (``frequency_penalty``, ``presence_penalty``: over the tokens generated so far) and HF
-    (``repetition_penalty``: over prompt and generated tokens, dividing positive logits)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None  # how many alternatives to report per token (0: the chosen one only)
-    prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities
-
-    def check(self) -> "Sampling":
-        """Itself, or a ConfigError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < (0 if self.prompt_logprobs else 1):
-            raise ConfigError(f"max_tokens must be a positive integer (0 only to score the prompt), got {self.max_tokens!r}")
-        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100):
-            raise ConfigError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
-            raise ConfigError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ConfigError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
-        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
-            raise ConfigError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (1: none), got {self.repetition_penalty!r}")
-        check_stops(self.stop)
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
-        return self
-
-    @property
-    def penalised(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
-
-
-def check_stops(stops: Sequence[str]) -> None:
-    """Stop strings are few and short: the text is searched for each after every token."""
-    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise ConfigError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
-
-
-@dataclass
-class TokenLogprob:
-    """A token, its log-probability under the model (before penalties and temperature) and the
-    ``k`` most likely tokens at that position with theirs."""
-
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class Generation:
     """One prompt's way through the engine. ``on_token(generation, text, logprob)`` is called on
     the engine's thread for every generated token with the text it released (possibly ""), and
-    ``on_done(generation)`` once at the end, whatever the outcome."""
+    ``on_done(generation)`` once at the end, whatever the outcome. The end-of-text token that
+    stops a row is in ``tokens`` and ``logprobs`` (as OpenAI counts and scores it), not in ``text``."""
 
     prompt: list[int]
     sampling: Sampling = field(default_factory=Sampling)
@@ -132,65 +65,12 @@ class Generation:
         return self.finish_reason is not None
 
 
-class _Text:
-    """A row's tokens turned into text incrementally: each token decodes a window of a few tokens,
-    never the whole answer, and stop strings are searched in the new text only, so the work per
-    token does not grow with the answer. Text that might still become a stop string (or half of a
-    multi-byte character) is held back."""
-
-    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, list(stops)
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] decode to the text's last settled piece
-        self.text = ""
-        self.searched = 0
-        self.sent = 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """(newly released text, whether a stop string ended the row)."""
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return "", False
-        self.text += after[len(before) :]
-        self.prefix, self.read = self.read, len(self.ids)
-        start = max(0, self.searched - self.longest + 1)
-        self.searched = len(self.text)
-        cuts = [i for i in (self.text.find(stop, start) for stop in self.stops) if i >= 0]
-        if cuts:
-            return self._release(min(cuts)), True
-        return self._release(len(self.text) - self._held()), False
-
-    def rest(self) -> str:
-        return self._release(len(self.text))
-
-    def _held(self) -> int:
-        """Length of the longest end of the text that begins a stop string."""
-        held = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:n]):
-                    held = n
-                    break
-        return held
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-    def _release(self, end: int) -> str:
-        piece = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return piece
-
-
 class _Row:
     """A generation's per-row state inside the engine."""
 
-    def __init__(self, generation: Generation, tokenizer, device: torch.device) -> None:
+    def __init__(self, generation: Generation, tokenizer, device: torch.device, silent: frozenset[int]) -> None:
         self.generation = generation
-        self.text = _Text(tokenizer, generation.sampling.stop)
+        self.text = Detokenizer(tokenizer, generation.sampling.stop, silent)
         seed = generation.sampling.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
@@ -229,7 +109,7 @@ class _Batch:
         """Whether other rows can be spliced into this cache: every layer one of ours (a
         sliding-window layer, say, keeps only its last positions and cannot be)."""
         layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(isinstance(layer, _RoomyLayer) for layer in layers)
+        return bool(layers) and all(isinstance(layer, RoomyLayer) for layer in layers)
 
     def select(self, keep: list[int], tokens: torch.Tensor) -> "_Batch | None":
         """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
@@ -251,7 +131,7 @@ class _Batch:
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.splice(theirs, width - 1)
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)])
         self.inputs = torch.cat([self.inputs, other.inputs])
         self.positions = torch.cat([self.positions, other.positions])
         self.rows = self.rows + other.rows
@@ -264,105 +144,6 @@ class _Batch:
             self.mask = self.mask[:, empty:]
             for layer in self.cache.layers:
                 layer.drop_left(empty)
-
-
-class _RoomyLayer(DynamicLayer):
-    """A key/value layer kept in a buffer with spare columns, so that a decode step writes its one
-    column in place. The stock layer concatenates, copying every row's whole history at every
-    layer and step: on a CPU that copy took most of a 32-row decode step once prompts were a few
-    hundred tokens long. Rows leaving (``batch_select_indices``) or joining (``splice``) cost one
-    copy into a new buffer; dropping columns on the left (``drop_left``) costs none."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._rooms: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._start = 0  # the buffers' first column in use
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length, new = self.get_seq_length(), key_states.shape[-2]
-        if self._rooms is None:
-            self._rooms, self._start = (_room_like(key_states, new), _room_like(value_states, new)), 0
-        elif self._start + length + new > self._rooms[0].shape[-2]:
-            self._move(self.keys, self.values, length + new)
-        end = self._start + length
-        for room, states in zip(self._rooms, (key_states, value_states)):
-            room[..., end : end + new, :] = states
-        self._view(length + new)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        length = self.get_seq_length()
-        if length:
-            rooms = tuple(_room_like(states[: len(indices)], length) for states in (self.keys, self.values))
-            for room, states in zip(rooms, (self.keys, self.values)):
-                torch.index_select(states, 0, indices, out=room[..., :length, :])
-            self._rooms, self._start = rooms, 0
-            self._view(length)
-
-    def drop_left(self, columns: int) -> None:
-        """Forget the first ``columns`` columns (no row attends to them any more)."""
-        length = self.get_seq_length()
-        self._start += columns
-        self._view(length - columns)
-
-    def splice(self, other: "_RoomyLayer", length: int) -> None:
-        """These rows, then ``other``'s, each right-aligned to ``length`` columns (zeros before:
-        masked columns still enter the attention sum with weight 0, so they must be finite)."""
-        n, mine, theirs = self.keys.shape[0], self.get_seq_length(), other.get_seq_length()
-        rooms = []
-        for own, added in ((self.keys, other.keys), (self.values, other.values)):
-            room = own.new_empty((n + added.shape[0], own.shape[1], _roomy(length), own.shape[-1]))
-            room[:n, :, : length - mine].zero_()
-            room[:n, :, length - mine : length] = own
-            room[n:, :, : length - theirs].zero_()
-            room[n:, :, length - theirs : length] = added
-            rooms.append(room)
-        self._rooms, self._start = tuple(rooms), 0
-        self._view(length)
-
-    def _move(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
-        """Into new buffers with room for ``columns`` columns and some to spare."""
-        length = keys.shape[-2]
-        self._rooms, self._start = (_room_like(keys, columns), _room_like(values, columns)), 0
-        for room, states in zip(self._rooms, (keys, values)):
-            room[..., :length, :] = states
-        self._view(length)
-
-    def _view(self, length: int) -> None:
-        keys, values = self._rooms
-        self.keys = keys[..., self._start : self._start + length, :]
-        self.values = values[..., self._start : self._start + length, :]
-
-
-def _room_like(states: torch.Tensor, columns: int) -> torch.Tensor:
-    return states.new_empty((*states.shape[:2], _roomy(columns), states.shape[-1]))
-
-
-def _roomy(columns: int) -> int:
-    return columns + max(64, columns // 2)
-
-
-def _roomy_cache(model: nn.Module) -> DynamicCache:
-    """A cache for ``model`` whose full-attention layers keep spare columns (sliding-window and
-    other kinds of layer stay as transformers makes them)."""
-    config = getattr(model, "config", None)
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
-    if cache.layers:
-        cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    else:
-        cache.layer_class_to_replicate = _RoomyLayer
-    return cache
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -382,6 +163,7 @@ class Engine:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.device = next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
+        self.silent = silent_ids(tokenizer)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
         self.lock = threading.RLock()
@@ -392,14 +174,28 @@ class Engine:
 
     # ---- feeding and driving -------------------------------------------------------------------
     def submit(self, generation: Generation) -> Generation:
+        """Queue ``generation``; a row the engine could not run (bad sampling, an empty prompt, an
+        adapter the model refuses) raises here instead of failing the rows batched with it."""
         generation.sampling.check()
         if not generation.prompt:
             raise ConfigError("the prompt is empty")
+        self._check_adapter(generation.adapter)
         generation.submitted = time.perf_counter()
         with self._work:
             self.waiting.append(generation)
             self._work.notify()
         return generation
+
+    def _check_adapter(self, adapter: str | Composition | None | Active) -> None:
+        """What the batched forward would raise for this row's adapter, raised now: there it
+        would fail every row of the batch."""
+        if adapter is ACTIVE:
+            return
+        check = getattr(self.model, "check_adapter", None)
+        if check is None:
+            model = type(self.model).__name__
+            raise ConfigError(f"rows that name adapters ({adapter!r}) need an AdapterModel, not a {model}")
+        check(adapter)
 
     @property
     def in_flight(self) -> int:
@@ -466,9 +262,9 @@ class Engine:
         now = time.perf_counter()
         for generation in chosen:
             generation.started = now
-        rows = [_Row(g, self.tokenizer, self.device) for g in chosen]
+        rows = [_Row(g, self.tokenizer, self.device, self.silent) for g in chosen]
         self.prefilling = _Batch.from_prompts(rows, self.pad_id, self.device)
-        self.prefilling.cache = _roomy_cache(self.model)
+        self.prefilling.cache = roomy_cache(self.model)
 
     def _prefill_chunk(self) -> int:
         batch = self.prefilling
@@ -544,7 +340,9 @@ class Engine:
                 if not finite[i]:
                     raise FloatingPointError("the model produced non-finite logits for this row")
                 sampling = generation.sampling
-                token = greedy[i] if sampling.temperature == 0 and not sampling.penalised else self._pick(row, logits[i])
+                token = greedy[i]
+                if sampling.temperature != 0 or sampling.penalised:
+                    token = pick(logits[i], sampling, generation.prompt, generation.tokens, row.generator)
                 if self._take(row, token, logits[i]):
                     keep.append(i)
                     tokens[i] = token
@@ -553,43 +351,19 @@ class Engine:
                 self._finish(generation, "error")
         return tokens, keep
 
-    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
-        sampling, generation = row.generation.sampling, row.generation
-        logits = logits.float()
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.tensor(generation.prompt + generation.tokens, device=logits.device).unique()
-            scores = logits[seen]
-            logits = logits.clone()
-            logits[seen] = torch.where(scores < 0, scores * sampling.repetition_penalty, scores / sampling.repetition_penalty)
-        if (sampling.frequency_penalty or sampling.presence_penalty) and generation.tokens:
-            ids, counts = torch.tensor(generation.tokens, device=logits.device).unique(return_counts=True)
-            logits = logits.clone()
-            logits[ids] -= counts.to(logits.dtype) * sampling.frequency_penalty + sampling.presence_penalty
-        if sampling.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)
-        if sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            kept = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
-            kept[0] = True  # and never less than the likeliest token (a tiny top_p rounds to 0 in float32)
-            probs = torch.zeros_like(probs).scatter_(0, order[kept], sorted_probs[kept])
-        if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
-            raise FloatingPointError("sampling probabilities are not finite")
-        return int(torch.multinomial(probs, 1, generator=row.generator))
-
     def _take(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
         """Apply ``token`` to the row; whether the row goes on."""
         generation = row.generation
         if generation.first_token is None:
             generation.first_token = time.perf_counter()
-        if token in self.eos_ids:
-            self._emit(generation, row.text.rest(), None)
-            self._finish(generation, "stop")
-            return False
-        logprob = _logprob_of(token, logits, generation.sampling.logprobs) if generation.sampling.logprobs is not None else None
+        logprob = logprob_of(token, logits, generation.sampling.logprobs) if generation.sampling.logprobs is not None else None
         generation.tokens.append(token)
         if logprob is not None:
             generation.logprobs.append(logprob)
+        if token in self.eos_ids:  # counted and scored like any token (as OpenAI and HF do), but never text
+            self._emit(generation, row.text.rest(), logprob)
+            self._finish(generation, "stop")
+            return False
         piece, stopped = row.text.add(token)
         if stopped:
             self._emit(generation, piece, logprob)
@@ -619,7 +393,7 @@ class Engine:
                 row.generation.prompt_logprobs.append(TokenLogprob(int(batch.inputs[i, first]), None))
             for column in range(max(start, first), min(end, width - 1)):
                 token = int(batch.inputs[i, column + 1])
-                row.generation.prompt_logprobs.append(_logprob_of(token, logits[i, column - start], sampling.logprobs or 0))
+                row.generation.prompt_logprobs.append(logprob_of(token, logits[i, column - start], sampling.logprobs or 0))
 
     def _emit(self, generation: Generation, piece: str, logprob: TokenLogprob | None) -> None:
         generation.text += piece
@@ -636,16 +410,6 @@ class Engine:
         for row in rows:
             row.generation.error = f"{type(error).__name__}: {error}"
             self._finish(row.generation, "error")
-
-
-def _logprob_of(token: int, logits: torch.Tensor, k: int) -> TokenLogprob:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top = []
-    if k:
-        values, ids = logprobs.topk(k)
-        top = list(zip(ids.tolist(), values.tolist()))
-    value = float(logprobs[token])
-    return TokenLogprob(token, value if math.isfinite(value) else -math.inf, top)
 
 
 def generate(
