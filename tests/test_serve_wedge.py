@@ -78,6 +78,14 @@ def test_a_composition_larger_than_the_cache_or_named_like_an_adapter_is_refused
         make_server(world, compositions={"lora": ak.Stack("houlsby", "parallel")})
 
 
+def test_a_composition_nested_too_deep_is_refused_at_start(world):  # noqa: F811
+    deep = "lora"
+    for _ in range(300):
+        deep = ak.Stack(deep)
+    with pytest.raises(ak.ConfigError, match="blocks nest at most 32 levels deep"):
+        make_server(world, compositions={"deep": deep})
+
+
 def test_compositions_requested_together_under_a_small_cache_all_answer(world):  # noqa: F811
     compositions = {"hp": ak.Stack("houlsby", "parallel"), "fl": ak.Stack("pfeiffer", "lora")}
     expected = {name: answer_of(world, block, PROMPTS[0]) for name, block in compositions.items()}
@@ -230,3 +238,24 @@ def test_the_pool_never_holds_some_adapters_while_waiting_for_others(world):  # 
         assert len(pool.resident) == 2 and not pool.holds
 
     asyncio.run(scenario())
+
+
+def test_a_composition_the_model_refuses_fails_its_own_request_and_no_other(fused):
+    compositions = {"swapped": ak.Fuse("parallel", "houlsby", name="fz"),
+                    "fused_in_stack": ak.Stack("lora", ak.Fuse("houlsby", "parallel", name="fz"))}
+    expected = answer_of(fused, compositions["fused_in_stack"], PROMPTS[0])
+    runner, thread, sock, url = live(fused, max_batch_size=32, compositions=compositions)
+    try:
+        jobs = [(["houlsby", "lora", "parallel", "pfeiffer"][i % 4], PROMPTS[i % 4]) for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            swapped = pool.submit(ask, url, "swapped", PROMPTS[0])
+            stacked = pool.submit(ask, url, "fused_in_stack", PROMPTS[0])
+            good = list(pool.map(lambda job: ask(url, *job), jobs))
+        assert swapped.result().status_code == 400
+        assert "fusion 'fz' was made for" in swapped.result().json()["error"]["message"]
+        assert stacked.result().json()["choices"][0]["text"] == expected
+        assert [r.json()["choices"][0]["text"] for r in good] == [fused["answers"][job] for job in jobs]
+        assert httpx.get(f"{url}/health").json()["queued"] == 0
+        assert httpx.delete(f"{url}/v1/adapters/fz", headers=AUTH).status_code == 200  # nothing held it
+    finally:
+        stop(runner, thread, sock)

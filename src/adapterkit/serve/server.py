@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from ..compose import Composition, adapter_names, fusions
+from ..compose import Composition, adapter_names, check_nesting, fusions
 from ..errors import AdapterkitError, ConfigError
 from ..generation import Engine, Generation, Sampling
 from ..model import AdapterModel
@@ -75,6 +75,7 @@ class Server:
                                   "base's name")
             if not isinstance(block, Composition):
                 raise ConfigError(f"composition {name!r} must be a stack, average or fuse, got {block!r}")
+            check_nesting(block)
             if name in on_disk:
                 raise ConfigError(f"composition {name!r} has the name of an adapter in the adapters folder; rename one")
             members = self.adapters_of(name)
