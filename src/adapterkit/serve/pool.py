@@ -68,6 +68,8 @@ class AdapterPool:
         self.holds: Counter[str] = Counter()
         self.templates: dict[str, str | None] = {}  # of the adapters loaded from the folder
         self.loading: set[str] = set()
+        self.unloading: set[str] = set()  # evicted, being detached in the background
+        self._background: set[asyncio.Task] = set()
         self._changed: asyncio.Condition | None = None
 
     @property
@@ -112,7 +114,7 @@ class AdapterPool:
         fusion after its children); on any failure nothing stays held. Waits only for loads in
         progress. A loaded adapter serves on even if its folder went."""
         async with self.changed:
-            while any(name in self.loading for name in names):
+            while any(name in self.loading or name in self.unloading for name in names):
                 await self.changed.wait()
             missing = [name for name in dict.fromkeys(names) if name not in self.resident]
             paths = [self.path_of(name) for name in missing]
@@ -129,7 +131,7 @@ class AdapterPool:
                 raise
             finally:
                 self.loading.difference_update(missing)
-                await self._trim()
+                self._trim()
                 self.changed.notify_all()
             for name in names:
                 self.resident.move_to_end(name)
@@ -137,7 +139,7 @@ class AdapterPool:
     async def release(self, names: Sequence[str], holds: int = 1) -> None:
         async with self.changed:
             self._hold(names, -holds)
-            await self._trim()
+            self._trim()
             self.changed.notify_all()
 
     def _hold(self, names: Sequence[str], count: int) -> None:
@@ -151,7 +153,7 @@ class AdapterPool:
         """Load ``name`` afresh from its folder (replacing the loaded copy, which nothing may use)."""
         path = self.path_of(name)
         async with self.changed:
-            while name in self.loading:
+            while name in self.loading or name in self.unloading:
                 await self.changed.wait()
             reloaded = name in self.resident
             if reloaded:
@@ -162,7 +164,7 @@ class AdapterPool:
                 await self._load_unlocked(name, path)
             finally:
                 self.loading.discard(name)
-                await self._trim()
+                self._trim()
                 self.changed.notify_all()
             return {"name": name, "method": self.model.adapters[name].method, "loaded": True, "reloaded": reloaded}
 
@@ -214,14 +216,31 @@ class AdapterPool:
             log.exception("loading adapter %r failed", name)
             raise AdapterLoadError(f"adapter {name!r} cannot be loaded: unexpected {type(error).__name__}") from None
 
-    async def _trim(self) -> None:
-        """Unload least recently used idle adapters beyond the cap (never one a loaded fusion needs)."""
+    def _trim(self) -> None:
+        """Evict least recently used idle adapters beyond the cap (never one a loaded fusion needs).
+        They leave the pool at once and are detached in the background: detaching waits for the
+        engine's lock (up to a step), and acquisitions must not queue behind it."""
+        evicted = []
         while sum(1 for name in self.resident if not self.holds[name]) > self.capacity:
             needed = {n for name in self.resident for n in self.model.adapters[name].depends_on()}
             idle = next((name for name in self.resident if not self.holds[name] and name not in needed), None)
             if idle is None:
-                return
-            await self._detach(idle)
+                break
+            del self.resident[idle]
+            self.templates.pop(idle, None)
+            evicted.append(idle)
+        if evicted:
+            self.unloading.update(evicted)
+            self._background.add(task := asyncio.ensure_future(self._detach_evicted(evicted)))
+            task.add_done_callback(self._background.discard)
+
+    async def _detach_evicted(self, names: list[str]) -> None:
+        try:
+            await asyncio.to_thread(self._locked_each, self.model.delete_adapter, names)
+        finally:
+            async with self.changed:
+                self.unloading.difference_update(names)
+                self.changed.notify_all()
 
     async def _detach(self, name: str) -> None:
         await asyncio.to_thread(self._locked, self.model.delete_adapter, name)
@@ -235,3 +254,8 @@ class AdapterPool:
     def _locked(self, function: Callable, *args):
         with self.engine.lock:
             return function(*args)
+
+    def _locked_each(self, function: Callable, items: Sequence) -> None:
+        with self.engine.lock:
+            for item in items:
+                function(item)
