@@ -58,12 +58,20 @@ def read_json(path: Path) -> dict:
     return document
 
 
-def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
+def write_folder_atomically(path: Path, files: dict[str, bytes], what: str = "the adapter") -> None:
     """Write ``files`` into the folder ``path``, replacing those files and keeping any others; the
-    last file is written last (put the one that marks the folder complete there)."""
+    last file is written last (put the one that marks the folder complete there). A failed write
+    (a full disk) is an AdapterFileError saying it could not write ``what``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterFileError(f"{path} exists and is not a folder; refusing to replace it")
+    try:
+        _replace_folder(path, files)
+    except OSError as error:
+        raise AdapterFileError(f"cannot write {what} to {path}: {error.strerror or error}") from None
+
+
+def _replace_folder(path: Path, files: dict[str, bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
     try:
