@@ -1,10 +1,14 @@
 """Composition (Stack, Average, Fuse), per-row compositions, fusion training and files, and
 weighted merges against peft's add_weighted_adapter."""
 
+import json
+
 import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.cli import main, read_compositions
+from adapterkit.compose import compositions_from_json, to_json
 
 from conftest import batch, logits, make_base, rows_alone, train_steps
 
@@ -165,6 +169,40 @@ def test_composition_names_are_checked():
         model.add_adapter("s", ak.BottleneckConfig(bottleneck_size=2))
     with pytest.raises(ak.ConfigError, match="one finite weight per child"):
         ak.Average("a", "b", weights=[1.0])
+
+
+@pytest.mark.parametrize("document, match", [
+    ({"x": {"stack": "ab"}},
+     "composition 'x': the children of the stack block must be a list of adapter names or blocks, got 'ab'"),
+    ({"x": {"weights": [1, 1], "average": "ab"}}, "composition 'x': the children of the average block must be a list"),
+    ({"x": {"fuse": ["a", "b"], "name": 5}}, "composition 'x': invalid fusion name 5: use 1-128 letters"),
+    ({"x": {"fuse": ["a", "b"], "name": "../../etc"}}, r"composition 'x': invalid fusion name '\.\./\.\./etc'"),
+    ({"x": {"stack": ["a", "../b"]}}, r"composition 'x': invalid adapter name '\.\./b'"),
+    ({"../x": {"stack": ["a", "b"]}}, r"invalid composition name '\.\./x'"),
+    ({"base": {"stack": ["a", "b"]}}, "'base' cannot name a composition"),
+    ({"x": {"stack": ["a", "b"], "name": "n"}}, r"composition 'x': the stack block has no field\(s\) \['name'\]"),
+    ({"x": {"average": ["a", "b"], "weights": 5}}, "the weights of an average block must be a list of numbers, got 5"),
+    ({"x": "a"}, "composition 'x' names the single adapter 'a'"),
+], ids=["string-stack", "string-average", "fuse-name-number", "fuse-name-path", "child-path", "composition-path",
+        "composition-base", "unknown-field", "weights-number", "single-adapter"])
+def test_a_compositions_file_with_a_bad_block_or_name_is_refused_naming_the_file(tmp_path, capsys, document, match):
+    with pytest.raises(ak.AdapterkitError, match=match):
+        compositions_from_json(document)
+    path = tmp_path / "compositions.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ak.ConfigError, match=match) as caught:
+        read_compositions(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    capsys.readouterr()
+    assert main(["serve", "--base", str(tmp_path), "--adapters", str(tmp_path), "--compositions", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"adapterkit: error: {path}: ") and len(err.splitlines()) == 1
+
+
+def test_blocks_read_back_from_json_are_the_blocks_written():
+    blocks = {"s": ak.Stack("a", ak.Fuse("b", "c", name="f")),
+              "m": ak.Average("a", ak.Stack("b", "c"), weights=[0.3, 0.7])}
+    assert compositions_from_json({name: to_json(block) for name, block in blocks.items()}) == blocks
 
 
 # ---- weighted merges ------------------------------------------------------------------------------

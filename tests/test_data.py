@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import re
 
 import pytest
@@ -277,3 +279,90 @@ def test_a_template_fills_only_prompts_that_do_not_say_their_format(tmp_path):
     bad.write_text(json.dumps({**raw, "prompt_template": "German:"}) + "\n")
     with pytest.raises(DataError, match=r'bad.jsonl:1: "prompt_template" must be text holding \{prompt\}'):
         read_jsonl(bad)
+
+
+# ---- output files ----------------------------------------------------------------------------------
+def run_cli(argv, capsys):
+    """(exit code, stderr) of `adapterkit ARGV`."""
+    from adapterkit.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def files_in(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def jsonl_source(folder):
+    source = folder / "de.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"w{i}", "completion": f" v{i}"}) + "\n" for i in range(20)))
+    return source
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "hard link", "symbolic link"])
+def test_po2jsonl_refuses_to_write_over_one_of_its_catalogs(tmp_path, capsys, spelling):
+    catalog = write_catalog(tmp_path, CATALOG)
+    (tmp_path / "sub").mkdir()
+    output = {"same": catalog, "dotdot": tmp_path / "sub" / ".." / "es.po", "hard link": tmp_path / "hard.po",
+              "symbolic link": tmp_path / "soft.po"}[spelling]
+    if spelling == "hard link":
+        os.link(catalog, output)
+    if spelling == "symbolic link":
+        output.symlink_to(catalog)
+    before = files_in(tmp_path)
+    code, err = run_cli(["data", "po2jsonl", str(catalog), "--lang", "es", "-o", str(output)], capsys)
+    message = f"{output} is also an input, which writing it would destroy; name a new file"
+    assert (code, err) == (2, f"adapterkit: error: {message}\n")
+    assert files_in(tmp_path) == before
+
+
+@pytest.mark.parametrize("outputs, message", [
+    (("folder", "b.jsonl"), "{folder} is a folder; name a file to write"),
+    (("a.jsonl", "folder"), "{folder} is a folder; name a file to write"),
+    (("a.jsonl", "sub/../de.jsonl"), "{1} is also an input, which writing it would destroy; name a new file"),
+    (("a.jsonl", "sub/../a.jsonl"), "{1} is named twice as an output; name different files"),
+], ids=["train folder", "held-out folder", "the input", "one file twice"])
+def test_split_refuses_outputs_that_are_folders_the_input_or_one_file_twice(tmp_path, capsys, outputs, message):
+    source = jsonl_source(tmp_path)
+    for folder in ("folder", "sub"):
+        (tmp_path / folder).mkdir()
+    paths = [tmp_path / name for name in outputs]
+    before = files_in(tmp_path)
+    code, err = run_cli(["data", "split", str(source), "-o", *map(str, paths)], capsys)
+    expected = message.format(*paths, folder=tmp_path / "folder")
+    assert (code, err) == (2, f"adapterkit: error: {expected}\n")
+    assert files_in(tmp_path) == before
+
+
+def test_split_onto_a_full_device_writes_neither_file(tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    source = jsonl_source(tmp_path)
+    before = files_in(tmp_path)
+    code, err = run_cli(["data", "split", str(source), "-o", str(tmp_path / "a.jsonl"), "/dev/full"], capsys)
+    assert (code, err) == (2, "adapterkit: error: cannot write /dev/full: No space left on device\n")
+    assert files_in(tmp_path) == before
+
+
+def test_a_full_disk_keeps_the_old_output_files_and_leaves_no_partial_ones(tmp_path, capsys, monkeypatch):
+    source, catalog = jsonl_source(tmp_path), write_catalog(tmp_path, CATALOG)
+    train, held = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    train.write_text("old training file\n")
+    held.write_text("old held-out file\n")
+    before = files_in(tmp_path)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, err = run_cli(["data", "split", str(source), "-o", str(train), str(held)], capsys)
+    assert (code, err) == (2, f"adapterkit: error: cannot write {train}: No space left on device\n")
+    code, err = run_cli(["data", "po2jsonl", str(catalog), "--lang", "es", "-o", str(held)], capsys)
+    assert (code, err) == (2, f"adapterkit: error: cannot write {held}: No space left on device\n")
+    assert files_in(tmp_path) == before
+    monkeypatch.undo()
+    assert run_cli(["data", "split", str(source), "-o", str(train), str(held)], capsys)[0] == 0
+    assert (len(read_jsonl(train)), len(read_jsonl(held))) == (18, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "de.jsonl", "es.po"]

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -9,7 +11,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
-from adapterkit.errors import ConfigError, TrainingError
+from adapterkit.errors import AdapterFileError, ConfigError, TrainingError
 from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, Trainer, TrainConfig, lr_at
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
@@ -388,3 +390,55 @@ def test_leftover_staging_folders_go_when_training_starts_unless_one_is_the_only
     assert hidden(tmp_path) == sorted([only_copy, staged, *others])
     run(tmp_path, steps=2)
     assert hidden(tmp_path) == sorted(others)
+
+
+# ---- a full disk ----------------------------------------------------------------------------------
+def no_space_left(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_a_checkpoint_is_our_error_and_keeps_the_old_loss_plot(tmp_path, monkeypatch):
+    (tmp_path / LOSS_PLOT).write_bytes(b"the old plot")
+    monkeypatch.setattr(os, "fsync", no_space_left)  # where a full disk shows when a file is flushed to it
+    with pytest.raises(AdapterFileError) as caught:
+        run(tmp_path, steps=4, save_every=2)
+    assert str(caught.value) == f"cannot write the checkpoint to {tmp_path / CHECKPOINT_DIR}: No space left on device"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOSS_PLOT, METRICS_FILE]
+    assert (tmp_path / LOSS_PLOT).read_bytes() == b"the old plot"
+
+
+def test_a_full_disk_while_plotting_keeps_the_old_loss_plot_and_the_trained_adapter(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def savefig_on_a_full_disk(figure, target, **options):
+        if isinstance(target, (str, os.PathLike)):
+            open(target, "wb").close()  # matplotlib opens (and empties) the file before the disk fills
+        else:
+            target.write(b"\x89PNG, cut short")
+        no_space_left()
+
+    (tmp_path / LOSS_PLOT).write_bytes(b"the old plot")
+    monkeypatch.setattr(Figure, "savefig", savefig_on_a_full_disk)
+    with pytest.raises(TrainingError) as caught:
+        model = run(tmp_path, steps=2)
+    assert str(caught.value) == f"cannot write {tmp_path / LOSS_PLOT}: No space left on device"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [ADAPTER_DIR, LOSS_PLOT, METRICS_FILE]
+    assert (tmp_path / LOSS_PLOT).read_bytes() == b"the old plot"
+    ak.AdapterModel(tiny_llama()).load_adapter(tmp_path / ADAPTER_DIR)
+
+
+def test_a_full_disk_during_training_is_one_line_from_the_cli(tmp_path, base_dir, monkeypatch, capsys):
+    from adapterkit.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(example) + "\n" for example in EXAMPLES))
+    out = tmp_path / "run"
+    monkeypatch.setattr(os, "fsync", no_space_left)
+    capsys.readouterr()
+    options = ["--steps", "2", "--save-every", "1", "--batch-size", "4", "--no-progress"]
+    assert main(["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), *options]) == 2
+    err = capsys.readouterr().err
+    message = f"cannot write the checkpoint to {out / CHECKPOINT_DIR}: No space left on device"
+    assert err.splitlines()[-1] == f"adapterkit: error: {message}"
+    assert "Traceback" not in err and err.count("adapterkit: error:") == 1
+    assert sorted(path.name for path in out.iterdir()) == [METRICS_FILE]

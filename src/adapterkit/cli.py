@@ -558,19 +558,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def read_compositions(path: Path) -> dict:
     """{name: block} from a JSON file of {name: {"stack" | "average" | "fuse": [...]}}."""
-    from .compose import Composition, from_json
+    from .compose import compositions_from_json
 
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ConfigError(f"cannot read compositions from {path}: {error}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path} must map composition names to blocks")
-    blocks = {name: from_json(spec) for name, spec in document.items()}
-    plain = sorted(name for name, block in blocks.items() if not isinstance(block, Composition))
-    if plain:
-        raise ConfigError(f"{path}: {plain} name a single adapter; a composition is a stack, average or fuse")
-    return blocks
+    try:
+        return compositions_from_json(document)
+    except AdapterkitError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def default_base_name() -> str:

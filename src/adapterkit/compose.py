@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from typing import Any, Union
 
-from .errors import ConfigError
+from .errors import AdapterkitError, ConfigError
+from .names import check_adapter_name
 
 Block = Union[str, "Stack", "Average", "Fuse"]
+BLOCK_FIELDS = {"stack": set(), "average": {"weights"}, "fuse": {"name"}}  # each kind's fields beside its children
 
 
 class Composition:
@@ -92,16 +94,55 @@ def to_json(block: Block) -> Any:
 
 
 def from_json(data: Any) -> Block:
-    """The block a ``to_json`` value describes (as fusion configs store their children)."""
+    """The block a ``to_json`` value describes (as fusion configs and compositions files store
+    them). This is the one parser of blocks: every adapter name and a fuse's name are checked as
+    names, children must be a list (a string would become a stack of its letters), and fields a
+    block does not have are refused."""
     if isinstance(data, str):
-        return data
-    if isinstance(data, dict) and len(data.keys() & {"stack", "average", "fuse"}) == 1 and isinstance(next(iter(data.values())), list):
-        if "stack" in data:
-            return Stack(*[from_json(c) for c in data["stack"]])
-        if "average" in data:
-            return Average(*[from_json(c) for c in data["average"]], weights=data.get("weights"), normalize=False)
-        return Fuse(*[from_json(c) for c in data["fuse"]], name=data.get("name"))
-    raise ConfigError(f"not a composition: {data!r}")
+        return check_adapter_name(data)
+    kinds = [kind for kind in BLOCK_FIELDS if isinstance(data, dict) and kind in data]
+    if len(kinds) != 1:
+        raise ConfigError(f"not a composition: {data!r}; a block is {{'stack' | 'average' | 'fuse': [children]}}")
+    kind = kinds[0]
+    unknown = sorted(set(data) - {kind} - BLOCK_FIELDS[kind])
+    if unknown:
+        known = sorted({kind} | BLOCK_FIELDS[kind])
+        raise ConfigError(f"the {kind} block has no field(s) {unknown}; its fields are {known}")
+    children = data[kind]
+    if not isinstance(children, list):
+        raise ConfigError(
+            f"the children of the {kind} block must be a list of adapter names or blocks, got {children!r}"
+        )
+    blocks = [from_json(child) for child in children]
+    if kind == "stack":
+        return Stack(*blocks)
+    if kind == "average":
+        weights = data.get("weights")
+        if weights is not None and not isinstance(weights, list):
+            raise ConfigError(f"the weights of an average block must be a list of numbers, got {weights!r}")
+        return Average(*blocks, weights=weights, normalize=False)
+    name = data.get("name")
+    return Fuse(*blocks, name=None if name is None else check_adapter_name(name, "fusion"))
+
+
+def compositions_from_json(document: Any) -> dict[str, "Composition"]:
+    """Named blocks from {name: block} (a compositions file): each name a valid name, each block a
+    stack, average or fuse; an error names the composition it is about."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"expected a table of composition names and blocks, got {type(document).__name__}")
+    blocks = {}
+    for name, spec in document.items():
+        check_adapter_name(name, "composition")
+        try:
+            block = from_json(spec)
+        except AdapterkitError as error:
+            raise type(error)(f"composition {name!r}: {error}") from None
+        if not isinstance(block, Composition):
+            raise ConfigError(
+                f"composition {name!r} names the single adapter {block!r}; a composition is a stack, average or fuse"
+            )
+        blocks[name] = block
+    return blocks
 
 
 def adapter_names(block: Block) -> list[str]:

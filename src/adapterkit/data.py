@@ -12,17 +12,20 @@ puts new text into it (see ``adapterkit.templates``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gettext
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import polib
 import torch
 
 from .errors import ConfigError, DataError
+from .io.folders import write_files_atomically
 from .templates import CHAT, SLOT, check_template, render_prompt
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
@@ -120,6 +123,8 @@ def pairs_from_catalogs(catalogs: Iterable[str | Path], language: str) -> list[d
 
 def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Path) -> int:
     """Write the unique pairs of one or more catalogs to a JSONL file; returns how many."""
+    catalogs = [Path(catalog) for catalog in catalogs]
+    check_outputs([Path(output)], catalogs)
     pairs = pairs_from_catalogs(catalogs, language)
     write_jsonl(output, pairs)
     return len(pairs)
@@ -137,11 +142,31 @@ def split_jsonl(path: str | Path, fraction: float, seed: int, outputs: tuple[str
     if not train:
         raise DataError(f"{path} holds {len(examples)} example(s): too few to hold {fraction:g} of them out and train on the rest")
     train_path, held_path = (Path(p) for p in outputs) if outputs else (path.with_suffix(".train.jsonl"), path.with_suffix(".heldout.jsonl"))
-    if path.resolve() in (train_path.resolve(), held_path.resolve()) or train_path.resolve() == held_path.resolve():
-        raise ConfigError("the training and held-out files must be two new files, not the input")
-    write_jsonl(train_path, train)
-    write_jsonl(held_path, held)
+    check_outputs([train_path, held_path], [path])
+    write_jsonl_files({train_path: train, held_path: held})
     return train_path, held_path, len(train), len(held)
+
+
+def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse output files that are folders, that are one of the inputs (writing would destroy
+    what is being read) or that are named twice."""
+    for index, output in enumerate(outputs):
+        if output.is_dir():
+            raise ConfigError(f"{output} is a folder; name a file to write")
+        if any(same_file(output, source) for source in inputs):
+            raise ConfigError(f"{output} is also an input, which writing it would destroy; name a new file")
+        if any(same_file(output, other) for other in outputs[:index]):
+            raise ConfigError(f"{output} is named twice as an output; name different files")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links, ``..`` or hard links too)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def unique_pairs(pairs: Iterable[dict[str, str]]) -> list[dict[str, str]]:
@@ -243,11 +268,24 @@ def apply_template(examples: list[dict], template: str | None, tokenizer=None) -
 
 
 def write_jsonl(path: str | Path, examples: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+    """Write a JSONL file atomically (see ``write_jsonl_files``)."""
+    write_jsonl_files({Path(path): examples})
+
+
+def write_jsonl_files(files: dict[Path, Iterable[dict]]) -> None:
+    """Write JSONL files all or nothing: a failed write (a full disk) leaves no partial file and
+    keeps any old one, and is a DataError naming the file."""
+    try:
+        for path in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_files_atomically({path: functools.partial(_write_examples, rows) for path, rows in files.items()})
+    except OSError as error:
+        raise DataError(f"cannot write {error.filename}: {error.strerror}") from None
+
+
+def _write_examples(examples: Iterable[dict], handle: BinaryIO) -> None:
+    for example in examples:
+        handle.write((json.dumps(example, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def prompt_and_completion(example: dict, tokenizer) -> tuple[str, str]:

@@ -14,12 +14,15 @@ def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and _VALID_NAME.fullmatch(name) is not None and name != BASE
 
 
-def check_adapter_name(name: object) -> str:
-    """``name`` if it can name an adapter (and a folder), else a clear error."""
+def check_adapter_name(name: object, kind: str = "adapter") -> str:
+    """``name`` if it can name an adapter (and a folder), or a composition (``kind``), else a clear error."""
     if isinstance(name, str) and name == BASE:
-        raise AdapterNameError(f"{BASE!r} cannot name an adapter: it stands for the bare base model in mixed batches and requests")
+        article = "an" if kind[:1] in "aeiou" else "a"
+        raise AdapterNameError(
+            f"{BASE!r} cannot name {article} {kind}: it stands for the bare base model in mixed batches and requests"
+        )
     if not is_valid_name(name):
         raise AdapterNameError(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
         )
     return name

@@ -24,7 +24,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from safetensors.torch import save as save_safetensors_bytes
@@ -35,6 +35,7 @@ from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batch
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
 from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, with_prompt_template, write_folder_atomically
+from .io.folders import write_files_atomically
 from .methods import dataclass_from_dict
 from .templates import check_template
 
@@ -141,6 +142,15 @@ def clear_run(output_dir: str | Path) -> None:
     for name in earlier_run(output_dir):
         path = Path(output_dir) / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def write_output_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file of the run (loss.png, metrics.jsonl) atomically: a failed write keeps the old
+    file and leaves no partial one, and is a TrainingError naming the file."""
+    try:
+        write_files_atomically({path: write})
+    except OSError as error:
+        raise TrainingError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def checkpoint_step(output_dir: str | Path) -> int | None:
@@ -270,13 +280,16 @@ class Trainer:
                     self._evaluate()
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()
+        except BaseException:
+            self._plot_losses_if_possible()
+            raise
         finally:
             bar.close()
             self.model.train(was_training)
-            self.plot_losses()
+        self._plot_losses_if_possible()  # a first look before the evaluation; failing here must not lose the adapter
         result = self._evaluate() if self.eval_examples else {}
         if self.adapter_name is not None and self.rank == 0:
-            write_folder_atomically(self.output_dir / ADAPTER_DIR, self._adapter_files())
+            write_folder_atomically(self.output_dir / ADAPTER_DIR, self._adapter_files(), "the trained adapter")
         self.plot_losses()
         return result
 
@@ -347,8 +360,12 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.output_dir / METRICS_FILE
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise TrainingError(f"cannot write {path}: {error.strerror or error}") from None
         if self._tensorboard is not None:  # HF Trainer's names: train/loss, eval/loss, ...
             for key, value in record.items():
                 if key != "step":
@@ -372,8 +389,8 @@ class Trainer:
         path = self.output_dir / METRICS_FILE
         if self.rank != 0 or not path.exists():
             return
-        kept = [record for record in read_metrics(path) if record["step"] <= self.step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        text = "".join(json.dumps(record) + "\n" for record in read_metrics(path) if record["step"] <= self.step)
+        write_output_file(path, lambda handle: handle.write(text.encode("utf-8")))
 
     def plot_losses(self) -> None:
         """loss.png: training loss per step, and eval loss where it was measured (rank 0 only)."""
@@ -398,8 +415,18 @@ class Trainer:
         axes.legend()
         axes.grid(alpha=0.3)
         figure.tight_layout()
-        figure.savefig(self.output_dir / LOSS_PLOT, dpi=100)
-        plt.close(figure)
+        try:
+            write_output_file(self.output_dir / LOSS_PLOT, lambda file: figure.savefig(file, format="png", dpi=100))
+        finally:
+            plt.close(figure)
+
+    def _plot_losses_if_possible(self) -> None:
+        """loss.png where a failure to write it must not hide why a run stopped (the full disk that
+        stopped it, say) nor keep the trained adapter from being saved."""
+        try:
+            self.plot_losses()
+        except TrainingError:
+            pass
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -430,7 +457,7 @@ class Trainer:
             STATE_FILE: (json.dumps(document, indent=2) + "\n").encode(),
             **self._adapter_files(),  # its config file goes last
         }
-        write_folder_atomically(self.output_dir / CHECKPOINT_DIR, files)
+        write_folder_atomically(self.output_dir / CHECKPOINT_DIR, files, "the checkpoint")
 
     def _adapter_files(self) -> dict[str, bytes]:
         return with_prompt_template(self.model.adapter_files(self.adapter_name), self.prompt_template)

@@ -29,6 +29,7 @@ from ..compose import Fuse
 from ..errors import AdapterFileError, ConfigError
 from ..inject import find_sites
 from ..methods import BottleneckConfig, FusionConfig
+from ..methods.base import check_bool, check_int
 from .folders import read_json, read_regular_file
 from .tensors import first_non_finite, read_tensors
 
@@ -40,6 +41,7 @@ PARAMETERS = {"adapter_down.0.weight": "down_weight", "adapter_down.0.bias": "do
               "adapter_up.weight": "up_weight", "adapter_up.bias": "up_bias",
               "query.weight": "query_weight", "query.bias": "query_bias", "key.weight": "key_weight",
               "key.bias": "key_bias", "value.weight": "value_weight"}
+FUSION_PARAMETERS = ("query_weight", "query_bias", "key_weight", "key_bias", "value_weight")
 KEY = re.compile(r"(?:^|\.)(\d+)\.(attention\.output|attention_adapters|output_adapters|output)\.(?:adapters|adapter_fusion_layer)\.[^.]+\.(.+)$")
 # Fields AdapterHub always writes; these values switch on something we do not reproduce.
 UNSUPPORTED = {
@@ -65,22 +67,28 @@ def adapterhub_adapter(document: dict[str, Any], path: Path, base: nn.Module | N
     if switched_on:
         details = ", ".join(f"{key}={options[key]!r}" for key in switched_on)
         raise AdapterFileError(f"{source} uses AdapterHub features adapterkit does not reproduce: {details}")
+    try:
+        flags = _flags(options, ("mh_adapter", "output_adapter", "is_parallel", "original_ln_before"), False)
+    except ConfigError as error:
+        raise AdapterFileError(f"{source} is corrupt: {error}") from None
     activation = str(options.get("non_linearity", "relu")).lower()
     if activation not in ACTIVATIONS:
         raise AdapterFileError(f"{source}: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     placement = {(True, True): "houlsby", (False, True): "pfeiffer", (True, False): "attention"}.get(
-        (bool(options.get("mh_adapter")), bool(options.get("output_adapter"))))
+        (flags["mh_adapter"], flags["output_adapter"]))
     if placement is None:
         raise AdapterFileError(f"{source} places the adapter nowhere (mh_adapter and output_adapter are both false)")
     tensors = _located(_read_weights(path, WEIGHT_FILES), path)
     factor = options.get("reduction_factor", 16)
-    try:
+    reads = "residual" if flags["is_parallel"] else "output+residual" if flags["original_ln_before"] else "output"
+    try:  # values go to the config as written: its own checks name a field of the wrong type or range
         config = BottleneckConfig(
             placement=placement,
-            reads="residual" if options.get("is_parallel") else "output+residual" if options.get("original_ln_before") else "output",
+            reads=reads,
             reduction_factor={str(k): v for k, v in factor.items()} if isinstance(factor, dict) else factor,
-            activation=ACTIVATIONS[activation], dropout=float(options.get("dropout") or 0.0), layer_norm=False,
-            scaling=float(options.get("scaling", 1.0)), layers=sorted({int(key[1:].split(".")[0]) for key in tensors}),
+            activation=ACTIVATIONS[activation], dropout=0.0 if options.get("dropout") is None else options["dropout"],
+            layer_norm=False, scaling=options.get("scaling", 1.0),
+            layers=sorted({int(key[1:].split(".")[0]) for key in tensors}),
         )
     except ConfigError as error:
         raise AdapterFileError(f"{source} holds an adapter config adapterkit cannot use: {error}") from None
@@ -94,18 +102,43 @@ def adapterhub_fusion(path: Path, base: nn.Module | None) -> tuple[str, FusionCo
     members, options = document.get("adapter_names"), document.get("config")
     if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members) or not isinstance(options, dict):
         raise AdapterFileError(f"{source} is corrupt: it needs 'adapter_names' (a list of names) and 'config'")
-    if options.get("residual_before") or options.get("query") is False or options.get("key") is False or options.get("value") is False:
+    try:
+        flags = _flags(options, ("residual_before", "query_before_ln"), False)
+        flags |= _flags(options, ("query", "key", "value"), True)
+        if document.get("hidden_size") is not None:
+            check_int("hidden_size", document["hidden_size"])
+    except ConfigError as error:
+        raise AdapterFileError(f"{source} is corrupt: {error}") from None
+    if flags["residual_before"] or not (flags["query"] and flags["key"] and flags["value"]):
         raise AdapterFileError(f"{source} uses AdapterHub fusion options adapterkit does not reproduce: "
                                "residual_before, or a fusion without query, key or value")
     tensors = _located(_read_weights(path, FUSION_WEIGHT_FILES), path)
-    hidden = document.get("hidden_size") or next(t.shape[0] for k, t in tensors.items() if k.endswith("query_bias"))
-    widths = {key.partition(".adapter.")[0]: int(hidden) for key in tensors}
+    hidden = document.get("hidden_size") or _fusion_width(tensors, source)
+    widths = {key.partition(".adapter.")[0]: hidden for key in tensors}
     if base is not None:
         locations = _locations(base)
         widths = {locations.get(key, key): width for key, width in widths.items()}
         tensors = _placed(tensors, base, path)
-    config = FusionConfig(children=list(members), widths=widths, query="output" if options.get("query_before_ln") else "adapter_input")
+    try:
+        query = "output" if flags["query_before_ln"] else "adapter_input"
+        config = FusionConfig(children=list(members), widths=widths, query=query)
+    except ConfigError as error:
+        raise AdapterFileError(f"{source} holds a fusion adapterkit cannot use: {error}") from None
     return Fuse(*members).name, config, tensors
+
+
+def _flags(options: dict[str, Any], keys: tuple[str, ...], default: bool) -> dict[str, bool]:
+    """The boolean options ``keys`` (``default`` where absent): a string such as "false" would read as true."""
+    return {key: check_bool(key, options.get(key, default)) for key in keys}
+
+
+def _fusion_width(tensors: dict[str, torch.Tensor], source: Path) -> int:
+    """The hidden size from a query, key or value tensor, for a fusion config that does not record it."""
+    for key, tensor in tensors.items():
+        if key.rpartition(".")[2] in FUSION_PARAMETERS and tensor.dim():
+            return int(tensor.shape[0])
+    raise AdapterFileError(f"{source} lacks 'hidden_size', and its weights hold no query, key or value tensor "
+                           "to tell it")
 
 
 def _read_weights(path: Path, names: tuple[str, str]) -> dict[str, torch.Tensor]:

@@ -8,15 +8,18 @@ hard links before the swap, so saving replaces only the writer's own files.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 from ..errors import AdapterFileError
 
@@ -55,12 +58,20 @@ def read_json(path: Path) -> dict:
     return document
 
 
-def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
+def write_folder_atomically(path: Path, files: dict[str, bytes], what: str = "the adapter") -> None:
     """Write ``files`` into the folder ``path``, replacing those files and keeping any others; the
-    last file is written last (put the one that marks the folder complete there)."""
+    last file is written last (put the one that marks the folder complete there). A failed write
+    (a full disk) is an AdapterFileError saying it could not write ``what``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterFileError(f"{path} exists and is not a folder; refusing to replace it")
+    try:
+        _replace_folder(path, files)
+    except OSError as error:
+        raise AdapterFileError(f"cannot write {what} to {path}: {error.strerror or error}") from None
+
+
+def _replace_folder(path: Path, files: dict[str, bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
     try:
@@ -80,6 +91,74 @@ def write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_files_atomically(writers: dict[Path, Callable[[BinaryIO], object]]) -> None:
+    """Write each file (``writers[path](handle)`` fills it) beside its path, and rename them all
+    into place only once every one is complete: a failure (a full disk, say) leaves the old files,
+    or none, never a partial one. A symbolic link keeps pointing at its file, which is replaced; a
+    device or pipe (/dev/stdout) is written as it is. An OSError names the file as given."""
+    staged: list[tuple[Path, Path, Path]] = []  # (temporary file, file it replaces, path as given)
+    try:
+        for path, write in writers.items():
+            path = Path(path)
+            target = Path(os.path.realpath(path))
+            with _naming(path):
+                if _is_stream(path):
+                    _write_stream(path, write)
+                else:
+                    staged.append((_stage_file(target, write), target, path))
+        for temp, target, path in staged:
+            with _naming(path):
+                os.replace(temp, target)
+    finally:
+        for temp, _, _ in staged:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """OSErrors raised inside name ``path``, the file the caller asked for, not a temporary one."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def _stage_file(target: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """A complete, flushed copy of the file to be, as a hidden sibling of ``target``."""
+    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to a plain open()
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if target.is_file():
+                os.fchmod(handle.fileno(), stat.S_IMODE(target.stat().st_mode))  # a replaced file keeps its mode
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return temp
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` is a device, pipe or socket, or one of the process's own descriptors
+    (/dev/stdout, even when it is redirected to a file): written in place, since renaming a file
+    over it would replace what it points to rather than write to it."""
+    if os.path.realpath(path).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (yet)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
 
 
 def remove_interrupted_writes(folder: Path, name: str) -> None:

@@ -36,6 +36,8 @@ def is_peft_config(document: dict[str, Any]) -> bool:
 def peft_method(document: dict[str, Any], source: Path) -> Method:
     by_type = {method.peft.peft_type: method for method in registered_methods() if method.peft is not None}
     peft_type = document.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterFileError(f"{source} is corrupt: peft_type must be a string such as 'LORA', got {peft_type!r}")
     if peft_type not in by_type:
         raise AdapterFileError(f"{source} is a peft {peft_type} adapter; adapterkit reads peft's {sorted(by_type)} adapters")
     return by_type[peft_type]

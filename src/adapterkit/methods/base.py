@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -96,6 +97,8 @@ def check_number(field: str, value: Any, low: float | None = None, high: float |
             wanted = "a positive number"
         elif low == 0:
             wanted = "a non-negative number"
+        elif low is not None:
+            wanted = f"a number of at least {low:g}"
         else:
             wanted = "a finite number"
         raise ConfigError(f"{field} must be {wanted}, got {value!r}")
@@ -130,13 +133,22 @@ def check_target_modules(target_modules: Any, required: bool) -> list[str] | str
     if target_modules is None and not required:
         return None
     if isinstance(target_modules, str) and target_modules:
-        return target_modules
+        return check_pattern("target_modules", target_modules)
     if isinstance(target_modules, (list, tuple)) and target_modules and all(isinstance(t, str) and t for t in target_modules):
         return list(target_modules)
     raise ConfigError(
         f"target_modules must name the linear layers to adapt (a list such as ['q_proj', 'v_proj'] "
         f"or a regular expression), got {target_modules!r}"
     )
+
+
+def check_pattern(field: str, pattern: str) -> str:
+    """A regular expression that compiles: a bad one would otherwise fail only when the adapter is attached."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise ConfigError(f"{field} {pattern!r} is not a valid regular expression ({error})") from None
+    return pattern
 
 
 # ---- modules -------------------------------------------------------------------------------------

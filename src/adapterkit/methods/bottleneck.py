@@ -34,6 +34,7 @@ READS = ("output", "sublayer_input", "residual", "output+residual")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
 INITS = ("zeros", "bert")
 DEFAULT_BOTTLENECK_SIZE = 64
+MIN_REDUCTION_FACTOR = 1 / 16  # a bottleneck at most 16 times the hidden size; smaller factors overflow memory
 
 
 @dataclasses.dataclass
@@ -80,9 +81,9 @@ class BottleneckConfig(AdapterConfig):
             if "default" not in self.reduction_factor:
                 raise ConfigError(f"a reduction_factor map needs a 'default' entry, got {self.reduction_factor!r}")
             for layer, factor in self.reduction_factor.items():
-                check_number(f"reduction_factor[{layer!r}]", factor, positive=True)
+                check_number(f"reduction_factor[{layer!r}]", factor, low=MIN_REDUCTION_FACTOR)
         elif self.reduction_factor is not None:
-            check_number("reduction_factor", self.reduction_factor, positive=True)
+            check_number("reduction_factor", self.reduction_factor, low=MIN_REDUCTION_FACTOR)
         if self.reads is not None:
             check_choice("reads", self.reads, READS)
         check_choice("activation", self.activation, ACTIVATIONS)
