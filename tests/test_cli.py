@@ -284,7 +284,7 @@ def test_help_and_version_answer_without_torch_and_a_closed_pipe_is_no_traceback
     probe = ("import sys\nfrom adapterkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'transformers', 'adapterkit.methods') if m in sys.modules))")
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert "usage: adapterkit [-h] [--version] {train,eval,generate,info,data,serve}" in shown and shown.endswith("[]\n")
+    assert "usage: adapterkit [-h] [--version] {train,eval,generate,info,export,data,serve}" in shown and shown.endswith("[]\n")
     version = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True, check=True).stdout
     assert version == f"adapterkit {adapterkit.__version__}\n"
 
