@@ -44,7 +44,8 @@ def test_an_exported_lora_loads_in_peft_on_the_base_folder_with_our_logits(tmp_p
                                        f"(base {base_dir.resolve()})\n")
     document = json.loads((tmp_path / "sql-peft" / "adapter_config.json").read_text())
     assert document["peft_type"] == "LORA" and document["base_model_name_or_path"] == str(base_dir.resolve())
-    assert sorted(p.name for p in (tmp_path / "sql-peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "sql-peft").iterdir())
+    assert written == ["adapter_config.json", "adapter_model.safetensors"]
     theirs = peft_logits(tmp_path / "sql-peft")
     assert not torch.allclose(theirs, logits(ak.load_base(base_dir)[0]), atol=1e-3)  # the adapter changes the answer
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
@@ -78,7 +79,8 @@ def test_a_used_output_folder_is_kept_unless_overwrite_is_given(tmp_path, base_d
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert main(["export", str(tmp_path / "sql"), "--format", "peft", "-o", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"adapterkit: error: {tmp_path / 'out'} is not empty: write into it anyway with --overwrite, or choose another --output")
+        f"adapterkit: error: {tmp_path / 'out'} is not empty: write into it anyway with --overwrite, "
+        "or choose another --output")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
     assert main(["export", str(tmp_path / "sql"), "--format", "peft", "-o", str(tmp_path / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -97,7 +99,8 @@ def test_an_adapter_whose_base_is_not_at_hand_asks_for_base(tmp_path, base_dir, 
     assert not (tmp_path / "ours").exists()
     assert main(["export", str(tmp_path / "x"), "--format", "adapterkit", "-o", str(tmp_path / "ours"),
                  "--base", str(base_dir)]) == 0
-    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    document = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert document["base_model_name_or_path"] == str(base_dir)
 
 
 def test_the_embedded_base_is_recorded_as_its_cached_folder(tmp_path, monkeypatch):
