@@ -414,6 +414,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .io import describe_adapter
 
     info = describe_adapter(args.path)
+    info["base"]["pretrained_path"] = base_pretrained_path(info["base"]["name_or_path"])
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
