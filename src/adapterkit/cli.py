@@ -414,6 +414,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .io import describe_adapter
 
     info = describe_adapter(args.path)
+    info["base"]["pretrained_path"] = base_pretrained_path(info["base"]["name_or_path"])
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
@@ -428,9 +429,81 @@ def run_info(args: argparse.Namespace) -> int:
         base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
         print(f"            {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, {base.get('dtype') or 'float32'}, "
               f"weights sha256 {base['weights_sha256'][:16]}…)")
+    if base["pretrained_path"] and base["pretrained_path"] != base["name_or_path"]:
+        print(f"            folder {base['pretrained_path']}{base_folder_note(base['name_or_path'])}")
     template = info["prompt_template"]
     print("template    " + ("the tokenizer's chat template (the text is the user's message)" if template == "chat"
                             else json.dumps(template, ensure_ascii=False) if template else "none recorded: text is given as it is"))
+    return 0
+
+
+def base_pretrained_path(name: str | None) -> str | None:
+    """The folder (or hub id) to give transformers, peft or lm-eval for a recorded base; None when
+    none is recorded or its embedded wheel is missing."""
+    from .bases import pretrained_path
+    from .errors import BaseModelError
+
+    try:
+        return pretrained_path(name) if name else None
+    except BaseModelError:
+        return None
+
+
+def base_folder_note(name: str) -> str:
+    from .bases import is_materialised
+
+    return "" if is_materialised(name) else " (made by the base's first load)"
+
+
+# ---- export --------------------------------------------------------------------------------------
+EXPORT_FORMATS = ("peft", "adapterkit")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write an adapter in another format: --format peft writes what peft.PeftModel.from_pretrained reads "
+        "(its base_model_name_or_path is the base's folder), --format adapterkit reads a peft folder and writes ours. "
+        "The adapter is loaded onto its base to be checked, so the base must be at hand."
+    )
+    parser.add_argument("path", type=Path, help="adapter folder (adapterkit's, peft's or AdapterHub's)")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the format to write; required")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="folder to write; required")
+    parser.add_argument("--base", help="embedded base name or local model folder the adapter belongs to "
+                                       "(default: the one it records, else the default base)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an output folder that is not empty")
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .bases import load_base, pretrained_path
+    from .errors import BaseModelError
+    from .io import read_adapter, write_folder_atomically
+    from .methods import get_method, registered_methods
+    from .model import AdapterModel
+    from .names import is_valid_name
+
+    output = args.output
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output} exists and is not a folder; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{output} is not empty: write into it anyway with --overwrite, or choose another --output")
+    saved = read_adapter(args.path)
+    method = saved.config.method
+    if args.format == "peft" and get_method(method).peft is None:
+        held = ", ".join(m.name for m in registered_methods() if m.peft is not None)
+        raise ConfigError(f"a {method} adapter has no peft format; peft holds {held}")
+    base_name = args.base or saved.base_name or default_base_name()
+    try:
+        base, _ = load_base(base_name)
+    except BaseModelError as error:
+        raise BaseModelError(f"{error}; give the adapter's base as --base" if not args.base else str(error)) from None
+    if args.format == "peft":
+        base.config.name_or_path = pretrained_path(base_name)  # what peft resolves: a folder, or a hub id
+    name = saved.name or (output.name if is_valid_name(output.name) else "adapter")
+    model = AdapterModel(base)
+    model.load_adapter(args.path, name=name)
+    write_folder_atomically(output, model.adapter_files(name, args.format))
+    print(f"wrote the {method} adapter {name} in {args.format} format to {output} (base {base.config.name_or_path})")
     return 0
 
 
@@ -581,6 +654,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "eval": ("score adapters (or the bare base) on a JSONL file", add_eval_arguments),
     "generate": ("answer prompts with one or more adapters, side by side", add_generate_arguments),
     "info": ("describe a saved adapter folder", add_info_arguments),
+    "export": ("write an adapter in peft's format, or a peft adapter in ours", add_export_arguments),
     "data": ("prepare training data: po2jsonl, split", add_data_arguments),
     "serve": ("OpenAI-compatible HTTP server over one base and a folder of adapters", add_serve_arguments),
 }

@@ -20,8 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
-from .protocol import ApiError, ChatRequest, CompletionRequest, LoadRequest, logprobs_block, usage
+from .protocol import (
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, LoadRequest, TokenizeRequest, check_token_ids,
+    check_unicode, logprobs_block, usage,
+)
 from .server import Job, Server, finished, until_gone
+from .tokenization import check_messages, check_text_length, encode_messages, tokenize_answer, tokenizer_info
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before any parsing
 
@@ -174,6 +178,38 @@ def create_app(server: Server) -> FastAPI:
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": generation.finish_reason}],
                 "usage": usage([generation])}
+
+    # ---- the tokenizer, as vLLM serves it (lm-evaluation-harness's remote tokenizer uses these) ----
+    info = tokenizer_info(server.engine.tokenizer, server.context)
+
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info() -> dict[str, Any]:
+        return info
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        body.checked()
+        tokenizer, special = server.engine.tokenizer, body.special_tokens()
+        if body.model is not None:
+            server.check_model(body.model)
+        if body.prompt is not None:
+            check_unicode(body.prompt, "the prompt")
+            check_text_length(len(body.prompt), server.context, "the prompt")
+            ids = await server.off_loop(lambda: tokenizer.encode(body.prompt, add_special_tokens=special))
+        else:
+            template = None if body.model is None else await asyncio.to_thread(server.template_of, body.model)
+            check_messages(tokenizer, body.messages, template, server.context)
+            ids = await server.off_loop(
+                lambda: encode_messages(tokenizer, body.messages, template, body.add_generation_prompt, special))
+        strs = bool(body.return_token_strs)
+        return await server.off_loop(lambda: tokenize_answer(tokenizer, ids, server.context, strs))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            server.check_model(body.model)
+        check_token_ids(body.tokens, server.vocabulary, "tokens", "invalid_tokens")
+        return {"prompt": await server.off_loop(lambda: server.engine.tokenizer.decode(body.tokens))}
 
     @app.post("/v1/adapters")
     async def load(body: LoadRequest, request: Request) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 import socket
 from pathlib import Path
 
-from ..bases import load_base
+from ..bases import load_base, pretrained_path
 from ..compose import Composition
 from ..errors import AdapterkitError
 from ..io import CONFIG_FILE
@@ -47,9 +47,19 @@ def serve(
         base_model, tokenizer = load_base(base, dtype, device)
         base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
         server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, config, compositions)
+        log.info(startup_line(base, base_name, folder, listener))
         uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[listener])
     finally:
         listener.close()
+
+
+def startup_line(base: str, base_name: str, adapters_dir: Path, listener: socket.socket) -> str:
+    """What is served where, with the base's folder: the path to give transformers, peft or
+    lm-eval (as ``pretrained``) for the same base."""
+    host, port = listener.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return (f"serving {base_name} (base folder {pretrained_path(base)}) and the adapters in {adapters_dir} "
+            f"at http://{host}:{port}/v1")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -88,6 +88,41 @@ class ChatRequest(Sampled):
     max_completion_tokens: int | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a ``prompt`` (TokenizeCompletionRequest) or ``messages``
+    (TokenizeChatRequest); ``model`` is optional, as lm-evaluation-harness sends none."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's defaults: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+
+    def checked(self) -> "TokenizeRequest":
+        """Itself, once it holds exactly one of prompt and messages."""
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give either 'prompt' (text) or 'messages' (a conversation) to tokenize",
+                           "invalid_request")
+        if self.prompt is not None and "add_generation_prompt" in self.model_fields_set:
+            raise ApiError(400, "add_generation_prompt applies to messages only", "invalid_request")
+        return self
+
+    def special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.prompt is not None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -103,11 +138,11 @@ def check_unicode(text: str, what: str) -> None:
                             "Unicode", "invalid_text") from None
 
 
-def check_token_ids(prompt: list[int], vocabulary: int) -> None:
+def check_token_ids(prompt: list[int], vocabulary: int, what: str = "the prompt",
+                    code: str = "invalid_prompt") -> None:
     bad = next((i for i in prompt if not 0 <= i < vocabulary), None)
     if bad is not None:
-        raise ApiError(400, f"the prompt holds token id {bad}; this model's ids run from 0 to {vocabulary - 1}",
-                       "invalid_prompt")
+        raise ApiError(400, f"{what} holds token id {bad}; this model's ids run from 0 to {vocabulary - 1}", code)
 
 
 def scored_logprobs(prompt_length: int, max_tokens: int, echo: bool, alternatives: int | None) -> int:
