@@ -15,6 +15,8 @@ from .base import (
     get_method,
     register_method,
     registered_methods,
+    shared_key,
+    shared_name,
 )
 from .bottleneck import BottleneckConfig
 from .lora import LoraConfig
@@ -26,5 +28,5 @@ CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method i
 
 __all__ = [
     "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "config_class",
-    "dataclass_from_dict", "get_method", "register_method", "registered_methods", *CONFIG_CLASSES,
+    "dataclass_from_dict", "get_method", "register_method", "registered_methods", "shared_key", "shared_name", *CONFIG_CLASSES,
 ]
