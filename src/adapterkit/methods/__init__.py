@@ -22,6 +22,7 @@ from .bottleneck import BottleneckConfig
 from .lora import LoraConfig
 from .adalora import AdaLoraConfig
 from .ia3 import IA3Config
+from .vera import VeraConfig
 from .fusion import FusionConfig
 
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
