@@ -24,8 +24,11 @@ from .errors import AdapterFileError, AdapterkitError, AdapterNameError, ConfigE
 from .hooks import HookLayer
 from .inject import Site
 from .io import CONFIG_FILE, adapter_files, base_fingerprint, check_base, forget_base_fingerprint, read_adapter, write_folder_atomically
-from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method
+from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method, shared_key, shared_name
 from .names import BASE, check_adapter_name
+
+
+SHARED = "~shared"  # an adapter's shared tensors among its modules; no module name gives this key
 
 
 class AdapterLayers(nn.ModuleDict):
@@ -219,7 +222,8 @@ class AdapterModel(nn.Module):
 
         With ``state_dict`` (keyed as ``adapter_state_dict`` gives it), the modules are built
         without initialising them and take those tensors, after checks of names, shapes, dtypes
-        and values; this is how every format loads.
+        and values; this is how every format loads. Shared tensors it leaves out (a method's
+        ``shared_tensors``, such as VeRA's projections saved without them) are made from the config.
 
         The modules go on the device of the layer each one adapts, in ``dtype``; by default
         float32 over a bfloat16 or float16 base (else the base's dtype), because an optimizer's
@@ -239,7 +243,12 @@ class AdapterModel(nn.Module):
             modules = {site.module_name: self._fresh_module(config, site, dtype) for site in sites}
         else:
             modules = self._modules_from_state(config, sites, state_dict, dtype)
+        shared = self._shared_tensors(config, sites, state_dict, dtype)
         layers = nn.ModuleDict({_key(site): modules[site.module_name] for site in sites})
+        if shared is not None:
+            layers[SHARED] = shared
+            for module in modules.values():
+                module.use_shared(shared)
         layers.requires_grad_(False)
         layers.train(self.training)
         self.adapter_layers[name] = layers
@@ -263,20 +272,36 @@ class AdapterModel(nn.Module):
             f"{module_name}.adapter.{param}": (module_name, param, tensor.shape)
             for module_name, module in built.items() for param, tensor in module.state_dict().items()
         }
-        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+        shared = set(map(shared_key, config.shared_tensors(sites, device="meta")))
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected) - shared)
         if missing or unexpected:
             raise ShapeMismatchError(
                 f"the tensors do not fit this {config.method} config on this base: missing {_few(missing)}, unexpected {_few(unexpected)}"
             )
         for key, (module_name, param, shape) in expected.items():
-            tensor = state_dict[key]
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                raise ShapeMismatchError(f"tensor {key} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
-            if tensor.shape != shape:
-                raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
+            tensor = _checked(key, state_dict[key], shape)
             weight = self.hooks.base_module(module_name).weight
             _assign(built[module_name], param, tensor.to(device=weight.device, dtype=dtype or _adapter_dtype(weight)))
         return built
+
+    def _shared_tensors(
+        self, config: AdapterConfig, sites: list[Site], state_dict: dict | None, dtype: torch.dtype | None
+    ) -> nn.Module | None:
+        """The adapter's shared tensors (``AdapterConfig.shared_tensors``) as the frozen buffers of
+        one module on the first site's device: those ``state_dict`` holds (checked), the others made
+        from the config. None for a method without any."""
+        shapes = config.shared_tensors(sites, device="meta")
+        if not shapes:
+            return None
+        given = {} if state_dict is None else {name: state_dict[key] for name in shapes if (key := shared_key(name)) in state_dict}
+        fresh = config.shared_tensors(sites) if len(given) < len(shapes) else {}
+        weight = self.hooks.base_module(sites[0].module_name).weight
+        holder = nn.Module()
+        for name, meta in shapes.items():
+            tensor = _checked(shared_key(name), given[name], meta.shape) if name in given else fresh[name]
+            holder.register_buffer(name, tensor.detach().to(device=weight.device, dtype=dtype or _adapter_dtype(weight)))
+        return holder
 
     def delete_adapter(self, name: str) -> None:
         self._check_known(name)
@@ -574,12 +599,17 @@ class AdapterModel(nn.Module):
         return name
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """One adapter's tensors, keyed "<base module>.adapter.<parameter>" (the live tensors)."""
-        return {
+        """One adapter's tensors, keyed "<base module>.adapter.<parameter>", and its shared ones
+        (``AdapterConfig.shared_tensors``) keyed "adapter.<name>" (the live tensors)."""
+        tensors = {
             f"{site.module_name}.adapter.{param}": tensor
             for site, module in self._site_modules(name)
             for param, tensor in module.state_dict().items()
         }
+        layers = self.adapter_layers[name]
+        if SHARED in layers:
+            tensors.update({shared_key(key): tensor for key, tensor in layers[SHARED].state_dict().items()})
+        return tensors
 
     def method_training(self, name: str) -> MethodTraining | None:
         """The training-time state its method keeps for ``name`` (AdaLoRA's rank allocation), if any."""
@@ -604,7 +634,8 @@ class AdapterModel(nn.Module):
             if changed is not None:
                 self._configs[name] = changed
         for key, tensor in self.adapter_state_dict(name).items():
-            tensor.copy_(saved[key])
+            if key in saved or shared_name(key) is None:  # shared tensors a folder leaves out are made as they were
+                tensor.copy_(saved[key])
 
     # ---- helpers ---------------------------------------------------------------------------
     def _site_modules(self, name: str) -> list[tuple[Site, AdapterModule]]:
@@ -660,6 +691,14 @@ def _scale_layer(layer: nn.Module, site: Site, scale: torch.Tensor, dim: str) ->
     layer.weight.mul_(vector.unsqueeze(1) if along_rows else vector.unsqueeze(0))
     if dim == "out" and getattr(layer, "bias", None) is not None:
         layer.bias.mul_(vector)
+
+
+def _checked(key: str, tensor, shape: torch.Size) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ShapeMismatchError(f"tensor {key} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+    if tensor.shape != shape:
+        raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
+    return tensor
 
 
 def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:

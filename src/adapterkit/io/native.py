@@ -6,7 +6,9 @@
   another), whatever the base's dtype was. "base_model_name_or_path" (as peft names it: what
   ``load_base`` was given) and "prompt_template" (see ``adapterkit.templates``) are optional:
   files written before them, or without them, read as None.
-- ``adapter_model.safetensors``: the tensors, keyed "<base module name>.adapter.<parameter>".
+- ``adapter_model.safetensors``: the tensors, keyed "<base module name>.adapter.<parameter>", and
+  the adapter's shared tensors, if its method has any (``AdapterConfig.shared_tensors``: VeRA's
+  projections), keyed "adapter.<name>"; a method may leave those out, to be made again on loading.
 """
 
 from __future__ import annotations

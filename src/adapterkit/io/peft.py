@@ -1,7 +1,8 @@
 """peft's adapter format, for every method whose registration names a ``PeftFormat``.
 
 peft's ``save_pretrained`` writes adapter_config.json (its config fields plus "peft_type") and
-adapter_model.safetensors keyed "base_model.model.<module>.<parameter><suffix>". A peft folder has
+adapter_model.safetensors keyed "base_model.model.<module>.<parameter><suffix>", and a method's
+shared tensors (VeRA's projections) "base_model.<name>", ours "adapter.<name>". A peft folder has
 no base fingerprint, so the base is checked through the tensor names and shapes alone.
 """
 
@@ -15,11 +16,12 @@ import torch
 
 from ..errors import AdapterFileError, ConfigError
 from ..inject import Site
-from ..methods import AdapterConfig, Method, get_method, registered_methods
+from ..methods import AdapterConfig, Method, get_method, registered_methods, shared_key, shared_name
 from .native import CONFIG_FILE, WEIGHTS_FILE
 from .tensors import read_tensors, tensors_to_bytes
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # a method's shared tensors
 # Fields that say nothing about the adapter's maths (bookkeeping, or how fresh weights were drawn).
 HARMLESS = {
     "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -77,6 +79,9 @@ def peft_tensors(config: AdapterConfig, path: Path) -> dict[str, torch.Tensor]:
     suffix = get_method(config.method).peft.tensor_suffix
     tensors = {}
     for key, tensor in read_tensors(path / WEIGHTS_FILE).items():
+        if key.startswith(SHARED_PREFIX) and not key.startswith(PREFIX) and "." not in key.removeprefix(SHARED_PREFIX):
+            tensors[shared_key(key.removeprefix(SHARED_PREFIX))] = tensor
+            continue
         module, _, param = key.removeprefix(PREFIX).removesuffix(suffix).rpartition(".")
         if not key.startswith(PREFIX) or not module:
             raise AdapterFileError(f"{path / WEIGHTS_FILE} holds {key!r}, which is not a tensor of peft's {config.method} format")
@@ -97,6 +102,9 @@ def peft_files(config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: l
     document.update(peft_type=peft.peft_type, inference_mode=True, task_type=None, base_model_name_or_path=base_name)
     renamed = {}
     for key, tensor in config.tensors_to_save(tensors).items():
+        if (name := shared_name(key)) is not None:
+            renamed[SHARED_PREFIX + name] = tensor
+            continue
         module, _, param = key.partition(".adapter.")
         renamed[f"{PREFIX}{module}.{param}{peft.tensor_suffix}"] = tensor
     return {WEIGHTS_FILE: tensors_to_bytes(renamed), CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}

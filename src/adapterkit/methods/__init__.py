@@ -15,16 +15,19 @@ from .base import (
     get_method,
     register_method,
     registered_methods,
+    shared_key,
+    shared_name,
 )
 from .bottleneck import BottleneckConfig
 from .lora import LoraConfig
 from .adalora import AdaLoraConfig
 from .ia3 import IA3Config
+from .vera import VeraConfig
 from .fusion import FusionConfig
 
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
 
 __all__ = [
     "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "config_class",
-    "dataclass_from_dict", "get_method", "register_method", "registered_methods", *CONFIG_CLASSES,
+    "dataclass_from_dict", "get_method", "register_method", "registered_methods", "shared_key", "shared_name", *CONFIG_CLASSES,
 ]

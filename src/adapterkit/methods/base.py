@@ -4,7 +4,8 @@ A method is one file in ``methods/``: a config dataclass (where its modules go, 
 an ``AdapterModule`` subclass (what it computes at a site, how it merges, how it stacks for mixed
 batches), optionally a ``MethodTraining`` (state it carries between optimizer steps) and a
 ``PeftFormat`` (its peft checkpoint mapping), all named in one ``register_method(Method(...))``
-call at the end of the file. Everything else (the hook layer, ``AdapterModel``, the file formats,
+call at the end of the file. A method whose modules read common tensors (VeRA's random projections)
+makes them once per adapter in ``AdapterConfig.shared_tensors``. Everything else (the hook layer, ``AdapterModel``, the file formats,
 the CLI) reads the registry and never names a method.
 """
 
@@ -39,12 +40,21 @@ class AdapterConfig:
         """A new module for ``site``; on the "meta" device it is only a shape, filled in by loading."""
         raise NotImplementedError
 
+    def shared_tensors(self, sites: list[Site], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Frozen tensors that every module of one adapter reads and none owns (VeRA's projections),
+        by name (no dots): made once per adapter from this config and its sites, handed to each
+        module through ``AdapterModule.use_shared``, and saved once, keyed ``shared_key(name)``.
+        They must follow from the config alone (a seed in it), so that ``tensors_to_save`` may
+        leave them out and loading makes them again. On "meta", only shapes. None by default."""
+        return {}
+
     def depends_on(self) -> list[str]:
         """Adapters that must be loaded before this one (a fusion's children)."""
         return []
 
     def tensors_to_save(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors a saved folder holds (AdaLoRA keeps only its kept ranks); all of them by default."""
+        """The tensors a saved folder holds (AdaLoRA keeps only its kept ranks; shared tensors may be
+        left out, to be made again when loading); all of them by default."""
         return tensors
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +85,19 @@ def dataclass_from_dict(cls: type, data: Any, unknown_label: str, known_label: s
         return cls(**data)
     except TypeError as error:  # a required field is missing
         raise ConfigError(f"{cls.__name__}: {error}") from None
+
+
+SHARED_PREFIX = "adapter."  # method-level tensors: "adapter.<name>"; a module's are "<module>.adapter.<name>"
+
+
+def shared_key(name: str) -> str:
+    """The state-dict key of an adapter's shared tensor ``name``."""
+    return SHARED_PREFIX + name
+
+
+def shared_name(key: str) -> str | None:
+    """The shared tensor a state-dict key names, or None for a module's tensor."""
+    return key.removeprefix(SHARED_PREFIX) if key.startswith(SHARED_PREFIX) and ".adapter." not in key else None
 
 
 # ---- checks shared by the configs ------------------------------------------------------------------
@@ -178,6 +201,12 @@ class AdapterModule(nn.Module):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def use_shared(self, shared: nn.Module) -> None:
+        """Take the adapter's shared tensors (``AdapterConfig.shared_tensors``), the buffers of
+        ``shared``, read as ``self.shared.<name>``. Not a submodule: they are the adapter's, saved
+        once, and ``shared`` moves with the adapter's modules."""
+        self.__dict__["shared"] = shared
 
     def mixed_kind(self) -> tuple:
         return (type(self),)
