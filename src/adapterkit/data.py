@@ -19,7 +19,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterable
 
 import polib
 import torch
@@ -351,16 +351,6 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def batches_forever(examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(epoch, batch) pairs, epoch after epoch."""
-    lengths = [len(e.input_ids) for e in examples]
-    epoch = start_epoch
-    while True:
-        for indices in length_bucketed_batches(lengths, batch_size, seed, epoch):
-            yield epoch, collate([examples[i] for i in indices], pad_id)
-        epoch += 1
 
 
 def split_held_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

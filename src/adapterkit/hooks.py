@@ -302,10 +302,6 @@ class HookLayer:
     def base_module(self, module_name: str) -> nn.Module:
         return self._modules[module_name]
 
-    def hooked_modules(self) -> list[str]:
-        """The base modules that carry an adapterkit hook now."""
-        return sorted(set(self._hooks) | {name for name, _ in self._taps})
-
     # ---- attaching -----------------------------------------------------------------------------
     def attach(self, name: str, sites: list[Site], modules: dict[str, AdapterModule]) -> None:
         """Hook ``modules`` (by base module name) into the base under ``name``."""
