@@ -37,6 +37,7 @@ from .base import (
     check_layers,
     check_number,
     check_target_modules,
+    is_meta,
     register_method,
 )
 from .lora import LowRankAdapter, default_targets
@@ -157,7 +158,7 @@ class AdaLoraAdapter(LowRankAdapter):
         self.lora_E = nn.Parameter(torch.empty(r, 1, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device))
         self.keep: torch.Tensor | None = None  # the triplets the rank allocation keeps (bool [r]); None: all
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             self._init_weights()
 
     @torch.no_grad()

@@ -175,6 +175,12 @@ def check_pattern(field: str, pattern: str) -> str:
 
 
 # ---- modules -------------------------------------------------------------------------------------
+def is_meta(device: torch.device | str | None) -> bool:
+    """Whether ``device`` is "meta": a module built there only has shapes, which loading fills,
+    so it draws no initial values."""
+    return device is not None and torch.device(device).type == "meta"
+
+
 class AdapterModule(nn.Module):
     """One adapter at one site. The hook layer calls it in one of two places:
 

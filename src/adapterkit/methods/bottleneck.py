@@ -26,6 +26,7 @@ from .base import (
     check_layers,
     check_number,
     check_target_modules,
+    is_meta,
     register_method,
 )
 
@@ -142,7 +143,7 @@ class BottleneckAdapter(AdapterModule):
             self.ln_weight = self.ln_bias = None
         self.down_weight, self.down_bias = empty(r, in_features), empty(r)
         self.up_weight, self.up_bias = empty(out_features, r), empty(out_features)
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             self._init_weights(config.init)
 
     @torch.no_grad()

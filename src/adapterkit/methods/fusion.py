@@ -21,7 +21,7 @@ from torch import nn
 from ..compose import adapter_names, from_json, fusions
 from ..errors import ConfigError
 from ..inject import Site
-from .base import AdapterConfig, AdapterModule, Method, check_choice, check_number, register_method
+from .base import AdapterConfig, AdapterModule, Method, check_choice, check_number, is_meta, register_method
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ class FusionLayer(AdapterModule):
         self.query_weight, self.query_bias = empty(width, width), empty(width)
         self.key_weight, self.key_bias = empty(width, width), empty(width)
         self.value_weight = empty(width, width)
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             with torch.no_grad():
                 self.query_weight.normal_(0.0, 0.02)
                 self.key_weight.normal_(0.0, 0.02)

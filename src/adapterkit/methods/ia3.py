@@ -29,6 +29,7 @@ from .base import (
     check_bool,
     check_layers,
     check_target_modules,
+    is_meta,
     register_method,
 )
 
@@ -104,7 +105,7 @@ class IA3Adapter(AdapterModule):
         self.hook = "input" if feedforward else "output"
         self.scale_dim = "in" if feedforward else "out"
         self.ia3_l = nn.Parameter(torch.empty((1, width) if feedforward else (width, 1), device=device))
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             with torch.no_grad():
                 self.ia3_l.fill_(1.0) if init_identity else self.ia3_l.normal_(1.0, 0.02)
 

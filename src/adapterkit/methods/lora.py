@@ -27,6 +27,7 @@ from .base import (
     check_layers,
     check_number,
     check_target_modules,
+    is_meta,
     register_method,
     weighted_sum,
 )
@@ -118,7 +119,7 @@ class LoraAdapter(LowRankAdapter):
         self.dropout = dropout
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device))
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             self._init_weights()
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ from .base import (
     check_layers,
     check_number,
     check_target_modules,
+    is_meta,
     register_method,
     shared_name,
 )
@@ -75,7 +76,7 @@ class VeraConfig(AdapterConfig):
     def shared_tensors(self, sites: list[Site], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """vera_A [r, largest in] and vera_B [largest out, r], drawn in that order as peft does."""
         shapes = {"vera_A": (self.r, max(s.in_features for s in sites)), "vera_B": (max(s.out_features for s in sites), self.r)}
-        if device is not None and torch.device(device).type == "meta":
+        if is_meta(device):
             return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
         generator = torch.Generator(device="cpu").manual_seed(self.projection_prng_key)
         return {name: kaiming_uniform(shape, generator) for name, shape in shapes.items()}
@@ -107,7 +108,7 @@ class VeraAdapter(LowRankAdapter):
         self.dropout = dropout
         self.vera_lambda_b = nn.Parameter(torch.empty(out_features, device=device))
         self.vera_lambda_d = nn.Parameter(torch.empty(r, device=device))
-        if device is None or torch.device(device).type != "meta":
+        if not is_meta(device):
             with torch.no_grad():
                 if init_identity:
                     self.vera_lambda_b.zero_()
