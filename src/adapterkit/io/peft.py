@@ -25,10 +25,8 @@ SHARED_PREFIX = "base_model."  # a method's shared tensors
 # Fields that say nothing about the adapter's maths (bookkeeping, or how fresh weights were drawn).
 HARMLESS = {
     "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "fan_in_fan_out", "layers_pattern", "init_lora_weights", "init_ia3_weights", "megatron_core",
-    "qalora_group_size", "r",
+    "auto_mapping", "fan_in_fan_out", "layers_pattern", "megatron_core", "qalora_group_size", "r",
 }
-FRESH_INITS = (True, False, "gaussian")  # other LoRA inits (pissa, olora, loftq, ...) also change the base weights
 
 
 def is_peft_config(document: dict[str, Any]) -> bool:
@@ -50,13 +48,12 @@ def peft_config(document: dict[str, Any], path: Path) -> AdapterConfig:
     we do not reproduce is named in the error."""
     source = path / CONFIG_FILE
     method = peft_method(document, source)
-    fields = method.peft.fields
+    fields, fresh_init = method.peft.fields, method.peft.fresh_init
     unsupported = sorted(
         key for key, value in document.items()
         if key not in fields and key not in HARMLESS and value not in (None, False, {}, [], "none")
+        and value not in fresh_init.get(key, ())
     )
-    if document.get("init_lora_weights", True) not in FRESH_INITS:
-        unsupported.append("init_lora_weights")
     if unsupported:
         details = ", ".join(f"{key}={document[key]!r}" for key in unsupported)
         raise AdapterFileError(f"{source} uses peft features adapterkit does not reproduce: {details}")

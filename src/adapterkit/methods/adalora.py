@@ -40,7 +40,7 @@ from .base import (
     is_meta,
     register_method,
 )
-from .lora import LowRankAdapter, default_targets
+from .lora import FRESH_INITS, LowRankAdapter, default_targets
 
 RANKNUM_EPSILON = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft checkpoints give peft's outputs
 FACTORS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}  # each factor and its rank dimension
@@ -62,7 +62,7 @@ class AdaLoraConfig(AdapterConfig):
 
     method = "adalora"
     set_by_training = frozenset({"rank_pattern"})
-    peft_names = {"lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers"}
+    run_length_fields = frozenset({"total_step"})
 
     init_r: int = 12
     target_r: int = 8
@@ -78,12 +78,8 @@ class AdaLoraConfig(AdapterConfig):
     total_step: int | None = None
     layers: list[int] | None = None
     rank_pattern: dict[str, list[bool]] | None = None
-    lora_alpha: dataclasses.InitVar[float | None] = None
-    lora_dropout: dataclasses.InitVar[float | None] = None
-    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
-        self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
+    def __post_init__(self) -> None:
         for field in ("init_r", "target_r", "deltaT"):
             check_int(field, getattr(self, field))
         if self.target_r > self.init_r:
@@ -443,6 +439,6 @@ register_method(Method(
          "tfinal": "tfinal", "deltaT": "deltaT", "target_modules": "target_modules", "lora_alpha": "alpha",
          "lora_dropout": "dropout", "orth_reg_weight": "orth_reg_weight", "total_step": "total_step",
          "layers_to_transform": "layers", "rank_pattern": "rank_pattern"},
-        from_peft=_adalora_from_peft, to_peft=_adalora_to_peft,
+        fresh_init=FRESH_INITS, from_peft=_adalora_from_peft, to_peft=_adalora_to_peft,
     ),
 ))

@@ -24,13 +24,26 @@ from ..inject import Site
 
 
 # ---- configs -------------------------------------------------------------------------------------
+class ConfigType(type):
+    """The type of the config classes: a config takes peft's spelling of its fields as keywords
+    (``LoraConfig(lora_alpha=16)``), from its method's one peft field map (``PeftFormat.fields``)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **cls.in_our_names(kwargs))
+
+
 @dataclasses.dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=ConfigType):
     """Base of every method's config: a dataclass whose fields are plain JSON values."""
 
     method: ClassVar[str]
     set_by_training: ClassVar[frozenset[str]] = frozenset()  # fields a training run sets itself
-    peft_names: ClassVar[dict[str, str]] = {}  # peft's spelling -> ours, accepted everywhere ours is
+    # fields a training run fills with its planned number of optimizer steps when they are not given
+    # (AdaLoRA's total_step: its rank schedule needs the run's length)
+    run_length_fields: ClassVar[frozenset[str]] = frozenset()
+    # an adapter of this method runs only inside the composition block that names it (a fusion,
+    # inside its Fuse block): it is never set active or trained on its own
+    runs_inside_composition: ClassVar[bool] = False
 
     def sites(self, model: nn.Module) -> list[Site]:
         """Where this adapter attaches in ``model``, found from its structure."""
@@ -63,14 +76,31 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         if isinstance(data, dict):
-            data = {cls.peft_names.get(key, key): value for key, value in data.items()}
+            data = cls.in_our_names(data)
         return dataclass_from_dict(cls, data, f"{cls.__name__} field", "fields")
 
-    def take_peft_names(self, **given: Any) -> None:
-        """Apply fields given in peft's spelling (``lora_alpha=16``): peft users' configs work as written."""
-        for name, value in given.items():
-            if value is not None:
-                setattr(self, self.peft_names[name], value)
+    @classmethod
+    def peft_names(cls) -> dict[str, str]:
+        """peft's spelling -> ours, where they differ: the method's ``PeftFormat.fields``."""
+        method = _METHODS.get(getattr(cls, "method", None))
+        if method is None or method.peft is None:
+            return {}
+        return {theirs: ours for theirs, ours in method.peft.fields.items() if theirs != ours}
+
+    @classmethod
+    def in_our_names(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with fields given in peft's spelling (``lora_alpha=16``) under ours, so that
+        peft users' configs work as written; None in peft's spelling means not given."""
+        names = cls.peft_names()
+        ours = {key: value for key, value in values.items() if key not in names}
+        for theirs, value in values.items():
+            mine = names.get(theirs)
+            if mine is None or value is None:
+                continue
+            if mine in ours and ours[mine] != value:
+                raise ConfigError(f"{theirs} is peft's name for {mine}: give one of them, not both ({mine}={ours[mine]!r}, {theirs}={value!r})")
+            ours[mine] = value
+        return ours
 
 
 def dataclass_from_dict(cls: type, data: Any, unknown_label: str, known_label: str):
@@ -271,14 +301,19 @@ class MethodTraining:
 class PeftFormat:
     """How a method maps to peft's adapter_config.json and tensor names.
 
-    fields: peft field -> our field. Tensors are "base_model.model.<module>.<parameter><suffix>" in
-    peft, "<module>.adapter.<parameter>" in ours: the parameter names are peft's own.
-    ``from_peft(values)`` adjusts our field values read from peft's file; ``to_peft(config, sites,
-    document)`` adds what peft's file needs beyond the mapped fields."""
+    fields: peft field -> our field, the one place a method spells peft's names: the peft reader
+    and writer both derive from it, and the config takes peft's spelling wherever it takes ours.
+    fresh_init: peft fields that only say how new weights were drawn (LoRA's init_lora_weights),
+    with the values that do only that: read and ignored; any other value is refused by name.
+    Tensors are "base_model.model.<module>.<parameter><suffix>" in peft, "<module>.adapter.<parameter>"
+    in ours: the parameter names are peft's own. ``from_peft(values)`` adjusts our field values
+    read from peft's file; ``to_peft(config, sites, document)`` adds what peft's file needs beyond
+    the mapped fields."""
 
     peft_type: str
     fields: dict[str, str]
     tensor_suffix: str = ""
+    fresh_init: dict[str, tuple] = dataclasses.field(default_factory=dict)
     from_peft: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     to_peft: Callable[[AdapterConfig, list[Site], dict[str, Any]], None] | None = None
 

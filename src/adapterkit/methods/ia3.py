@@ -42,16 +42,13 @@ class IA3Config(AdapterConfig):
     init_ia3_weights: start at 1 (identity); False draws N(1, 0.02), for tests."""
 
     method = "ia3"
-    peft_names = {"layers_to_transform": "layers"}
 
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
     layers: list[int] | None = None
     init_ia3_weights: bool = True
-    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self, layers_to_transform=None) -> None:
-        self.take_peft_names(layers_to_transform=layers_to_transform)
+    def __post_init__(self) -> None:
         self.target_modules = check_target_modules(self.target_modules, required=False)
         if self.feedforward_modules is not None:
             if self.target_modules is None:

@@ -40,7 +40,6 @@ class LoraConfig(AdapterConfig):
     use_rslora: s = alpha / sqrt(r); layers: block indices to adapt (default: all)."""
 
     method = "lora"
-    peft_names = {"lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers"}
 
     r: int = 8
     alpha: float = 8.0
@@ -48,12 +47,8 @@ class LoraConfig(AdapterConfig):
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
     layers: list[int] | None = None
-    lora_alpha: dataclasses.InitVar[float | None] = None
-    lora_dropout: dataclasses.InitVar[float | None] = None
-    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self, lora_alpha=None, lora_dropout=None, layers_to_transform=None) -> None:
-        self.take_peft_names(lora_alpha=lora_alpha, lora_dropout=lora_dropout, layers_to_transform=layers_to_transform)
+    def __post_init__(self) -> None:
         check_int("r", self.r)
         check_number("alpha", self.alpha, positive=True)
         check_number("dropout", self.dropout, 0.0, 1.0)
@@ -149,6 +144,9 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
     return names
 
 
+FRESH_INITS = {"init_lora_weights": (True, False, "gaussian")}  # peft's other inits (pissa, olora, loftq, ...) change the base
+
+
 def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
     if config.target_modules is None:
         document["target_modules"] = [site.module_name for site in sites]
@@ -234,7 +232,7 @@ register_method(Method(
         "LORA",
         {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
          "use_rslora": "use_rslora", "layers_to_transform": "layers"},
-        tensor_suffix=".weight", to_peft=_lora_to_peft,
+        tensor_suffix=".weight", fresh_init=FRESH_INITS, to_peft=_lora_to_peft,
     ),
     combine=combine_loras,
 ))

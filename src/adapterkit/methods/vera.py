@@ -46,7 +46,6 @@ class VeraConfig(AdapterConfig):
     identity (False: Λb = 1, Λd ~ N(0, 1), for tests)."""
 
     method = "vera"
-    peft_names = {"vera_dropout": "dropout", "layers_to_transform": "layers"}
 
     r: int = 256
     target_modules: list[str] | str | None = None
@@ -56,11 +55,8 @@ class VeraConfig(AdapterConfig):
     d_initial: float = 0.1
     layers: list[int] | None = None
     init_weights: bool = True
-    vera_dropout: dataclasses.InitVar[float | None] = None
-    layers_to_transform: dataclasses.InitVar[list[int] | int | None] = None
 
-    def __post_init__(self, vera_dropout=None, layers_to_transform=None) -> None:
-        self.take_peft_names(vera_dropout=vera_dropout, layers_to_transform=layers_to_transform)
+    def __post_init__(self) -> None:
         check_int("r", self.r)
         self.target_modules = check_target_modules(self.target_modules, required=False)
         check_int("projection_prng_key", self.projection_prng_key, minimum=0)
