@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,19 +63,18 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- train ---------------------------------------------------------------------------------------
-NAME_LISTS = ("target_modules", "feedforward_modules")  # comma-separated on the command line
-
-
-def adapter_options() -> dict[str, list[str]]:
-    """Every registered method's config fields (but those training sets itself), with the methods
-    that have each and their defaults ("lora: 8"): each becomes a flag of ``train``."""
+def adapter_options() -> dict[str, tuple[list[str], Any]]:
+    """Every registered method's config fields (but those training sets itself), each with the
+    methods that have it and their defaults ("lora: 8") and its type: each becomes a flag of ``train``."""
     from .methods import registered_methods
 
-    options: dict[str, list[str]] = {}
+    options: dict[str, tuple[list[str], Any]] = {}
     for method in (m for m in registered_methods() if m.trains_alone):
+        types = typing.get_type_hints(method.config_class)
         for field in dataclasses.fields(method.config_class):
             if field.name not in method.config_class.set_by_training:
-                options.setdefault(field.name, []).append(f"{method.name}: {_field_default(field)}")
+                defaults, _ = options.setdefault(field.name, ([], types[field.name]))
+                defaults.append(f"{method.name}: {_field_default(field)}")
     return options
 
 
@@ -84,12 +84,15 @@ def _field_default(field: dataclasses.Field) -> str:
     return str(field.default_factory()) if field.default_factory is not dataclasses.MISSING else "required"
 
 
-def flag_value(option: str):
-    """How a flag's text becomes a config value: layer ranges, name lists, else a YAML scalar."""
+def flag_value(option: str, field_type: Any = None):
+    """How a flag's text becomes a config value, by the field's type: a list of integers from
+    ranges ("0-3,8"), a list of names from comma-separated names, else a YAML scalar."""
+    accepted = typing.get_args(field_type) or (field_type,)
+
     def convert(text: str):
-        if option == "layers":
+        if list[int] in accepted:
             return parse_layers(text)
-        if option in NAME_LISTS:
+        if list[str] in accepted:
             return [name.strip() for name in text.split(",") if name.strip()]
         import yaml
 
@@ -100,7 +103,7 @@ def flag_value(option: str):
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .methods import registered_methods
+    from .methods import DEFAULT_METHOD, registered_methods
     from .train import REPORT_TO, TrainConfig
 
     default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -114,15 +117,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png; required")
     parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
-    parser.add_argument("--method", choices=[m.name for m in registered_methods() if m.trains_alone], help="adapter method (default: bottleneck)")
+    parser.add_argument("--method", choices=[m.name for m in registered_methods() if m.trains_alone], help=f"adapter method (default: {DEFAULT_METHOD})")
     parser.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
         r"prompt format of the examples that do not name one ('prompt_template'): their prompt fills {prompt} "
         r"('English: {prompt}\nGerman:'; \n is a newline), or 'chat'. The adapter records the format all examples "
         "share, for generate, eval and serve (default: what the examples name)"))
     add_device_options(parser)
     adapter_group = parser.add_argument_group("adapter options", "fields of the method's config (--set KEY=VALUE also works)")
-    for option, methods in adapter_options().items():
-        adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option), dest=f"adapter.{option}",
+    for option, (methods, field_type) in adapter_options().items():
+        adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option, field_type), dest=f"adapter.{option}",
                                    metavar=option.upper(), help="default per method: " + ", ".join(methods))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
     group = parser.add_argument_group("training")
@@ -225,7 +228,7 @@ def _train(args: argparse.Namespace) -> int:
     from . import distributed
     from .bases import load_base, resolve_device
     from .data import apply_template, read_jsonl
-    from .methods import config_class
+    from .methods import DEFAULT_METHOD, config_class
     from .model import AdapterModel
     from .train import Trainer, TrainConfig, checkpoint_step, clear_run, earlier_run, planned_steps
 
@@ -237,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
     template = check_template(options.pop("template", None), "template")
     base_name = options.pop("base", None) or default_base_name()
     name = options.pop("name", None) or output.name
-    method = options.pop("method", "bottleneck")
+    method = options.pop("method", DEFAULT_METHOD)
     device, dtype = resolve_device(options.pop("device", None)), options.pop("dtype", None)
     checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
     if fsdp and not distributed.launched():
@@ -252,8 +255,9 @@ def _train(args: argparse.Namespace) -> int:
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
     config_type = config_class(method)
-    if "total_step" in {f.name for f in dataclasses.fields(config_type)} and adapter_options.get("total_step") is None:
-        adapter_options["total_step"] = planned_steps(len(train_examples), config)  # a schedule that needs the run's length
+    for field in config_type.run_length_fields:  # a schedule that needs the run's length
+        if adapter_options.get(field) is None:
+            adapter_options[field] = planned_steps(len(train_examples), config)
     adapter_config = config_type.from_dict(adapter_options)
 
     device = distributed.start(device)  # under torchrun: join the ranks; cuda becomes cuda:LOCAL_RANK

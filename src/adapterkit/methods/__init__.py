@@ -25,9 +25,11 @@ from .ia3 import IA3Config
 from .vera import VeraConfig
 from .fusion import FusionConfig
 
+DEFAULT_METHOD = BottleneckConfig.method  # what ``adapterkit train`` trains without --method
+
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
 
 __all__ = [
-    "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "config_class",
+    "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "DEFAULT_METHOD", "config_class",
     "dataclass_from_dict", "get_method", "register_method", "registered_methods", "shared_key", "shared_name", *CONFIG_CLASSES,
 ]
