@@ -10,7 +10,6 @@ from the method registry; this module never names a method.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,12 +19,14 @@ from torch import nn
 
 from .compose import Block, Composition, Fuse, Stack, check_nesting, fusions, to_json
 from .compose import adapter_names as names_in
-from .errors import AdapterFileError, AdapterkitError, AdapterNameError, ConfigError, MergeError, ShapeMismatchError
+from .errors import AdapterFileError, AdapterNameError, ConfigError, MergeError, ShapeMismatchError
 from .hooks import HookLayer
 from .inject import Site
-from .io import CONFIG_FILE, adapter_files, base_fingerprint, check_base, forget_base_fingerprint, read_adapter, write_folder_atomically
+from .io import CONFIG_FILE, adapter_files, check_base, forget_base_fingerprint, read_adapter, write_folder_atomically
+from .merging import MergedWeights, combine_adapters
 from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method, shared_key, shared_name
-from .names import BASE, check_adapter_name
+from .names import check_adapter_name
+from .resolve import check_fusion, check_known, mixed_rows, resolve
 
 
 SHARED = "~shared"  # an adapter's shared tensors among its modules; no module name gives this key
@@ -67,8 +68,7 @@ class AdapterModel(nn.Module):
         self._compositions: dict[str, Block] = {}  # named compositions, usable wherever an adapter name is
         self._training: dict[str, MethodTraining] = {}  # per adapter, for methods that carry training state
         self._trained: str | None = None  # what train_adapter / train_fusion made trainable
-        self._merged: str | None = None
-        self._unmerged: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # exact weights merging changed
+        self._merging = MergedWeights(self.hooks)
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class AdapterModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check_known(name)
-        if name == self._merged:
+        if name == self.merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() it before deleting it")
         users = [n for n, c in self._configs.items() if name in c.depends_on()] + [
             n for n, block in self._compositions.items() if name in names_in(block) or name in [f.name for f in fusions(block)]
@@ -329,49 +329,16 @@ class AdapterModel(nn.Module):
         a delta computed from the layer's input) apply first, whatever their place in ``names``;
         then adapters that transform the layer's output (bottlenecks) apply in the order given.
         A merged adapter stays active until ``unmerge()``."""
-        block = self._resolve(names)
+        block = resolve(names, self._configs, self._compositions)
         routing = self.hooks.routing
         plain = block is None or isinstance(block, str) or (isinstance(block, Stack) and all(isinstance(c, str) for c in block.children))
         flat = () if block is None else tuple(names_in(block))
-        if self._merged is not None and (not plain or self._merged not in flat):
-            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
+        if self.merged is not None and (not plain or self.merged not in flat):
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
         routing.tree = None
         routing.active = flat
         if not plain:
             routing.tree = block
-
-    def _resolve(self, names) -> Block | None:
-        """The block ``names`` stands for, every adapter and fusion in it checked."""
-        if names is None:
-            return None
-        if isinstance(names, str):
-            block = self._compositions.get(names, names)
-        elif isinstance(names, Composition):
-            block = names
-        elif isinstance(names, Sequence) and all(isinstance(n, str) for n in names):
-            if len(set(names)) != len(names):
-                raise AdapterNameError(f"an adapter is named twice in {list(names)}")
-            block = Stack(*names) if names else None
-        else:
-            raise AdapterNameError(f"expected an adapter name, a list of names or a composition, got {names!r}")
-        if block is None:
-            return None
-        check_nesting(block)
-        for name in names_in(block):
-            self._check_known(name)
-            if self._configs[name].method == "fusion":
-                raise AdapterNameError(f"{name!r} is a fusion: it runs inside its Fuse block, e.g. set_active(ak.Fuse(..., name={name!r}))")
-        for fuse in fusions(block):
-            self._check_fusion(fuse)
-        return block
-
-    def _check_fusion(self, fuse: Fuse) -> None:
-        config = self._configs.get(fuse.name)
-        if config is None or config.method != "fusion":
-            raise AdapterNameError(f"no fusion named {fuse.name!r}; add_fusion({fuse!r}) first")
-        children = [to_json(child) for child in fuse.children]
-        if config.children != children:
-            raise ConfigError(f"fusion {fuse.name!r} was made for {config.children}, not {children}")
 
     @property
     def active_composition(self) -> Block | None:
@@ -384,7 +351,7 @@ class AdapterModel(nn.Module):
         self._check_new_name(name)
         if not isinstance(block, Composition):
             raise ConfigError(f"expected a Stack, Fuse or Average, got {type(block).__name__}")
-        self._resolve(block)
+        resolve(block, self._configs, self._compositions)
         self._compositions[name] = block
 
     @property
@@ -402,13 +369,13 @@ class AdapterModel(nn.Module):
         for name in names_in(fuse):
             self._check_known(name)
         for inner in fusions(fuse)[1:]:
-            self._check_fusion(inner)
+            check_fusion(inner, self._configs)
         widths = {site.module_name: site.out_features for name in names_in(fuse) for site in self.hooks.sites(name)}
         self.add_adapter(fuse.name, FusionConfig(children=[to_json(c) for c in fuse.children], widths=widths, temperature=temperature))
 
     def train_fusion(self, fuse: Fuse) -> None:
         """Train only the fusion's parameters (its children stay frozen) and run ``fuse``."""
-        self._check_fusion(fuse)
+        check_fusion(fuse, self._configs)
         self.set_active(fuse)
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == fuse.name)
@@ -418,8 +385,8 @@ class AdapterModel(nn.Module):
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the pure base model inside the block."""
-        if self._merged is not None:
-            raise MergeError(f"adapter {self._merged!r} is merged into the base weights; unmerge() before running the bare base")
+        if self.merged is not None:
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights; unmerge() before running the bare base")
         routing = self.hooks.routing
         saved = routing.active, routing.tree
         routing.tree, routing.active = None, ()
@@ -432,12 +399,13 @@ class AdapterModel(nn.Module):
         """Make ``name`` the only trainable part of the model (and active, if it is not already).
         A refused call changes nothing."""
         self._check_known(name)
-        if self._configs[name].method == "fusion":
-            raise ConfigError(f"{name!r} is a fusion: train it with train_fusion(ak.Fuse(..., name={name!r}))")
-        if name == self._merged:
+        config = self._configs[name]
+        if config.runs_inside_composition:
+            raise ConfigError(f"{name!r} is a {config.method}: train it with train_fusion(ak.Fuse(..., name={name!r}))")
+        if name == self.merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights and cannot train; unmerge() first")
-        if self._merged is not None and name not in self.active:
-            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so {name!r} cannot become the active adapter; unmerge() first")
+        if self.merged is not None and name not in self.active:
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, so {name!r} cannot become the active adapter; unmerge() first")
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
         self.adapter_layers[name].train()  # dropout and training-time work on, whatever mode the base is in
@@ -445,13 +413,12 @@ class AdapterModel(nn.Module):
         if name not in self.active:
             self.set_active(name)
 
-    # ---- merging ---------------------------------------------------------------------------
+    # ---- merging (merging.py) ----------------------------------------------------------------
     @property
     def merged(self) -> str | None:
         """The adapter folded into the base weights, if any."""
-        return self._merged
+        return self._merging.name
 
-    @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold an adapter into the base weights: an additive one (LoRA, AdaLoRA) adds its update,
         a multiplicative one (IA³) scales the weight's rows or columns. The layers it adapts then
@@ -459,55 +426,20 @@ class AdapterModel(nn.Module):
         off, deleting or training it is refused until ``unmerge()``, which restores the base
         weights bit for bit."""
         self._check_known(name)
-        if self._merged is not None:
-            raise MergeError(f"adapter {self._merged!r} is already merged into the base weights; unmerge() it first")
-        if self.hooks.routing.tree is not None:
-            raise MergeError("a composition is active; set_active(None) or a plain adapter list before merging")
-        changes = [(site, module, module.weight_update(site)) for site, module in self._site_modules(name)]
-        changes = [(site, module, update, None if update is not None else module.weight_scale()) for site, module, update in changes]
-        if not changes or any(update is None and scale is None for _, _, update, scale in changes):
-            raise MergeError(
-                f"adapter {name!r} is a {self._configs[name].method} adapter, which cannot be merged into the weights "
-                "(it is not a change of a linear layer's weight)"
-            )
-        base_fingerprint(self.base)  # taken (and kept) from the unmerged weights
-        self.adapter_layers[name].requires_grad_(False)  # training it now would silently diverge from the merged copy
-        for site, module, update, scale in changes:
-            layer = self.hooks.base_module(site.module_name)
-            bias = getattr(layer, "bias", None)
-            self._unmerged[site.module_name] = (layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
-            if update is not None:
-                layer.weight.add_(update.to(layer.weight.dtype))
-            else:
-                _scale_layer(layer, site, scale, module.scale_dim)
-            self.hooks.detach_site(name, site.module_name)
-        self._merged = name
-        if name not in self.active:
-            self.hooks.routing.active = self.active + (name,)
+        self._merging.fold(name, self._configs[name].method, self._site_modules(name), self.adapter_layers[name])
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact base weights; the merged adapter runs through its hooks again."""
-        name = self._merged
-        if name is None:
+        if self.merged is None:
             raise MergeError("no adapter is merged")
-        for site, module in self._site_modules(name):
-            layer = self.hooks.base_module(site.module_name)
-            weight, bias = self._unmerged.pop(site.module_name)
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-            self.hooks.attach_site(name, site, module)
-        self._merged = None
+        self._merging.unfold(self._site_modules(self.merged))
 
     def merge_and_unload(self, name: str) -> nn.Module:
         """Merge ``name`` for good and return the plain transformers model, free of every adapter
         and hook (``save_pretrained`` writes it as an ordinary checkpoint). This AdapterModel is
         left empty and lets go of the base."""
         self.merge(name)
-        self._merged = None
-        self._unmerged = {}
-        self.hooks.forget_sites(name)  # its hooks went with the merge
+        self._merging.keep()  # its hooks went with the merge
         self._release()
         forget_base_fingerprint(self.base)
         return self.base
@@ -516,7 +448,7 @@ class AdapterModel(nn.Module):
         """Remove every adapter and hook and return the bare base, weights as they were (a merged
         adapter is unmerged first). This AdapterModel is left empty and lets go of the base, which
         another AdapterModel may then wrap."""
-        if self._merged is not None:
+        if self.merged is not None:
             self.unmerge()
         self._release()
         return self.base
@@ -536,17 +468,8 @@ class AdapterModel(nn.Module):
         names = list(names)
         for name in names:
             self._check_known(name)
-        weights = list(weights)
-        if not names or len(weights) != len(names) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-            raise ConfigError(f"give one finite weight per adapter: {len(names)} adapters, weights {weights!r}")
-        kinds = sorted({self._configs[n].method for n in names})
-        if len(kinds) > 1:
-            raise ConfigError(f"merge_adapters combines adapters of one method, got {kinds}")
-        combine = get_method(kinds[0]).combine
-        if combine is None:
-            raise ConfigError(f"{kinds[0]} adapters cannot be combined into a new adapter")
-        config, state = combine([self._configs[n] for n in names], [self.adapter_state_dict(n) for n in names], weights, method, **options)
-        self.add_adapter(new_name, config, state)
+        configs, states = [self._configs[n] for n in names], [self.adapter_state_dict(n) for n in names]
+        self.add_adapter(new_name, *combine_adapters(configs, states, weights, method, **options))
 
     # ---- counting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -573,7 +496,7 @@ class AdapterModel(nn.Module):
         adapter_model.safetensors), atomically; other files in the folder are left alone.
         format="peft" writes it as peft's ``save_pretrained`` does (for methods with a peft format)."""
         if isinstance(name, Fuse):
-            self._check_fusion(name)
+            check_fusion(name, self._configs)
             name = name.name
         path = Path(path)
         if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
@@ -643,29 +566,11 @@ class AdapterModel(nn.Module):
         layers = self.adapter_layers[name]
         return [(site, layers[_key(site)]) for site in self.hooks.sites(name) if _key(site) in layers]
 
-    def _mixed_rows(self, adapter_names: Sequence[str | None], rows: int | None) -> list[str | None]:
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
-            raise AdapterNameError(f"adapter_names must be a non-empty list with one name (or None) per row, got {adapter_names!r}")
-        if rows is not None and len(adapter_names) != rows:
-            raise AdapterNameError(f"adapter_names has {len(adapter_names)} names for a batch of {rows} rows; give one per row")
-        if self.training:
-            raise AdapterkitError("mixed-adapter batches are for inference: call model.eval() first (train one adapter at a time with train_adapter)")
-        if self._merged is not None:
-            raise MergeError(f"adapter {self._merged!r} is merged into the base weights, so it would apply to every row; unmerge() it to mix adapters per row")
-        rows = []
-        for name in adapter_names:
-            if name is None or name == BASE:
-                rows.append(None)
-            elif not isinstance(name, (str, Composition)):
-                raise AdapterNameError(f"adapter_names holds {name!r}; give adapter or composition names, or composition blocks")
-            else:
-                rows.append(self._resolve(name))  # an adapter's name, or a composition's block
-        return rows
+    def _mixed_rows(self, adapter_names: Sequence[str | Composition | None], rows: int | None) -> list[Block | None]:
+        return mixed_rows(adapter_names, rows, self._configs, self._compositions, self.training, self.merged)
 
     def _check_known(self, name: str) -> None:
-        if not isinstance(name, str) or name not in self._configs:
-            known = ", ".join(self._configs) or "none"
-            raise AdapterNameError(f"no adapter named {name!r}; adapters: {known}")
+        check_known(name, self._configs)
 
     def _check_new_name(self, name: str) -> None:
         check_adapter_name(name)
@@ -682,15 +587,6 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 def _regularization(states: list[MethodTraining]) -> torch.Tensor | float:
     terms = [term for state in states if (term := state.regularization()) is not None]
     return sum(terms, 0.0)
-
-
-def _scale_layer(layer: nn.Module, site: Site, scale: torch.Tensor, dim: str) -> None:
-    """Multiply a linear layer's weight by ``scale`` per output ("out", bias too) or per input ("in")."""
-    vector = scale.reshape(-1).to(layer.weight.dtype)
-    along_rows = (dim == "out") != site.transposed  # nn.Linear keeps [out, in], Conv1D [in, out]
-    layer.weight.mul_(vector.unsqueeze(1) if along_rows else vector.unsqueeze(0))
-    if dim == "out" and getattr(layer, "bias", None) is not None:
-        layer.bias.mul_(vector)
 
 
 def _checked(key: str, tensor, shape: torch.Size) -> torch.Tensor:

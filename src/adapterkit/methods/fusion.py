@@ -32,6 +32,7 @@ class FusionConfig(AdapterConfig):
     takes it)."""
 
     method = "fusion"
+    runs_inside_composition = True
 
     children: list[Any] = dataclasses.field(default_factory=list)
     widths: dict[str, int] = dataclasses.field(default_factory=dict)
