@@ -279,10 +279,13 @@ class AdapterModel(nn.Module):
             raise ShapeMismatchError(
                 f"the tensors do not fit this {config.method} config on this base: missing {_few(missing)}, unexpected {_few(unexpected)}"
             )
+        given: dict[str, dict[str, torch.Tensor]] = {module_name: {} for module_name in built}
         for key, (module_name, param, shape) in expected.items():
             tensor = _checked(key, state_dict[key], shape)
             weight = self.hooks.base_module(module_name).weight
-            _assign(built[module_name], param, tensor.to(device=weight.device, dtype=dtype or _adapter_dtype(weight)))
+            given[module_name][param] = tensor.detach().to(device=weight.device, dtype=dtype or _adapter_dtype(weight))
+        for module_name, module in built.items():
+            module.load_state_dict(given[module_name], assign=True)  # the tensors replace the meta ones
         return built
 
     def _shared_tensors(
@@ -595,16 +598,6 @@ def _checked(key: str, tensor, shape: torch.Size) -> torch.Tensor:
     if tensor.shape != shape:
         raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
     return tensor
-
-
-def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Put a loaded tensor in place of a module's meta parameter or buffer (frozen)."""
-    owner_name, _, leaf = key.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
 
 
 def _few(keys: list[str]) -> str:
