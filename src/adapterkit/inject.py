@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import InjectionError
+from .errors import ConfigError, InjectionError
 
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
@@ -100,24 +100,34 @@ def find_sites(
     else:
         if placement == "linear":
             raise InjectionError("this method needs target_modules: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
-        sites = _structural_sites(model, placement)
+        sites, blocks = _structural_sites(model, placement)
     if layers is not None:
         sites = _filter_layers(model, sites, layers)
+    if target_modules is None:
+        _check_placed(model, placement, [block for block in blocks if layers is None or block[1] in set(layers)])
     if not sites:
         raise InjectionError("the layers selected hold no insertion point")
     return sites
 
 
-def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
+PLACED = {"houlsby": ("attention", "ffn"), "parallel": ("attention", "ffn"), "attention": ("attention",), "pfeiffer": ("ffn",)}
+SUB_LAYER = {"attention": "attention sub-layer", "ffn": "feed-forward sub-layer"}
+FOUND_AS = {"attention": "a child named like 'attn' or 'attention' that holds linear layers", "ffn": "linear layers outside the attention"}
+
+
+def _structural_sites(model: nn.Module, placement: str) -> tuple[list[Site], list[tuple[str, int, set[str]]]]:
+    """The sites ``placement`` finds, and each block as (name, index, the sub-layers it has)."""
     want_attention = placement in ("houlsby", "attention", "parallel")
     want_ffn = placement in ("houlsby", "pfeiffer", "parallel")
     d_model = hidden_size(model)
     blocks = find_blocks(model)
     sites: list[Site] = []
+    found: list[tuple[str, int, set[str]]] = []
     for list_name, blocks_list in blocks:
         for index, block in enumerate(blocks_list):
             prefix = f"{list_name}.{index}."
             attention, ffn = sub_layers(block, d_model)
+            found.append((prefix[:-1], index, {kind for kind, group in (("attention", attention), ("ffn", ffn)) if group}))
             groups = [(g, "attention") for g in (attention if want_attention else [])] + ([(ffn, "ffn")] if want_ffn and ffn else [])
             for group, kind in groups:
                 site = _site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__)
@@ -130,7 +140,33 @@ def _structural_sites(model: nn.Module, placement: str) -> list[Site]:
             f"grouped into attention (a child named like 'attn'/'attention') and feed-forward. "
             f"Name the modules instead, e.g. target_modules=['o_proj', 'down_proj']; linear layers here include {names}"
         )
-    return sites
+    return sites, found
+
+
+def _check_placed(model: nn.Module, placement: str, blocks: list[tuple[str, int, set[str]]]) -> None:
+    """A ConfigError when a selected block lacks a sub-layer that ``placement`` puts an adapter
+    after: placing only the others would silently be another placement. It names the missing
+    sub-layer and what would work."""
+    wanted = PLACED[placement]
+    for kind in wanted:
+        lacking = [name for name, _, kinds in blocks if kind not in kinds]
+        if not lacking:
+            continue
+        everywhere = set.intersection(*(kinds for _, _, kinds in blocks))
+        advice = [
+            f"placement={other!r} (at the {' and the '.join(SUB_LAYER[k] for k in kinds)} only)"
+            for other, kinds in PLACED.items() if other != "parallel" and set(kinds) == everywhere
+        ]
+        complete = [index for _, index, kinds in blocks if set(wanted) <= kinds]
+        if complete:
+            advice.append(f"layers={complete} (the blocks that have one)")
+        advice.append("target_modules naming the layers to adapt")
+        shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+        raise ConfigError(
+            f"placement {placement!r} places adapters at the {' and the '.join(SUB_LAYER[k] for k in wanted)} of each block, "
+            f"but {len(lacking)} block(s) of {type(model).__name__} ({shown}) have no {SUB_LAYER[kind]} "
+            f"({FOUND_AS[kind]}); use {', or '.join(advice)}"
+        )
 
 
 def sub_layers(block: nn.Module, d_model: int | None) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
