@@ -93,3 +93,58 @@ def test_the_graph_is_really_read():
     assert "adapterkit.hooks" in edges["adapterkit.model"]
     assert "adapterkit.methods" in edges["adapterkit.hooks"]
     assert "adapterkit.methods.base" in edges["adapterkit.methods.ia3"]
+
+
+# ---- method names live in methods/ -------------------------------------------------------------------
+METHODS_DIR = PACKAGE / "methods"
+# String literals outside methods/ that equal a method's name but are words of a message, not a
+# choice made by method: compose.py calls a Fuse block's own name a "fusion" name in its errors.
+PROSE = {("adapterkit.compose", "fusion")}
+
+
+def string_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, value) of every string constant in the file but docstrings; comments are not in the
+    syntax tree, and an f-string's text parts are never a bare name."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                docstrings.add(id(first.value))
+    return [
+        (node.lineno, node.value) for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def method_names() -> set[str]:
+    from adapterkit.methods import registered_methods
+
+    return {method.name for method in registered_methods()}
+
+
+def test_no_module_outside_methods_names_a_method():
+    """What differs by method comes from the registry: a quoted method name elsewhere is a special
+    case that a new method would not get."""
+    names = method_names()
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} names {value!r}"
+        for module, path in MODULES.items()
+        if METHODS_DIR not in path.parents
+        for line, value in string_literals(path)
+        if value in names and (module, value) not in PROSE
+    ]
+    assert offenders == []
+
+
+def test_the_method_name_check_really_reads_the_files(tmp_path):
+    names = method_names()
+    assert {"bottleneck", "lora", "adalora", "ia3", "vera", "fusion"} <= names
+    for name in ("lora", "ia3", "vera"):
+        assert name in {value for _, value in string_literals(METHODS_DIR / f"{name}.py")}
+    for module, value in PROSE:  # an entry that no longer applies goes
+        assert value in {found for _, found in string_literals(MODULES[module])}
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""lora"""\n\n\ndef f():\n    """ia3"""\n    return "vera", f"{f} lora"  # "bottleneck"\n')
+    assert [value for _, value in string_literals(sample)] == ["vera", " lora"]
