@@ -171,10 +171,14 @@ class AdapterModule(nn.Module):
     """
 
     hook: str = "output"
-    reads: str = "input"  # for mixed deltas: computed from x ("input") or from y ("output")
+    reads: str = "input"  # for mixed deltas: computed from x ("input"), y ("output") or both ("input+output", side by side)
     changes_layer: ClassVar[bool] = False
     mixed: ClassVar[str | None] = None
     scale_dim: ClassVar[str] = "out"  # for weight_scale: "out" scales outputs (rows of W), "in" inputs
+
+    def bind(self, layer: nn.Module) -> None:
+        """Called when the module is hooked onto ``layer``, its site's base module (DoRA reads
+        the layer's weight); nothing by default."""
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
