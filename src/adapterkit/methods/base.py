@@ -248,6 +248,7 @@ class PeftFormat:
     peft_type: str
     fields: dict[str, str]
     tensor_suffix: str = ""
+    unsuffixed: frozenset[str] = frozenset()  # parameters peft names without the suffix (DoRA's lora_magnitude_vector)
     from_peft: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     to_peft: Callable[[AdapterConfig, list[Site], dict[str, Any]], None] | None = None
 
