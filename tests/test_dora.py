@@ -16,8 +16,19 @@ TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"
 ARCHS = sorted(TARGETS)
 
 
-def dora_model(arch, name="dora", **kwargs):
+def biased_base(arch):
+    """The tiny base with non-zero biases (GPT-2 starts them at zero), so that DoRA's y - b is tested."""
     base = make_base(arch)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return base
+
+
+def dora_model(arch, name="dora", **kwargs):
+    base = biased_base(arch)
     model = ak.AdapterModel(base)
     model.add_adapter(name, ak.LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True, **kwargs))
     return base, model
@@ -77,7 +88,7 @@ def test_dora_layer_is_the_papers_formula_and_peft_dropout_path(arch):
 def peft_dora(arch, path):
     """A DoRA made by peft, with random B and magnitudes, saved to ``path``; returns its logits."""
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True, fan_in_fan_out=arch == "gpt2")
-    model = peft.get_peft_model(make_base(arch), config).eval()
+    model = peft.get_peft_model(biased_base(arch), config).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -86,17 +97,27 @@ def peft_dora(arch, path):
             elif "lora_magnitude_vector" in name:
                 parameter.mul_(1 + 0.2 * torch.randn(parameter.shape, generator=generator))
     model.save_pretrained(path)
-    return logits(model)
+    return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_peft_dora_gives_peft_logits(arch, tmp_path):
-    expected = peft_dora(arch, tmp_path / "peft-dora")
-    model = ak.AdapterModel(make_base(arch))
+def test_peft_dora_gives_peft_logits_and_gradients(arch, tmp_path):
+    theirs = peft_dora(arch, tmp_path / "peft-dora")
+    model = ak.AdapterModel(biased_base(arch))
     name = model.load_adapter(tmp_path / "peft-dora")
     assert model.adapters[name].use_dora
     model.set_active(name)
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model), logits(theirs), rtol=0, atol=1e-5)
+    # the same gradients: the norm is a constant in both (no gradient reaches A or B through it)
+    model.train_adapter(name)
+    inputs = batch(1)
+    for each in (model, theirs):
+        each(**inputs, labels=inputs["input_ids"]).loss.backward()
+    peft_grads = {key: p.grad for key, p in theirs.named_parameters() if p.grad is not None}
+    for module, site in zip(model.adapter_layers[name].values(), model.adapter_sites(name)):  # both in site order
+        for param in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            expected = peft_grads[f"base_model.model.{site.module_name}.{param}.default.weight"]
+            torch.testing.assert_close(getattr(module, param).grad, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -106,7 +127,7 @@ def test_our_dora_loads_in_peft_with_the_same_logits_and_key_names(arch, tmp_pat
     model.set_active("dora")
     expected = logits(model)
     model.save_adapter("dora", tmp_path / "ours", format="peft")
-    loaded = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(biased_base(arch), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
     loaded.save_pretrained(tmp_path / "again")  # peft's own names for the same adapter
@@ -177,7 +198,7 @@ def test_dora_saves_loads_and_stacks_with_a_bottleneck(tmp_path):
     model.set_active("dora")
     expected = logits(model)
     model.save_adapter("dora", tmp_path / "dora")
-    again = ak.AdapterModel(make_base("llama"))
+    again = ak.AdapterModel(biased_base("llama"))
     again.set_active(again.load_adapter(tmp_path / "dora"))
     assert again.adapters["dora"].use_dora
     assert torch.equal(logits(again), expected)
