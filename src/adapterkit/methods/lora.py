@@ -195,7 +195,9 @@ class DoraAdapter(LoraAdapter):
         """||W + s B A|| per output feature, in the adapter's dtype, without gradient."""
         weight = self.base_layer().weight
         signature = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in (self.lora_A, self.lora_B, weight))
-        if self._norm is None or self._norm[0] != signature:
+        # a norm made under inference_mode (the generation engine) cannot take part in training
+        stale = self._norm is None or self._norm[0] != signature or (self._norm[1].is_inference() and not torch.is_inference_mode_enabled())
+        if stale:
             A, B = self.lora_A, self.lora_B
             updated = self.base_weight().to(A.dtype) + self.scale * (B @ A)
             self._norm = (signature, torch.linalg.norm(updated, dim=1))
