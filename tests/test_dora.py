@@ -40,7 +40,8 @@ def randomize(model, name, seed=1):
     with torch.no_grad():
         for module in model.adapter_layers[name].values():
             module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.1)
-            module.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(module.lora_magnitude_vector.shape, generator=generator))
+            magnitude = module.lora_magnitude_vector
+            magnitude.mul_(1 + 0.2 * torch.randn(magnitude.shape, generator=generator))
 
 
 def base_weight(layer, arch):
@@ -75,19 +76,22 @@ def test_dora_layer_is_the_papers_formula_and_peft_dropout_path(arch):
     norm = torch.linalg.norm(updated, dim=1)
     with torch.no_grad():
         module.eval()  # m * (W + sBA) / ||W + sBA|| x + b: the paper's DoRA
-        torch.testing.assert_close(module(x, y), x @ (m[:, None] * updated / norm[:, None]).T + bias, rtol=0, atol=1e-5)
+        paper = x @ (m[:, None] * updated / norm[:, None]).T + bias
+        torch.testing.assert_close(module(x, y), paper, rtol=0, atol=1e-5)
         module.train()  # peft: dropout on x in both extra terms, (g - 1) W x' + g s B A x'
         torch.manual_seed(7)
         ours = module(x, y)
         torch.manual_seed(7)
         dropped = torch.nn.functional.dropout(x, 0.5)
         g = m / norm
-        torch.testing.assert_close(ours, y + (g - 1) * (dropped @ W.T) + g * s * (dropped @ A.T @ B.T), rtol=0, atol=1e-5)
+        expected = y + (g - 1) * (dropped @ W.T) + g * s * (dropped @ A.T @ B.T)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
 def peft_dora(arch, path):
     """A DoRA made by peft, with random B and magnitudes, saved to ``path``; returns its logits."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True, fan_in_fan_out=arch == "gpt2")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True,
+                             fan_in_fan_out=arch == "gpt2")
     model = peft.get_peft_model(biased_base(arch), config).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -189,7 +193,8 @@ def test_training_moves_only_the_dora_parameters(arch):
         optimizer.zero_grad()
     model.eval()
     assert all(torch.equal(p, before_base[name]) for name, p in base.named_parameters())
-    moved = {name.rsplit(".", 1)[-1] for name, p in model.adapter_layers["dora"].named_parameters() if not torch.equal(p, before[name])}
+    moved = {name.rsplit(".", 1)[-1] for name, p in model.adapter_layers["dora"].named_parameters()
+             if not torch.equal(p, before[name])}
     assert moved == {"lora_A", "lora_B", "lora_magnitude_vector"}
 
 
@@ -228,8 +233,9 @@ def test_the_command_line_trains_a_dora(tmp_path, base_dir):
     data.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
                             for e, g in [("cat", "Katze"), ("dog", "Hund"), ("sun", "Sonne")]))
     out = tmp_path / "run"
-    assert main(["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), "--method", "lora", "--use-dora", "true",
-                 "--target-modules", "q_proj,v_proj", "--steps", "2", "--batch-size", "3", "--metric", "none", "--no-progress"]) == 0
+    assert main(["train", "--train", str(data), "-o", str(out), "--base", str(base_dir),
+                 "--method", "lora", "--use-dora", "true", "--target-modules", "q_proj,v_proj",
+                 "--steps", "2", "--batch-size", "3", "--metric", "none", "--no-progress"]) == 0
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]["use_dora"] is True
     assert sum(key.endswith("lora_magnitude_vector") for key in tensors) == 4  # q and v in both layers

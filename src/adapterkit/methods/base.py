@@ -171,7 +171,7 @@ class AdapterModule(nn.Module):
     """
 
     hook: str = "output"
-    reads: str = "input"  # for mixed deltas: computed from x ("input"), y ("output") or both ("input+output", side by side)
+    reads: str = "input"  # mixed deltas read x ("input"), y ("output") or both side by side ("input+output")
     changes_layer: ClassVar[bool] = False
     mixed: ClassVar[str | None] = None
     scale_dim: ClassVar[str] = "out"  # for weight_scale: "out" scales outputs (rows of W), "in" inputs

@@ -76,7 +76,8 @@ class LoraConfig(AdapterConfig):
 
     def build(self, site: Site, device: torch.device | str | None = None) -> "LoraAdapter":
         if self.use_dora:
-            return DoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout, site.transposed, device)
+            return DoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout,
+                               site.transposed, device)
         return LoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout, device)
 
 
@@ -164,7 +165,8 @@ class DoraAdapter(LoraAdapter):
 
     reads = "input+output"  # a mixed batch gives grouped_delta the layer's input and output side by side
 
-    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, transposed: bool, device=None):
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, transposed: bool,
+                 device=None):
         super().__init__(in_features, out_features, r, scale, dropout, device)
         self.transposed = transposed  # the layer keeps its weight as [in, out] (GPT-2's Conv1D)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device))
@@ -182,7 +184,7 @@ class DoraAdapter(LoraAdapter):
     def base_layer(self) -> nn.Module:
         layer = None if self._layer is None else self._layer()
         if layer is None:
-            raise AdapterkitError("this DoRA module is not attached to a base layer; it runs only inside its AdapterModel")
+            raise AdapterkitError("this DoRA module is not attached to a base layer; it runs only in its AdapterModel")
         return layer
 
     def base_weight(self) -> torch.Tensor:
@@ -196,8 +198,8 @@ class DoraAdapter(LoraAdapter):
         weight = self.base_layer().weight
         signature = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in (self.lora_A, self.lora_B, weight))
         # a norm made under inference_mode (the generation engine) cannot take part in training
-        stale = self._norm is None or self._norm[0] != signature or (self._norm[1].is_inference() and not torch.is_inference_mode_enabled())
-        if stale:
+        if (self._norm is None or self._norm[0] != signature
+                or (self._norm[1].is_inference() and not torch.is_inference_mode_enabled())):
             A, B = self.lora_A, self.lora_B
             updated = self.base_weight().to(A.dtype) + self.scale * (B @ A)
             self._norm = (signature, torch.linalg.norm(updated, dim=1))
@@ -279,7 +281,7 @@ def combine_loras(
     - "linear": A = sum sign(w_i) sqrt(|w_i s_i|) A_i, B = sum sqrt(|w_i s_i|) B_i (same r only);
     - "ties": as "linear", with each factor TIES-merged (``density``, ``majority_sign_method``)."""
     if any(config.use_dora for config in configs):
-        raise ConfigError("DoRA adapters cannot be combined: a weighted sum of their factors says nothing about the magnitudes")
+        raise ConfigError("DoRA adapters cannot be combined: a sum of their factors says nothing about the magnitudes")
     if how not in ("linear", "cat", "svd", "ties"):
         raise ConfigError(f"LoRA adapters combine by 'linear', 'cat', 'svd' or 'ties', not {how!r}")
     ranks = [config.r for config in configs]
