@@ -131,7 +131,7 @@ def test_an_adapters_loglikelihoods_equal_hflms_over_the_model_with_that_adapter
         model.set_active(None)
     bare = AdapterkitLM(model, tokenizer).loglikelihood(requests("loglikelihood", PAIRS))
     assert [value for value, _ in ours] == pytest.approx([value for value, _ in theirs], abs=1e-4)
-    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(ours, bare))
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(ours, bare, strict=True))
 
 
 def test_rolling_loglikelihoods_equal_hflms_for_texts_that_fit_the_context(world):
@@ -234,6 +234,8 @@ def test_unsupported_generation_options_and_unknown_tasks_are_refused_with_the_f
         task_manager(["tiny_choice", "nope"], world["tasks_dir"])
     with pytest.raises(ak.ConfigError, match="batch_size must be a positive number of rows or 'auto', got 0"):
         AdapterkitLM(world["model"], world["tokenizer"], batch_size=0)
+    with pytest.raises(ak.AdapterNameError, match="no adapter or composition named 'de'; this model has: lora, hou"):
+        AdapterkitLM(world["model"], world["tokenizer"], "de")
 
 
 def test_the_eval_command_runs_harness_tasks_over_the_base_and_each_adapter(world, together, tmp_path, capsys):

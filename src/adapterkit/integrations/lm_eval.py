@@ -41,7 +41,7 @@ from lm_eval.models.utils import (  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ..errors import ConfigError, GenerationError  # noqa: E402
+from ..errors import AdapterNameError, ConfigError, GenerationError  # noqa: E402
 from ..generation import ACTIVE, MAX_STOP_CHARS, MAX_STOPS, Engine, Generation, Sampling  # noqa: E402
 from ..model import AdapterModel  # noqa: E402
 from ..names import BASE  # noqa: E402
@@ -71,9 +71,9 @@ class AdapterkitLM(TemplateLM):
     (several adapters are separated by ``|``, since lm-eval splits its arguments at commas; with
     one adapter loaded, ``adapter`` defaults to it).
 
-    ``batch_size`` is the engine's most rows in flight ("auto": 32, or ``max_batch_size``).
-    ``runner`` runs a list of generations; ``evaluate_adapters`` replaces it to pool several
-    models' requests in one engine."""
+    ``batch_size`` is the engine's most rows in flight ("auto": 32, or ``max_batch_size``). The
+    model is put in eval mode (mixed-adapter batches are for inference). ``runner`` runs a list of
+    generations; ``evaluate_adapters`` replaces it to pool several models' requests in one engine."""
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class AdapterkitLM(TemplateLM):
             raise ConfigError("give a model and its tokenizer, or base= (with adapters=, device=, dtype=) to load one")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapter = None if adapter in (None, BASE) else adapter
-        self.row_adapter = self.adapter if isinstance(model, AdapterModel) else _plain_model_rows(model, self.adapter)
+        self.row_adapter = _row_adapter(model, self.adapter)
         self.max_batch_size = engine_rows(batch_size, max_batch_size)
         self.add_bos_token, self.custom_prefix_token_id = add_bos_token, prefix_token_id
         self._max_length, self._max_gen_toks = max_length, int(max_gen_toks)
@@ -280,12 +280,18 @@ def _only(loaded: list[str]) -> str | None:
     return loaded[0] if loaded else None
 
 
-def _plain_model_rows(model: nn.Module, adapter: str | None):
-    """A model without adapters runs its rows as they are (the engine's ACTIVE rows)."""
-    if adapter is not None:
-        raise ConfigError(f"adapter={adapter!r} needs an adapterkit AdapterModel; this model is a plain "
-                          f"{type(model).__name__}")
-    return ACTIVE
+def _row_adapter(model: nn.Module, adapter: str | None):
+    """What the engine's rows name: the adapter (None: the bare base), checked now rather than at
+    the first forward pass; a model without adapters runs its rows as they are (ACTIVE)."""
+    if not isinstance(model, AdapterModel):
+        if adapter is not None:
+            raise ConfigError(f"adapter={adapter!r} needs an adapterkit AdapterModel; this model is a plain "
+                              f"{type(model).__name__}")
+        return ACTIVE
+    if adapter is not None and adapter not in model.adapters and adapter not in model.compositions:
+        known = ", ".join([*model.adapters, *model.compositions]) or "none"
+        raise AdapterNameError(f"no adapter or composition named {adapter!r}; this model has: {known}")
+    return adapter
 
 
 if NAME not in model_registry:
