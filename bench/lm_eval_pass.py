@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 
-import lm_eval
-import torch
-from harness import median, print_table, time_interleaved
-from lm_eval_catalog_task import catalog_items, write_task
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the task's data is a local file: nothing to download
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import adapterkit as ak
-from adapterkit.integrations.lm_eval import AdapterkitLM, evaluate_adapters, task_manager
+import lm_eval  # noqa: E402
+import torch  # noqa: E402
+from harness import median, print_table, time_interleaved  # noqa: E402
+from lm_eval_catalog_task import catalog_items, write_task  # noqa: E402
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.integrations.lm_eval import AdapterkitLM, evaluate_adapters, task_manager  # noqa: E402
 
 
 def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
