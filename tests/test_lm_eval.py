@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TOKENIZER_CHARS, tiny_llama, tiny_tokenizer
+from conftest import TOKENIZER_CHARS, randomise, tiny_llama, tiny_tokenizer
 from tokenizers import processors
 
 import adapterkit as ak
@@ -50,13 +50,6 @@ def bos_tokenizer():
     bos = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer.backend_tokenizer.post_processor = bos
     return tokenizer
-
-
-def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.adapter_layers[name].parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import json
 import httpx
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
-from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS, randomise
+from conftest import randomise, tiny_llama, tiny_tokenizer
+from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS
 from test_serve_isolation import run_live
 
 import adapterkit as ak
