@@ -37,7 +37,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def loglikelihoods(results: dict) -> tuple[float, list[list[float]]]:
     """(accuracy, each document's per-choice loglikelihoods, in document order)."""
     samples = sorted(results["samples"][NAME], key=lambda sample: sample["doc_id"])
-    scores = [[float(response[0][0]) for response in sample["filtered_resps"]] for sample in samples]
+    scores = [[float(response[0][0]) for response in sample["resps"]] for sample in samples]
     return results["results"][NAME]["acc,none"], scores
 
 

@@ -46,6 +46,7 @@ def method_configs(steps: int) -> dict[str, tuple[AdapterConfig | None, float]]:
         "Pfeiffer r=64": (ak.BottleneckConfig(placement="pfeiffer", bottleneck_size=64), 2e-3),
         "parallel r=64": (ak.BottleneckConfig(placement="parallel", bottleneck_size=64), 2e-3),
         "LoRA r=8 q,v": (ak.LoraConfig(r=8, alpha=16, target_modules=QUERY_VALUE), 2e-3),
+        "DoRA r=8 q,v": (ak.LoraConfig(r=8, alpha=16, target_modules=QUERY_VALUE, use_dora=True), 2e-3),
         "AdaLoRA 12→8 q,v": (ak.AdaLoraConfig(init_r=12, target_r=8, alpha=16, target_modules=QUERY_VALUE,
                                               tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20), total_step=steps), 2e-3),
         "IA3 k,v,down": (ak.IA3Config(), 3e-3),

@@ -117,3 +117,11 @@ def rows_alone(model, inputs: dict, names: list) -> torch.Tensor:
         rows.append(logits(model, {k: v[row : row + 1] for k, v in inputs.items()}))
     model.set_active(None)
     return torch.cat(rows)
+
+
+def randomise(model, name: str, seed: int) -> None:
+    """Strong random weights for adapter ``name``, so that each adapter answers differently."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.adapter_layers[name].parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)

@@ -112,7 +112,7 @@ def test_our_trained_adalora_loads_in_peft_with_the_same_logits(arch, tmp_path):
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"use_dora": True}, "use_dora=True"),
+        ({"lora_bias": True}, "lora_bias=True"),
         ({"bias": "all"}, "bias='all'"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from conftest import randomise
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -47,14 +48,6 @@ def tiny_llama(seed: int) -> LlamaForCausalLM:
         vocab_size=len(WORDS), max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:
-    """Strong random weights, so that each adapter answers differently from the others."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.adapter_layers[name].parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
 @pytest.fixture(scope="module")

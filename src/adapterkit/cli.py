@@ -307,7 +307,8 @@ def recorded_template(examples: list[dict]) -> str | None:
 
 # ---- eval ----------------------------------------------------------------------------------------
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="JSONL file of prompt/completion or messages examples")
+    parser.add_argument("data", nargs="?", help="JSONL file of prompt/completion or messages examples "
+                                                "(not with --harness)")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also score the bare base")
     parser.add_argument("--base", help=BASE_HELP)
@@ -318,6 +319,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generated answer")
     parser.add_argument("--json", type=Path, help="also write the scores (and predictions) to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    harness = parser.add_argument_group("lm-eval tasks", "instead of a JSONL file (pip install 'adapterkit[eval]')")
+    harness.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run over "
+                         "the bare base and every --adapter in one pass")
+    harness.add_argument("--include-path", type=Path, metavar="DIR", help="folder of local lm-eval task YAML files")
+    harness.add_argument("-o", "--output-json", type=Path, metavar="FILE",
+                         help="write lm-eval's results, one per adapter, to this file")
     parser.set_defaults(handler=run_eval)
 
 
@@ -325,6 +332,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data import apply_template, read_jsonl
     from .evaluate import evaluate
 
+    if args.harness:
+        return run_harness(args)
+    if args.data is None:
+        raise ConfigError("give a JSONL file to score, or --harness TASKS to run lm-eval tasks")
+    if args.include_path or args.output_json:
+        raise ConfigError("--include-path and --output-json go with --harness (JSONL scores are written with --json)")
     examples = read_jsonl(args.data)
     model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device, args.dtype)
     rows, report = [], {}
@@ -340,6 +353,52 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """lm-eval tasks over the bare base and every adapter in one pass: a table of each task's
+    metrics with a column per adapter, and lm-eval's results in --output-json."""
+    from .integrations import require_lm_eval
+
+    require_lm_eval()
+    if args.data or args.json or args.template is not None or args.no_template:
+        raise ConfigError("--harness runs lm-eval's tasks, which write their own prompts: drop the JSONL file, --json "
+                          "(use --output-json) and --template")
+    from lm_eval.utils import handle_non_serializable
+
+    from .integrations.lm_eval import evaluate_adapters, task_manager
+
+    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    manager = task_manager(tasks, args.include_path)  # unknown tasks are refused before the base loads
+    base = args.base or default_base_name()
+    model, tokenizer, adapters = _model_with_adapters(base, args.adapter, args.device, args.dtype)
+    results = evaluate_adapters(model, tokenizer, [None, *adapters], tasks, batch_size=args.batch_size,
+                                task_manager=manager, log_samples=False)
+    print(format_table(harness_rows(results)))
+    if args.output_json:
+        text = json.dumps(results, indent=2, ensure_ascii=False, default=handle_non_serializable)
+        args.output_json.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def harness_rows(results: dict[str, dict]) -> list[dict[str, str]]:
+    """One row per task and metric (lm-eval's "acc,none" shown as "acc"), one column per adapter."""
+    labels = list(results)
+    first = results[labels[0]]["results"]
+    rows = []
+    for task, metrics in first.items():
+        for key in metrics:
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or "_stderr" in metric:
+                continue
+            row = {"task": task, "metric": metric if filter_name == "none" else key}
+            row.update({label: _metric_text(results[label]["results"][task].get(key)) for label in labels})
+            rows.append(row)
+    return rows
+
+
+def _metric_text(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def run_templates(args: argparse.Namespace, adapters: dict[str, str | None]) -> dict[str | None, str | None]:

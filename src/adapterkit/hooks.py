@@ -323,6 +323,7 @@ class HookLayer:
         hooks = self._hooks.get(site.module_name)
         if hooks is None:
             hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name], self.routing)
+        adapter.bind(self._modules[site.module_name])
         hooks.add(name, adapter, reader)
         self._attachments += 1
 

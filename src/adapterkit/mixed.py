@@ -68,6 +68,8 @@ class Group:
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         layout = self.layout
         source = y if self.reads == "output" else x if self.reader is None else self.reader(y)
+        if self.reads == "input+output":
+            source = torch.cat([source, y], dim=-1)
         n = y.shape[0]
         h = source.reshape(n, -1, source.shape[-1])
         if layout.rows is not None:

@@ -103,5 +103,5 @@ def peft_files(config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: l
             renamed[SHARED_PREFIX + name] = tensor
             continue
         module, _, param = key.partition(".adapter.")
-        renamed[f"{PREFIX}{module}.{param}{peft.tensor_suffix}"] = tensor
+        renamed[f"{PREFIX}{module}.{param}{'' if param in peft.unsuffixed else peft.tensor_suffix}"] = tensor
     return {WEIGHTS_FILE: tensors_to_bytes(renamed), CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}

@@ -230,10 +230,14 @@ class AdapterModule(nn.Module):
     """
 
     hook: str = "output"
-    reads: str = "input"  # for mixed deltas: computed from x ("input") or from y ("output")
+    reads: str = "input"  # mixed deltas read x ("input"), y ("output") or both side by side ("input+output")
     changes_layer: ClassVar[bool] = False
     mixed: ClassVar[str | None] = None
     scale_dim: ClassVar[str] = "out"  # for weight_scale: "out" scales outputs (rows of W), "in" inputs
+
+    def bind(self, layer: nn.Module) -> None:
+        """Called when the module is hooked onto ``layer``, its site's base module (DoRA reads
+        the layer's weight); nothing by default."""
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -313,6 +317,7 @@ class PeftFormat:
     peft_type: str
     fields: dict[str, str]
     tensor_suffix: str = ""
+    unsuffixed: frozenset[str] = frozenset()  # parameters peft names without the suffix (DoRA's lora_magnitude_vector)
     fresh_init: dict[str, tuple] = dataclasses.field(default_factory=dict)
     from_peft: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     to_peft: Callable[[AdapterConfig, list[Site], dict[str, Any]], None] | None = None

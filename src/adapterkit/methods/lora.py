@@ -3,6 +3,9 @@
 A is Kaiming-uniform and B zero, so a new adapter is an exact identity. The scale s is alpha / r,
 or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023). Because the update is a matrix of the layer's
 own shape, it can be folded into the base weight (``AdapterModel.merge``) for zero overhead.
+
+With ``use_dora`` (DoRA, Liu et al. 2024, as peft's ``LoraConfig(use_dora=True)``), the updated
+weight W + s B A is split into its direction and a learned magnitude per output feature.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterkitError, ConfigError
 from ..inject import Site, find_sites, query_and_value
 from .base import (
     AdapterConfig,
@@ -37,7 +41,8 @@ from .base import (
 class LoraConfig(AdapterConfig):
     """r: the rank; alpha: the scale numerator (s = alpha / r); dropout: on the layer input before A;
     target_modules: the linear layers to adapt (names or a regular expression, peft's rule);
-    use_rslora: s = alpha / sqrt(r); layers: block indices to adapt (default: all)."""
+    use_rslora: s = alpha / sqrt(r); layers: block indices to adapt (default: all);
+    use_dora: DoRA, a learned magnitude per output feature of the updated weight (``DoraAdapter``)."""
 
     method = "lora"
 
@@ -47,6 +52,7 @@ class LoraConfig(AdapterConfig):
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
     layers: list[int] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_int("r", self.r)
@@ -55,6 +61,7 @@ class LoraConfig(AdapterConfig):
         self.target_modules = check_target_modules(self.target_modules, required=False)
         check_bool("use_rslora", self.use_rslora)
         self.layers = check_layers(self.layers)
+        check_bool("use_dora", self.use_dora)
 
     @property
     def scale(self) -> float:
@@ -64,6 +71,9 @@ class LoraConfig(AdapterConfig):
         return find_sites(model, "linear", self.layers, self.target_modules or default_targets(model, self.method))
 
     def build(self, site: Site, device: torch.device | str | None = None) -> "LoraAdapter":
+        if self.use_dora:
+            return DoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout,
+                               site.transposed, device)
         return LoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout, device)
 
 
@@ -135,6 +145,111 @@ class LoraAdapter(LowRankAdapter):
         return self.lora_A, self.lora_B, self.scale
 
 
+class DoraAdapter(LoraAdapter):
+    """DoRA at one linear layer: W' = W + s B A, used as m * W' / ||W'||, where ||W'|| is the L2
+    norm of each output feature's row of W' and m a learned vector (``lora_magnitude_vector``).
+    The norm is a constant: it gets no gradient (the paper's section 4.3, and peft).
+
+    Computed as peft computes it, on top of the base output y = W x + b, with g = m / ||W'||:
+        y + (g - 1) * (y - b) + g * s B A x
+    While training with dropout, peft applies the dropout to x in both terms; the middle one is
+    then (g - 1) * W dropout(x), which costs a product with W.
+
+    m starts as ||W + s B A|| (B = 0: ||W||), so g is 1 exactly and a new adapter is an exact
+    identity. The module reads the base layer's weight (and bias), which ``bind`` gives it when it
+    is hooked on; it keeps the layer by a weak reference, never as a submodule."""
+
+    reads = "input+output"  # a mixed batch gives grouped_delta the layer's input and output side by side
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float, transposed: bool,
+                 device=None):
+        super().__init__(in_features, out_features, r, scale, dropout, device)
+        self.transposed = transposed  # the layer keeps its weight as [in, out] (GPT-2's Conv1D)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device))
+        self._magnitude_unset = not is_meta(device)  # loading fills a meta module
+        self._layer = None
+        self._norm = None  # (weights' signature, norm): the norm is recomputed only when A, B or W change
+
+    def bind(self, layer: nn.Module) -> None:
+        self._layer = weakref.ref(layer)
+        if self._magnitude_unset:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
+            self._magnitude_unset = False
+
+    def base_layer(self) -> nn.Module:
+        layer = None if self._layer is None else self._layer()
+        if layer is None:
+            raise AdapterkitError("this DoRA module is not attached to a base layer; it runs only in its AdapterModel")
+        return layer
+
+    def base_weight(self) -> torch.Tensor:
+        """The layer's weight as [out, in]."""
+        weight = self.base_layer().weight
+        return weight.T if self.transposed else weight
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output feature, in the adapter's dtype, without gradient."""
+        weight = self.base_layer().weight
+        signature = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in (self.lora_A, self.lora_B, weight))
+        # a norm made under inference_mode (the generation engine) cannot take part in training
+        if (self._norm is None or self._norm[0] != signature
+                or (self._norm[1].is_inference() and not torch.is_inference_mode_enabled())):
+            A, B = self.lora_A, self.lora_B
+            updated = self.base_weight().to(A.dtype) + self.scale * (B @ A)
+            self._norm = (signature, torch.linalg.norm(updated, dim=1))
+        return self._norm[1]
+
+    def gain(self) -> torch.Tensor:
+        """g = m / ||W + s B A||: the factor of each output feature (the gradient reaches m only)."""
+        return self.lora_magnitude_vector / self.weight_norm()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gain = self.gain()
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
+            base = F.linear(x, self.base_weight().to(x.dtype))
+        else:
+            bias = getattr(self.base_layer(), "bias", None)
+            base = y if bias is None else y - bias.to(y.dtype)
+        low_rank = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
+        return y + (gain - 1) * base + gain * low_rank
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise AdapterkitError("a DoRA module's change depends on the layer's output too; call it as module(x, y)")
+
+    @torch.no_grad()
+    def weight_update(self, site: Site) -> torch.Tensor:
+        """g * (W + s B A) - W, in the layout of the layer's weight: the bias is not rescaled."""
+        weight = self.base_weight().float()
+        updated = weight + (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        update = self.gain().float()[:, None] * updated - weight
+        return update.T if site.transposed else update
+
+    def mixed_kind(self) -> tuple:
+        return (DoraAdapter,)
+
+    @staticmethod
+    @torch.no_grad()
+    def stack(modules: list["DoraAdapter"]) -> dict[str, torch.Tensor]:
+        """LoRA's stacked factors with g folded into B, and per adapter g - 1 and (g - 1) * b."""
+        stacked = LowRankAdapter.stack(modules)
+        gains = torch.stack([module.gain() for module in modules])  # [adapters, out]
+        up = stacked["up_t"] * gains[:, None, :]  # column j of (s B)^T times g_j
+        bias = getattr(modules[0].base_layer(), "bias", None)
+        offset = torch.zeros_like(gains) if bias is None else (gains - 1) * bias.to(gains.dtype)
+        return {"down_t": stacked["down_t"], "up_t": up, "gain": (gains - 1)[:, None, :], "offset": offset[:, None, :]}
+
+    @staticmethod
+    def grouped_delta(kind: tuple, h: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """h is the layer's input and output side by side (``reads = "input+output"``)."""
+        width = weights["down_t"].shape[1]
+        x, y = h[..., :width], h[..., width:]
+        low_rank = torch.bmm(torch.bmm(x, weights["down_t"]), weights["up_t"])
+        return low_rank.addcmul_(y, weights["gain"]).sub_(weights["offset"])
+
+
 def default_targets(model: nn.Module, method: str) -> list[str]:
     """peft's default for LoRA-like methods, the attention's query and value projections, said
     out loud: the user did not choose them."""
@@ -164,6 +279,8 @@ def combine_loras(
     - "svd": the best rank-``svd_rank`` (default: the largest r) approximation of that sum;
     - "linear": A = sum sign(w_i) sqrt(|w_i s_i|) A_i, B = sum sqrt(|w_i s_i|) B_i (same r only);
     - "ties": as "linear", with each factor TIES-merged (``density``, ``majority_sign_method``)."""
+    if any(config.use_dora for config in configs):
+        raise ConfigError("DoRA adapters cannot be combined: a sum of their factors says nothing about the magnitudes")
     if how not in ("linear", "cat", "svd", "ties"):
         raise ConfigError(f"LoRA adapters combine by 'linear', 'cat', 'svd' or 'ties', not {how!r}")
     ranks = [config.r for config in configs]
@@ -231,8 +348,8 @@ register_method(Method(
     peft=PeftFormat(
         "LORA",
         {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
-         "use_rslora": "use_rslora", "layers_to_transform": "layers"},
-        tensor_suffix=".weight", fresh_init=FRESH_INITS, to_peft=_lora_to_peft,
+         "use_rslora": "use_rslora", "layers_to_transform": "layers", "use_dora": "use_dora"},
+        tensor_suffix=".weight", unsuffixed=frozenset({"lora_magnitude_vector"}), fresh_init=FRESH_INITS, to_peft=_lora_to_peft,
     ),
     combine=combine_loras,
 ))
