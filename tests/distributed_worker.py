@@ -1,5 +1,7 @@
-"""Trains one tiny adapter per method; run by the distributed tests under torchrun (every rank
-writes the adapter it ends with) and in the test process itself (the single-process reference)."""
+"""Trains one tiny adapter per registered method that trains alone (its first case in the
+conformance table, test_methods_conformance.ROWS); run by the distributed tests under torchrun
+(every rank writes the adapter it ends with) and in the test process itself (the single-process
+reference)."""
 
 import json
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 import torch
 from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import save_file
+from test_methods_conformance import distributed_configs
 
 import adapterkit as ak
 from adapterkit import distributed
@@ -17,11 +20,7 @@ WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk",
 GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto", "rot"]
 EXAMPLES = [{"prompt": f"English: {w}\nGerman:", "completion": f" {g}"} for w, g in zip(WORDS, GERMAN)]
 STEPS = 8
-METHODS = {  # no dropout: ranks would draw other masks than one process does
-    "bottleneck": ak.BottleneckConfig(bottleneck_size=8, dropout=0.0, init="bert"),
-    "lora": ak.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-    "adalora": ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=2, tfinal=2, deltaT=2, total_step=STEPS),
-}
+METHODS = distributed_configs()  # every registered method that trains alone: one small case each, no dropout
 
 
 def train(method: str, folder: Path, fsdp: bool = False) -> tuple[ak.AdapterModel, int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.io import base_fingerprint, forget_base_fingerprint
+from adapterkit.io import base_fingerprint
 
 from conftest import batch, logits, make_base
 
@@ -26,29 +26,6 @@ def randomize(model, name, seed=1):
     with torch.no_grad():
         for parameter in model.adapter_layers[name].parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
-def train(model, name, steps=3, seed=0):
-    model.train_adapter(name)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(steps):
-        inputs = batch(seed + step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        model.step(step)
-        optimizer.zero_grad()
-    model.eval()
-
-
-@pytest.mark.parametrize("arch", LINEAR_ARCHS)
-def test_new_lora_is_an_exact_identity(arch):
-    base, model = lora_model(arch)
-    before = logits(base)
-    model.set_active("lora")
-    assert torch.equal(logits(model), before)
-    module = next(iter(model.adapter_layers["lora"].values()))
-    assert torch.count_nonzero(module.lora_A) > 0 and torch.count_nonzero(module.lora_B) == 0
 
 
 @pytest.mark.parametrize("arch", LINEAR_ARCHS)
@@ -93,40 +70,6 @@ def test_invalid_lora_configs_are_refused(kwargs, message):
         ak.LoraConfig(**arguments)
 
 
-@pytest.mark.parametrize("arch", LINEAR_ARCHS)
-def test_merge_matches_unmerged_and_unmerge_restores_the_base_bit_for_bit(arch):
-    base, model = lora_model(arch)
-    original = {k: v.clone() for k, v in base.state_dict().items()}
-    fingerprint = dict(base_fingerprint(base))
-    randomize(model, "lora")
-    model.set_active("lora")
-    unmerged = logits(model)
-    model.merge("lora")
-    assert model.merged == "lora" and model.active == ("lora",)
-    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=1e-5)
-    for site in model.adapter_sites("lora"):  # merged layers hold the update and run with no hook at all
-        assert not torch.equal(base.state_dict()[f"{site.module_name}.weight"], original[f"{site.module_name}.weight"])
-        assert not base.get_submodule(site.module_name)._forward_hooks
-    model.unmerge()
-    assert model.merged is None
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, original[key]), key
-    forget_base_fingerprint(base)
-    assert base_fingerprint(base) == fingerprint  # computed afresh from the restored weights
-    assert torch.equal(logits(model), unmerged)
-
-
-def test_merge_of_an_inactive_adapter_activates_it():
-    base, model = lora_model("llama")
-    randomize(model, "lora")
-    model.set_active("lora")
-    expected = logits(model)
-    model.set_active(None)
-    model.merge("lora")
-    assert model.active == ("lora",)
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
-
-
 def test_while_merged_conflicting_operations_raise_and_others_work(tmp_path):
     base, model = lora_model("llama")
     randomize(model, "lora")
@@ -161,13 +104,6 @@ def test_while_merged_conflicting_operations_raise_and_others_work(tmp_path):
     model.unmerge()
     with pytest.raises(ak.MergeError, match="no adapter is merged"):
         model.unmerge()
-
-
-def test_bottleneck_adapters_cannot_merge():
-    model = ak.AdapterModel(make_base("gpt2"))
-    model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
-    with pytest.raises(ak.MergeError, match="bottleneck adapter, which cannot be merged"):
-        model.merge("b")
 
 
 @pytest.mark.parametrize("arch", LINEAR_ARCHS)
@@ -226,15 +162,6 @@ def test_mixed_kinds_live_on_one_base_and_save_and_load_each(tmp_path):
         fresh.set_active(name)
         assert torch.equal(logits(fresh), expected), name
     assert fresh.adapters["ada"].method == "adalora" and fresh.adapters["lora"].method == "lora"
-
-
-@pytest.mark.parametrize("arch", LINEAR_ARCHS)
-def test_training_changes_only_the_lora_and_gives_b_a_gradient(arch):
-    base, model = lora_model(arch, dropout=0.1)
-    frozen = {k: v.clone() for k, v in base.state_dict().items()}
-    train(model, "lora")
-    assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
-    assert all(torch.count_nonzero(m.lora_B) > 0 for m in model.adapter_layers["lora"].values())
 
 
 def test_print_trainable_parameters_counts_lora(capsys):

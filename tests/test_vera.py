@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import adapterkit as ak
 
-from conftest import batch, logits, make_base, rows_alone, tiny_tokenizer, train_steps
+from conftest import batch, logits, make_base, tiny_tokenizer, train_steps
 
 peft = pytest.importorskip("peft")
 
@@ -47,15 +47,6 @@ def peft_vera(arch, path, **kwargs):
     model.eval()
     model.save_pretrained(path)
     return logits(model)
-
-
-def test_a_new_vera_adapter_is_an_exact_identity(arch):
-    expected = logits(make_base(arch))
-    _, model = vera_model(arch, target_modules=None)
-    model.set_active("vera")
-    assert torch.equal(logits(model), expected)
-    trainable = [n for n, p in model.adapter_layers["vera"].named_parameters()]
-    assert trainable and all(n.rsplit(".", 1)[-1] in ("vera_lambda_b", "vera_lambda_d") for n in trainable)
 
 
 def test_default_sites_are_peft_defaults(arch):
@@ -110,36 +101,6 @@ def test_peft_features_we_do_not_reproduce_are_refused_by_name(tmp_path):
     peft_vera("llama", tmp_path / "biased", bias="vera_only")
     with pytest.raises(ak.AdapterFileError, match="bias='vera_only'"):
         ak.AdapterModel(make_base("llama")).load_adapter(tmp_path / "biased")
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merge_and_unmerge_restore_the_base_bit_for_bit(arch):
-    base, model = vera_model(arch)
-    randomize(model, "vera")
-    model.set_active("vera")
-    original = {k: v.clone() for k, v in base.state_dict().items()}
-    unmerged = logits(model)
-    model.merge("vera")
-    assert not any(base.get_submodule(s.module_name)._forward_hooks for s in model.adapter_sites("vera"))
-    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=1e-5)
-    model.unmerge()
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, original[key]), key
-    assert torch.equal(logits(model), unmerged)
-
-
-def test_vera_rows_in_a_mixed_batch_match_running_each_alone():
-    _, model = vera_model("llama", name="v1")
-    model.add_adapter("v2", ak.VeraConfig(r=4, target_modules=["v_proj"], projection_prng_key=5))
-    model.add_adapter("lora", ak.LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
-    model.eval()
-    for name, seed in (("v1", 1), ("v2", 2), ("lora", 3)):
-        randomize(model, name, seed)
-    names = ["v1", None, "lora", "v2", "v1", "lora"]
-    inputs = batch(seed=4, rows=len(names))
-    with torch.no_grad():
-        mixed = model(**inputs, adapter_names=names).logits
-    torch.testing.assert_close(mixed, rows_alone(model, inputs, names), rtol=0, atol=1e-5)
 
 
 def test_vera_trains_only_its_vectors():
