@@ -87,10 +87,6 @@ ROWS: dict[str, list[Row]] = {
     "fusion": [Row(
         "fusion", {"temperature": 2.0},
         not_identity="a fusion mixes its children's changes from the start: its children are not the base",
-        known={"checkpointing_switch": (
-            "the recomputation restores the active adapters and mixed plan, not the active composition "
-            "(routing.tree): with another adapter set active before backward, the Fuse block is not rerun "
-            "(CheckpointError)")},
     )],
 }
 

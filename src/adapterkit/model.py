@@ -178,17 +178,19 @@ class AdapterModel(nn.Module):
 
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """(for the forward, for its recomputation): the second restores this forward's routing."""
-        return contextlib.nullcontext(), self._routed(self.hooks.routing.active, self.hooks.routing.mixed)
+        routing = self.hooks.routing
+        return contextlib.nullcontext(), self._routed(routing.active, routing.mixed, routing.tree)
 
     @contextlib.contextmanager
-    def _routed(self, active: tuple[str, ...], plan) -> Iterator[None]:
+    def _routed(self, active: tuple[str, ...], plan, tree: Block | None) -> Iterator[None]:
+        """Run with this routing (active adapters, mixed plan, composition), then put back the one before."""
         routing = self.hooks.routing
-        saved = routing.active, routing.mixed
-        routing.active, routing.mixed = active, plan
+        saved = routing.active, routing.mixed, routing.tree
+        routing.active, routing.mixed, routing.tree = active, plan, tree
         try:
             yield
         finally:
-            routing.active, routing.mixed = saved
+            routing.active, routing.mixed, routing.tree = saved
 
     def __getattr__(self, name: str):
         try:
