@@ -12,29 +12,16 @@ import json
 import httpx
 import pytest
 import torch
-from conftest import randomise, tiny_llama, tiny_tokenizer
+from conftest import randomise
 from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS
 from test_serve_isolation import run_live
+from test_serve_scoring import eos_leaning_llama
 
 import adapterkit as ak
 from adapterkit.serve import Server
 
 lm_eval = pytest.importorskip("lm_eval")
 from adapterkit.integrations.lm_eval import AdapterkitLM, task_manager  # noqa: E402
-
-EOS = 2
-
-
-def eos_leaning_llama():
-    """The tiny Llama with its end-of-text row turned toward the mean last hidden state, so that
-    end-of-text is the likeliest next token at many positions, as after a trained adapter's answers."""
-    model, tokenizer = tiny_llama(), tiny_tokenizer()
-    texts = [f"English: {e}\nGerman: {g}" for e, g in WORDS]
-    with torch.no_grad():
-        hidden = torch.cat([model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0] for text in texts])
-        direction = hidden.mean(0) / hidden.mean(0).norm()
-        model.lm_head.weight[EOS] = direction * 3 * model.lm_head.weight.norm(dim=1).max()
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,6 @@ def test_a_failing_row_fails_its_request_alone(live_nan, nan_world):
         ({"suffix": "w1"}, "unsupported_field", "suffix"),
         ({"n": 2}, "unsupported_field", "n = 2"),
         ({"best_of": 3}, "unsupported_field", "best_of"),
-        ({"logprobs": 2, "stream": True}, "unsupported_field", "logprobs"),
         ({"prompt": "w1 " * 2000}, "context_length_exceeded", "characters"),
         ({"repetition_penalty": 1e-300}, "invalid_request", "repetition_penalty"),
         ({"max_tokens": "5"}, "invalid_request", "max_tokens"),

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
+from ..generation import TokenLogprob
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
 from .protocol import (
@@ -113,8 +114,6 @@ def create_app(server: Server) -> FastAPI:
         if not prompts or (body.stream and len(prompts) > 1):
             raise ApiError(400, "give one prompt to stream, or a non-empty list of prompts without streaming",
                            "invalid_prompt")
-        if body.stream and body.logprobs is not None:
-            raise ApiError(400, "logprobs is supported without streaming only", "unsupported_field")
         if body.echo and body.stream:
             raise ApiError(400, "echo is supported without streaming only", "unsupported_field")
         server.check_model(body.model)
@@ -124,15 +123,27 @@ def create_app(server: Server) -> FastAPI:
         server.check_scoring(ids, sampling, body.echo)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(piece: str, reason: str | None) -> dict[str, Any]:
+        tokenizer = server.engine.tokenizer
+
+        def chunk(piece: str, reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "text": piece, "logprobs": logprobs, "finish_reason": reason}]}
 
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, ids, sampling))
-            return _sse(jobs[0], lambda piece: chunk(piece, None), lambda reason: chunk("", reason))
+            offset = 0
+
+            def streamed(piece: str, logprob: TokenLogprob | None) -> dict[str, Any]:
+                """A token's chunk; with ``logprobs``, its log-probability (the stopping token's too)."""
+                nonlocal offset
+                if logprob is None:
+                    return chunk(piece, None)
+                block = logprobs_block(tokenizer, [logprob], offset)
+                offset += len(block["tokens"][0])
+                return chunk(piece, None, block)
+
+            return _sse(jobs[0], streamed, lambda reason: chunk("", reason))
         jobs = await until_gone(request, _answered(server, body.model, ids, sampling))
-        tokenizer = server.engine.tokenizer
 
         def build() -> list[dict[str, Any]]:  # tens of MB of logprobs take seconds: never on the event loop
             choices = []
@@ -170,7 +181,7 @@ def create_app(server: Server) -> FastAPI:
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, [prompt], sampling))
             first = chunk({"role": "assistant", "content": ""}, None)
-            return _sse(jobs[0], lambda piece: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
+            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
         jobs = await until_gone(request, _answered(server, body.model, [prompt], sampling))
         generation = jobs[0].generation
         message = {"role": "assistant", "content": generation.text}
@@ -236,7 +247,7 @@ def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | No
                 yield f"data: {json.dumps(first)}\n\n"
             async for event in job.events_until_done():
                 if event[0] == "text":
-                    payload = text_chunk(event[1])
+                    payload = text_chunk(event[1], event[2])
                 else:  # the last chunk also carries the token counts (as OpenAI's include_usage does)
                     payload = final_chunk(event[1]) | {"usage": usage([job.generation])}
                 yield f"data: {json.dumps(payload)}\n\n"

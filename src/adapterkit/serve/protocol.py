@@ -152,13 +152,14 @@ def scored_logprobs(prompt_length: int, max_tokens: int, echo: bool, alternative
     return ((prompt_length if echo else 0) + max_tokens) * (1 + alternatives)
 
 
-def logprobs_block(tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+def logprobs_block(tokenizer, entries: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
     """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top alternatives and
-    each token's character offset in the returned text. Each distinct id is decoded once."""
+    each token's character offset in the returned text (from ``start``, for a stream's later
+    chunks). Each distinct id is decoded once."""
     ids = sorted({e.token for e in entries} | {t for e in entries for t, _ in e.top})
     text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
     tokens = [text[e.token] for e in entries]
-    offsets, at = [], 0
+    offsets, at = [], start
     for piece in tokens:
         offsets.append(at)
         at += len(piece)

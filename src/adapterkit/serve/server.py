@@ -279,7 +279,8 @@ class Job:
         self.server, self.generation, self.label, self.arrived, self.held = server, generation, label, arrived, held
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
-        generation.on_token = lambda _, piece, logprob: self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", piece))
+        generation.on_token = lambda _, piece, logprob: self.loop.call_soon_threadsafe(
+            self.events.put_nowait, ("text", piece, logprob))
         generation.on_done = lambda _: self.loop.call_soon_threadsafe(self._done)
 
     def _done(self) -> None:

@@ -1,0 +1,95 @@
+"""Scoring through the `openai` client as OpenAI's API and vLLM answer it: the token that stops a row
+(end-of-text) is in `logprobs`, streamed or not, and prompts may be token ids. The base here is
+made to predict end-of-text often, as a trained adapter does at the end of its answers."""
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from openai import OpenAI
+from test_serve_isolation import run_live
+
+import adapterkit as ak
+from adapterkit.serve import Server
+
+EOS = 2
+TEXTS = [f"English: {word}\nGerman:" for word in ("cat", "dog", "house", "tree", "sun", "moon", "water", "bread")]
+
+
+def eos_leaning_llama():
+    """The tiny Llama with its end-of-text row turned toward the mean last hidden state, so that
+    end-of-text is the likeliest next token at many positions."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    with torch.no_grad():
+        hidden = torch.cat([model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0] for text in TEXTS])
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        model.lm_head.weight[EOS] = direction * 3 * model.lm_head.weight.norm(dim=1).max()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoring")
+    model, tokenizer = eos_leaning_llama()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "adapters").mkdir()
+    base, tokenizer = ak.load_base(root / "base")
+    runner, thread, sock, url = run_live(Server(ak.AdapterModel(base), tokenizer, root / "adapters", "tiny-base"))
+    yield {"client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), "base": base,
+           "tokenizer": tokenizer}
+    runner.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def ending_prompts(scoring) -> list[list[int]]:
+    """Prompts (token ids) whose greedy next token is end-of-text, from a plain forward pass."""
+    tokenizer, found = scoring["tokenizer"], []
+    for text in TEXTS:
+        for cut in range(len(text) // 2, len(text) + 1):
+            ids = tokenizer.encode(text[:cut])
+            with torch.no_grad():
+                if int(scoring["base"](input_ids=torch.tensor([ids])).logits[0, -1].argmax()) == EOS:
+                    found.append(ids)
+    assert len(found) >= 4
+    return found
+
+
+def next_logprob(scoring, ids: list[int], token: int) -> float:
+    with torch.no_grad():
+        logits = scoring["base"](input_ids=torch.tensor([ids])).logits[0, -1]
+    return float(torch.log_softmax(logits, -1)[token])
+
+
+def test_the_end_of_text_that_stops_a_row_is_in_logprobs_with_echo_and_token_ids(scoring):
+    for ids in ending_prompts(scoring)[:4]:
+        answer = scoring["client"].completions.create(model="tiny-base", prompt=ids, max_tokens=1, echo=True,
+                                                      logprobs=1, temperature=0).choices[0]
+        assert answer.finish_reason == "stop"
+        assert answer.text == scoring["tokenizer"].decode(ids)  # the echoed prompt; end-of-text is no text
+        assert len(answer.logprobs.tokens) == len(ids) + 1 and answer.logprobs.tokens[-1] == "</s>"
+        assert answer.logprobs.token_logprobs[-1] == pytest.approx(next_logprob(scoring, ids, EOS), abs=1e-5)
+        assert answer.logprobs.top_logprobs[-1] == {"</s>": answer.logprobs.token_logprobs[-1]}
+
+
+def test_a_streamed_answer_carries_the_same_logprobs_as_a_whole_one(scoring):
+    ids = ending_prompts(scoring)[0][:-3]  # a few tokens before end-of-text
+    whole = scoring["client"].completions.create(model="tiny-base", prompt=ids, max_tokens=12, logprobs=2,
+                                                 temperature=0).choices[0]
+    chunks = list(scoring["client"].completions.create(model="tiny-base", prompt=ids, max_tokens=12, logprobs=2,
+                                                       temperature=0, stream=True))
+    scored = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for block in scored for t in block.tokens] == whole.logprobs.tokens
+    assert [v for block in scored for v in block.token_logprobs] == whole.logprobs.token_logprobs
+    assert [o for block in scored for o in block.text_offset] == whole.logprobs.text_offset
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_token_id_prompts_answer_as_their_text_does(scoring):
+    texts = TEXTS[:3]
+    ids = [scoring["tokenizer"].encode(text) for text in texts]
+    by_ids = scoring["client"].completions.create(model="tiny-base", prompt=ids, max_tokens=6, temperature=0)
+    by_text = scoring["client"].completions.create(model="tiny-base", prompt=texts, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert by_ids.usage == by_text.usage
