@@ -50,6 +50,9 @@ def method_configs(steps: int) -> dict[str, tuple[AdapterConfig | None, float]]:
         "AdaLoRA 12→8 q,v": (ak.AdaLoraConfig(init_r=12, target_r=8, alpha=16, target_modules=QUERY_VALUE,
                                               tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20), total_step=steps), 2e-3),
         "IA3 k,v,down": (ak.IA3Config(), 3e-3),
+        # VeRA trains two small vectors per layer over frozen random projections: its paper and peft's
+        # examples use learning rates several times LoRA's
+        "VeRA r=256 q,v": (ak.VeraConfig(r=256, target_modules=QUERY_VALUE), 1e-2),
         "full fine-tuning": (None, 5e-5),
     }
 
