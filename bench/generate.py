@@ -12,12 +12,12 @@ of each, their ratio, and how many answers agree.
 import argparse
 
 import torch
-from harness import print_table, time_interleaved
-from quality import german_data
 
 import adapterkit as ak
 from adapterkit.data import prompt_and_completion
 from adapterkit.evaluate import generate_batched
+from harness import print_table, time_interleaved
+from quality import german_data
 
 BATCH, NEW_TOKENS = 32, 64
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import adapterkit as ak
-from adapterkit.train import METRICS_FILE, Trainer, TrainConfig
+from adapterkit.train import METRICS_FILE, TrainConfig, Trainer
 
 BENCH = Path(__file__).parent
 EXAMPLES = [{"prompt": f"English: item number {i}, shelf {i % 7}\nGerman:", "completion": f" Artikel Nummer {i}, Regal {i % 7}"}

@@ -14,9 +14,9 @@ import copy
 from functools import partial
 
 import torch
-from harness import print_table, time_interleaved
 
 import adapterkit as ak
+from harness import print_table, time_interleaved
 
 LORA = ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
 

@@ -11,9 +11,9 @@ import argparse
 import random
 
 import torch
-from harness import median, print_table, time_interleaved
 
 import adapterkit as ak
+from harness import median, print_table, time_interleaved
 
 ADAPTERS = 8
 
@@ -58,7 +58,7 @@ def main() -> None:
     bottlenecks = [f"houlsby{i}" for i in range(ADAPTERS)]
     loras = [f"lora{i}" for i in range(ADAPTERS)]
     lora_config = ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    for i, name in enumerate(bottlenecks):
+    for name in bottlenecks:
         model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=64, init="bert"))
     for i, name in enumerate(loras):
         model.add_adapter(name, lora_config)

@@ -23,13 +23,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from harness import median, time_interleaved
 
 import adapterkit as ak
-from adapterkit.data import collate, length_bucketed_batches, pairs_from_catalogs, split_held_out, tokenize_all, tokenize_example
+from adapterkit.data import (
+    collate,
+    length_bucketed_batches,
+    pairs_from_catalogs,
+    split_held_out,
+    tokenize_all,
+    tokenize_example,
+)
 from adapterkit.evaluate import score_generations
 from adapterkit.methods import AdapterConfig
-from adapterkit.train import Trainer, TrainConfig, training_loss
+from adapterkit.train import TrainConfig, Trainer, training_loss
+from harness import median, time_interleaved
 
 LANGUAGE = "de"
 TRAIN_MAX_TOKENS = 64

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import median, percentile, time_interleaved
 
 import adapterkit as ak
+from harness import median, percentile, time_interleaved
 
 PHRASES = ["Save and continue editing", "This field is required.", "Enter a valid email address.", "Delete selected items",
            "Change password", "The password is too similar to the username.", "Log out", "Add another item"]

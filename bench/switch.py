@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from harness import median, time_interleaved
 
 import adapterkit as ak
+from harness import median, time_interleaved
 
 
 def per_switch_ms(switch, names: list[str], switches: int = 2000, rounds: int = 7) -> float:

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import print_table, time_interleaved
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate
 from adapterkit.train import training_loss
+from harness import print_table, time_interleaved
 
 ADAPTER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64)
 

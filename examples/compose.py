@@ -33,7 +33,7 @@ import adapterkit as ak
 from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, write_jsonl
 from adapterkit.errors import DataError
 from adapterkit.evaluate import score_generations
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
 from demo import MAX_NEW_TOKENS, short_enough, trainer_losses
 
 # domain -> (the wheel that ships its catalogs, the version docs/composition.md was measured with)

@@ -22,7 +22,7 @@ import torch
 import adapterkit as ak
 from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, tokenize_example, write_jsonl
 from adapterkit.evaluate import generate_batched, score_generations
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
 
 LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 SHOWCASE = "Please correct the errors below."

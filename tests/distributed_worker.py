@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import save_file
-from test_methods_conformance import distributed_configs
 
 import adapterkit as ak
 from adapterkit import distributed
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
+from conftest import tiny_llama, tiny_tokenizer
+from test_methods_conformance import distributed_configs
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car", "red"]
 GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto", "rot"]

@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit.methods.adalora import RANKNUM_EPSILON
-
 from conftest import batch, logits, make_base
 
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj"]}

@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import batch, logits, make_base
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import batch, logits, make_base
+
 
 def saved(tmp_path, name="a"):
     model = ak.AdapterModel(make_base("llama"))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base
 
 

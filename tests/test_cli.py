@@ -2,10 +2,10 @@ import json
 
 import pytest
 import sacrebleu
-from conftest import tiny_llama, tiny_tokenizer
 
 from adapterkit.cli import main, parse_layers
 from adapterkit.evaluate import chrf, evaluate
+from conftest import tiny_llama, tiny_tokenizer
 
 PAIRS = [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum"), ("sun", "Sonne"), ("moon", "Mond")]
 
@@ -27,7 +27,7 @@ def test_train_info_eval_generate(tmp_path, base_dir, data, capsys):
     ])
     assert code == 0
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss.png").is_file()
-    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 5
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 5
     capsys.readouterr()
 
     assert main(["info", str(out / "adapter"), "--json"]) == 0
@@ -89,7 +89,6 @@ def test_chrf_equals_sacrebleu_on_a_fixture():
 
 def test_evaluate_scores_its_own_greedy_predictions(data):
     from adapterkit.data import read_jsonl
-
     from adapterkit.evaluate import score_generations
 
     examples = read_jsonl(data)
@@ -308,7 +307,7 @@ def test_the_package_exports_every_registered_config_class():
         assert getattr(ak, name) is method.config_class and name in ak.__all__
     assert {"AdapterModel", "load_base", "Stack", "ConfigError"} <= set(ak.__all__) <= set(dir(ak))
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchConfig'"):
-        ak.NoSuchConfig
+        ak.NoSuchConfig  # noqa: B018 (the lookup itself is what must raise)
 
 
 def test_info_on_a_peft_folder_names_the_folder_method_and_base(tmp_path, monkeypatch, capsys):

@@ -9,7 +9,6 @@ import torch
 import adapterkit as ak
 from adapterkit.cli import main, read_compositions
 from adapterkit.compose import compositions_from_json, to_json
-
 from conftest import batch, logits, make_base, rows_alone, train_steps
 
 SITE = "model.layers.1.mlp.down_proj"  # one site, so a layer's output can be checked by hand
@@ -88,7 +87,7 @@ def test_a_new_fusion_with_flat_attention_is_the_average():
 
 def test_training_a_fusion_over_stacks_moves_only_the_fusion():
     model = ak.AdapterModel(make_base("llama"))
-    for i, name in enumerate(["lang", "task", "other"]):
+    for name in ["lang", "task", "other"]:
         model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=4, init="bert"))
     model.add_adapter("lora", ak.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     randomize(model, "lora", 4)

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 
 from adapterkit.data import (
     IGNORE_INDEX,
@@ -18,6 +17,7 @@ from adapterkit.data import (
     tokenize_example,
 )
 from adapterkit.errors import ConfigError, DataError
+from conftest import tiny_tokenizer
 
 CATALOG = r'''# A translator's comment
 msgid ""

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import batch, tiny_llama, tiny_tokenizer
-from test_train import EXAMPLES
 
 import adapterkit as ak
 from adapterkit.bases import resolve_device, resolve_dtype
 from adapterkit.cli import main
-from adapterkit.train import ADAPTER_DIR, METRICS_FILE, Trainer, TrainConfig
+from adapterkit.train import ADAPTER_DIR, METRICS_FILE, TrainConfig, Trainer
+from conftest import batch, tiny_llama, tiny_tokenizer
+from test_train import EXAMPLES
 
 LORA = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 

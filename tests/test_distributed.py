@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from distributed_worker import EXAMPLES, METHODS, train
 from safetensors.torch import load_file
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import tiny_llama
+from distributed_worker import EXAMPLES, METHODS, train
 
 TESTS = Path(__file__).parent
 LAUNCH_TIMEOUT = 240  # seconds; a launch takes about 15 on two busy cores

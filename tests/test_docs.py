@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import VOCAB, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TOKENIZER_CHARS, make_base, tiny_tokenizer
 
 from adapterkit.evaluate import generate_batched
+from conftest import TOKENIZER_CHARS, make_base, tiny_tokenizer
 
 PROMPTS = ["a", "hello there", "xyz:", "The quick brown fox", "12", "Q?", "mmm", "Zebra crossing"]
 NEW_TOKENS = 12

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
 import adapterkit as ak
 from adapterkit.generation import Engine, Generation, Sampling, generate
+from conftest import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["hello there", "a", "The quick brown fox", "xyz: 12"]
 TOKENS = 10

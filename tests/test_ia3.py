@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base, rows_alone, train_steps
 
 peft = pytest.importorskip("peft")

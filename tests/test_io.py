@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit import io
-
 from conftest import logits, make_base
 
 

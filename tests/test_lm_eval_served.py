@@ -12,13 +12,13 @@ import json
 import httpx
 import pytest
 import torch
+
+import adapterkit as ak
+from adapterkit.serve import Server
 from conftest import randomise
 from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS
 from test_serve_isolation import run_live
 from test_serve_scoring import eos_leaning_llama
-
-import adapterkit as ak
-from adapterkit.serve import Server
 
 lm_eval = pytest.importorskip("lm_eval")
 from adapterkit.integrations.lm_eval import AdapterkitLM, task_manager  # noqa: E402

@@ -5,8 +5,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.io import base_fingerprint
-
-from conftest import batch, logits, make_base
+from conftest import logits, make_base
 
 # GPT-2 adapts Conv1D layers (weight [in, out]); Llama adapts nn.Linear (weight [out, in]).
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import VOCAB, batch, logits, make_base, rows_alone
 
 PLACEMENTS = ["houlsby", "pfeiffer", "attention", "parallel"]

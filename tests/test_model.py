@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit.inject import find_sites
-
 from conftest import batch, logits, make_base, tiny_llama
 
 EXPECTED_SITES = {

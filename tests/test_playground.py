@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from test_serve import ADAPTERS, PROMPTS, make_server, world  # noqa: F401
 
 from adapterkit.serve import create_app
+from test_serve import ADAPTERS, PROMPTS, make_server, world  # noqa: F401
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
 

@@ -12,13 +12,13 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import randomise
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import adapterkit as ak
-from adapterkit.serve import ApiError, ServeConfig, Server, create_app
+from adapterkit.serve import ServeConfig, Server, create_app
+from conftest import randomise
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant"] + [f"w{i}" for i in range(57)]
 CONTEXT = 48

@@ -14,11 +14,11 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from test_serve import ADAPTERS, PROMPTS, WORDS, complete, make_server, sample, tiny_tokenizer, world  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapterkit as ak
 from adapterkit.serve import ServeConfig, Server, create_app
+from test_serve import ADAPTERS, PROMPTS, WORDS, complete, make_server, sample, tiny_tokenizer, world  # noqa: F401
 
 
 @pytest.fixture(scope="module")

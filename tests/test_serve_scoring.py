@@ -4,12 +4,12 @@ made to predict end-of-text often, as a trained adapter does at the end of its a
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from openai import OpenAI
-from test_serve_isolation import run_live
 
 import adapterkit as ak
 from adapterkit.serve import Server
+from conftest import tiny_llama, tiny_tokenizer
+from test_serve_isolation import run_live
 
 EOS = 2
 TEXTS = [f"English: {word}\nGerman:" for word in ("cat", "dog", "house", "tree", "sun", "moon", "water", "bread")]

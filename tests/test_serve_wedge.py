@@ -14,12 +14,12 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_serve import KEY, PROMPTS, complete, make_server, world  # noqa: F401
-from test_serve_isolation import run_live
 
 import adapterkit as ak
 from adapterkit.compose import adapter_names, fusions
 from adapterkit.serve import create_app
+from test_serve import KEY, PROMPTS, complete, make_server, world  # noqa: F401
+from test_serve_isolation import run_live
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub" / "llama" / "fusion"
 AUTH = {"Authorization": f"Bearer {KEY}"}

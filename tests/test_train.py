@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
 from adapterkit.errors import AdapterFileError, ConfigError, TrainingError
-from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, Trainer, TrainConfig, lr_at
+from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, TrainConfig, Trainer, lr_at
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
 GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto"]
@@ -420,7 +420,7 @@ def test_a_full_disk_while_plotting_keeps_the_old_loss_plot_and_the_trained_adap
     (tmp_path / LOSS_PLOT).write_bytes(b"the old plot")
     monkeypatch.setattr(Figure, "savefig", savefig_on_a_full_disk)
     with pytest.raises(TrainingError) as caught:
-        model = run(tmp_path, steps=2)
+        run(tmp_path, steps=2)
     assert str(caught.value) == f"cannot write {tmp_path / LOSS_PLOT}: No space left on device"
     assert sorted(path.name for path in tmp_path.iterdir()) == [ADAPTER_DIR, LOSS_PLOT, METRICS_FILE]
     assert (tmp_path / LOSS_PLOT).read_bytes() == b"the old plot"

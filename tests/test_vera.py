@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base, tiny_tokenizer, train_steps
 
 peft = pytest.importorskip("peft")
@@ -126,7 +125,7 @@ class Killed(Exception):
 
 
 def test_training_resumes_exactly_from_a_checkpoint_without_the_projections(tmp_path):
-    from adapterkit.train import Trainer, TrainConfig
+    from adapterkit.train import TrainConfig, Trainer
 
     examples = [{"prompt": f"word {w}:", "completion": f" {w[::-1]}"} for w in ("cat", "dog", "sun", "moon", "tree", "milk")]
 

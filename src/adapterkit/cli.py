@@ -16,9 +16,10 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import AdapterkitError, ConfigError
 from .templates import check_template
@@ -230,7 +231,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import apply_template, read_jsonl
     from .methods import DEFAULT_METHOD, config_class
     from .model import AdapterModel
-    from .train import Trainer, TrainConfig, checkpoint_step, clear_run, earlier_run, planned_steps
+    from .train import TrainConfig, Trainer, checkpoint_step, clear_run, earlier_run, planned_steps
 
     options = train_options(args)
     output = Path(options.pop("output"))

@@ -125,7 +125,7 @@ def from_json(data: Any) -> Block:
     return Fuse(*blocks, name=None if name is None else check_adapter_name(name, "fusion"))
 
 
-def compositions_from_json(document: Any) -> dict[str, "Composition"]:
+def compositions_from_json(document: Any) -> dict[str, Composition]:
     """Named blocks from {name: block} (a compositions file): each name a valid name, each block a
     stack, average or fuse; an error names the composition it is about."""
     if not isinstance(document, dict):
@@ -155,7 +155,7 @@ def adapter_names(block: Block) -> list[str]:
     return names
 
 
-def fusions(block: Block) -> list["Fuse"]:
+def fusions(block: Block) -> list[Fuse]:
     """The Fuse blocks inside ``block`` (itself included)."""
     if isinstance(block, str):
         return []

@@ -18,8 +18,9 @@ import importlib.util
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import polib
 import torch

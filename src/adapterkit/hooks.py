@@ -30,7 +30,7 @@ from .mixed import MixedPlan
 
 _STACK_CACHE_ENTRIES = 256  # (site, kind, adapters) stacks kept between calls
 _PLAN_CACHE_ENTRIES = 4  # mixed plans kept between calls (an engine alternates prefill and decode rows)
-_HOLDERS: "weakref.WeakKeyDictionary[nn.Module, HookLayer]" = weakref.WeakKeyDictionary()
+_HOLDERS: weakref.WeakKeyDictionary[nn.Module, HookLayer] = weakref.WeakKeyDictionary()
 
 
 class Routing:

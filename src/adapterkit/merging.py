@@ -9,7 +9,7 @@ how adapters of one method combine is the method's ``combine``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ of ``mixed = "scale"`` multiplies each row by its adapter's vector. The base run
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,6 @@ from .merging import MergedWeights, combine_adapters
 from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method, shared_key, shared_name
 from .names import check_adapter_name
 from .resolve import check_fusion, check_known, mixed_rows, resolve
-
 
 SHARED = "~shared"  # an adapter's shared tensors among its modules; no module name gives this key
 
@@ -156,7 +155,7 @@ class AdapterModel(nn.Module):
         finally:
             routing.mixed = saved
 
-    def check_adapter(self, adapter: "str | Composition | None") -> None:
+    def check_adapter(self, adapter: str | Composition | None) -> None:
         """Raise what ``mixed_adapters`` would raise for one row through ``adapter`` (an adapter or
         composition name, a block, or None / "base" for the bare base), so that whoever batches
         independent rows can refuse the bad one alone rather than fail the whole batch's forward."""
@@ -326,7 +325,7 @@ class AdapterModel(nn.Module):
         del self.adapter_layers[name]
         del self._configs[name]
 
-    def set_active(self, names: "str | Sequence[str] | Composition | None") -> None:
+    def set_active(self, names: str | Sequence[str] | Composition | None) -> None:
         """Choose what runs: an adapter or composition name, a list of adapter names (a plain
         stack), a composition block (``Stack``, ``Fuse``, ``Average``), or None for the base.
 
@@ -496,7 +495,7 @@ class AdapterModel(nn.Module):
         self._check_known(name)
         return adapter_files(format, name, self._configs[name], self.adapter_state_dict(name), self.base, self.hooks.sites(name))
 
-    def save_adapter(self, name: "str | Fuse", path: str | Path, format: str = "adapterkit") -> None:
+    def save_adapter(self, name: str | Fuse, path: str | Path, format: str = "adapterkit") -> None:
         """Write one adapter (or a ``Fuse`` block's fusion) to a folder (adapter_config.json +
         adapter_model.safetensors), atomically; other files in the folder are left alone.
         format="peft" writes it as peft's ``save_pretrained`` does (for methods with a peft format)."""

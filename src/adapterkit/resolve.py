@@ -4,7 +4,7 @@ the nesting bounded. Also the rows of a mixed batch, checked the same way."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .compose import Block, Composition, Fuse, Stack, adapter_names, check_nesting, fusions, to_json
 from .errors import AdapterkitError, AdapterNameError, ConfigError, MergeError

@@ -22,9 +22,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save as save_safetensors_bytes
@@ -34,7 +35,14 @@ from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, with_prompt_template, write_folder_atomically
+from .io import (
+    WEIGHTS_FILE,
+    read_adapter_config,
+    read_tensors,
+    remove_interrupted_writes,
+    with_prompt_template,
+    write_folder_atomically,
+)
 from .io.folders import write_files_atomically
 from .methods import dataclass_from_dict
 from .templates import check_template
@@ -93,7 +101,7 @@ class TrainConfig:
             raise ConfigError(f"report_to must be one of {list(REPORT_TO)}, got {self.report_to!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, data, "training option", "options")
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ class Generation:
     prompt: list[int]
     sampling: Sampling = field(default_factory=Sampling)
     adapter: str | None | Active = ACTIVE
-    on_token: Callable[["Generation", str, TokenLogprob | None], None] | None = None
-    on_done: Callable[["Generation"], None] | None = None
+    on_token: Callable[[Generation, str, TokenLogprob | None], None] | None = None
+    on_done: Callable[[Generation], None] | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -86,7 +86,7 @@ class _Batch:
         self.consumed = 0  # prefill: prompt columns already in the cache
 
     @classmethod
-    def from_prompts(cls, rows: list[_Row], pad_id: int, device: torch.device) -> "_Batch":
+    def from_prompts(cls, rows: list[_Row], pad_id: int, device: torch.device) -> _Batch:
         prompts = [row.generation.prompt for row in rows]
         width = max(len(p) for p in prompts)
         inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -111,7 +111,7 @@ class _Batch:
         layers = getattr(self.cache, "layers", None)
         return bool(layers) and all(isinstance(layer, RoomyLayer) for layer in layers)
 
-    def select(self, keep: list[int], tokens: torch.Tensor) -> "_Batch | None":
+    def select(self, keep: list[int], tokens: torch.Tensor) -> _Batch | None:
         """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
         if not keep:
             return None
@@ -126,7 +126,7 @@ class _Batch:
         self._drop_empty_columns()
         return self
 
-    def join(self, other: "_Batch") -> "_Batch":
+    def join(self, other: _Batch) -> _Batch:
         """These rows and ``other``'s in one batch, the shorter history padded on the left."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):

@@ -49,7 +49,7 @@ class RoomyLayer(DynamicLayer):
         self._start += columns
         self._view(length - columns)
 
-    def splice(self, other: "RoomyLayer", length: int) -> None:
+    def splice(self, other: RoomyLayer, length: int) -> None:
         """These rows, then ``other``'s, each right-aligned to ``length`` columns (zeros before:
         masked columns still enter the attention sum with weight 0, so they must be finite)."""
         n, mine, theirs = self.keys.shape[0], self.get_seq_length(), other.get_seq_length()

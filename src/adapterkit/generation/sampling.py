@@ -5,8 +5,8 @@ log-probabilities reported for the chosen tokens."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ class Sampling:
     logprobs: int | None = None  # how many alternatives to report per token (0: the chosen one only)
     prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities
 
-    def check(self) -> "Sampling":
+    def check(self) -> Sampling:
         """Itself, or a ConfigError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < (0 if self.prompt_logprobs else 1):
             raise ConfigError(f"max_tokens must be a positive integer (0 only to score the prompt), got {self.max_tokens!r}")

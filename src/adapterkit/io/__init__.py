@@ -20,7 +20,15 @@ from .adapterhub import FUSION_CONFIG_FILE, adapterhub_adapter, adapterhub_fusio
 from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_base, forget_base_fingerprint
 from .folders import read_json, remove_interrupted_writes, write_folder_atomically
 from .native import (
-    CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_prompt_template, native_tensors, with_prompt_template,
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    native_config,
+    native_files,
+    native_prompt_template,
+    native_tensors,
+    with_prompt_template,
 )
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
 from .tensors import read_tensors, tensors_to_bytes

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import BaseMismatchError
 
-_fingerprints: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 FINGERPRINT_FIELDS = ("architecture", "shapes_sha256", "weights_sha256")
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _LEGACY_DTYPE = "float32"  # fingerprints without a "dtype" were taken of float32 bases, dtypes in the shapes hash

@@ -138,7 +138,7 @@ class AdaLoraConfig(AdapterConfig):
             kept[key] = tensor
         return kept
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "AdaLoraAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> AdaLoraAdapter:
         r = self.rank_of(site.module_name)
         return AdaLoraAdapter(site.in_features, site.out_features, r, self.scale, self.dropout, device)
 

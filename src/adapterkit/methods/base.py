@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class AdapterConfig(metaclass=ConfigType):
         """Where this adapter attaches in ``model``, found from its structure."""
         raise NotImplementedError
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "AdapterModule":
+    def build(self, site: Site, device: torch.device | str | None = None) -> AdapterModule:
         """A new module for ``site``; on the "meta" device it is only a shape, filled in by loading."""
         raise NotImplementedError
 
@@ -74,7 +75,7 @@ class AdapterConfig(metaclass=ConfigType):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         if isinstance(data, dict):
             data = cls.in_our_names(data)
         return dataclass_from_dict(cls, data, f"{cls.__name__} field", "fields")
@@ -252,7 +253,7 @@ class AdapterModule(nn.Module):
         return (type(self),)
 
     @classmethod
-    def stack(cls, modules: list["AdapterModule"]) -> dict[str, torch.Tensor]:
+    def stack(cls, modules: list[AdapterModule]) -> dict[str, torch.Tensor]:
         """Several adapters' weights at one site as [adapters, ...] tensors. The default serves
         ``mixed = "scale"``: the vectors as one tensor."""
         return {"scale": torch.stack([module.scale_vector().detach().reshape(-1) for module in modules])}

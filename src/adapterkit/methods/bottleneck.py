@@ -114,7 +114,7 @@ class BottleneckConfig(AdapterConfig):
             sites = reading_the_residual(model, sites, with_output=self.reading == "output+residual")
         return sites
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "BottleneckAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> BottleneckAdapter:
         return BottleneckAdapter(site.in_features, site.out_features, self, device, self.width(site.in_features, site.layer))
 
 
@@ -181,7 +181,7 @@ class BottleneckAdapter(AdapterModule):
         return (type(self), self.reads, self.activation, self.ln_weight is not None)
 
     @staticmethod
-    def stack(modules: list["BottleneckAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[BottleneckAdapter]) -> dict[str, torch.Tensor]:
         return stack_bottlenecks(modules)
 
     @staticmethod

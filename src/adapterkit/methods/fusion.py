@@ -60,7 +60,7 @@ class FusionConfig(AdapterConfig):
             raise ConfigError(f"the fusion acts at modules this base does not have: {missing[:3]}")
         return [Site(module_name=name, in_features=width, out_features=width) for name, width in self.widths.items()]
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "FusionLayer":
+    def build(self, site: Site, device: torch.device | str | None = None) -> FusionLayer:
         return FusionLayer(site.out_features, self.temperature, self.query, device)
 
 

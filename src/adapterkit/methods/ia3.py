@@ -69,7 +69,7 @@ class IA3Config(AdapterConfig):
             sites.append(site)
         return sites
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "IA3Adapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> IA3Adapter:
         return IA3Adapter(site.in_features, site.reads_from is not None, self.init_ia3_weights, device)
 
 
@@ -77,7 +77,7 @@ def default_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """(target_modules, feedforward_modules) as peft would name them for this model."""
     d_model = hidden_size(model)
     attention, feedforward = set(), set()
-    for list_name, blocks in find_blocks(model):
+    for _list_name, blocks in find_blocks(model):
         for block in blocks:
             groups, ffn = sub_layers(block, d_model)
             for group in groups:

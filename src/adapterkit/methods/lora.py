@@ -70,7 +70,7 @@ class LoraConfig(AdapterConfig):
     def sites(self, model: nn.Module) -> list[Site]:
         return find_sites(model, "linear", self.layers, self.target_modules or default_targets(model, self.method))
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "LoraAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> LoraAdapter:
         if self.use_dora:
             return DoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout,
                                site.transposed, device)
@@ -102,7 +102,7 @@ class LowRankAdapter(AdapterModule):
 
     @staticmethod
     @torch.no_grad()
-    def stack(modules: list["LowRankAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[LowRankAdapter]) -> dict[str, torch.Tensor]:
         """A and s*B of each adapter, zero-padded to the largest rank (exact: a zero row adds nothing)."""
         factors = [module.low_rank_factors() for module in modules]
         r = max(a.shape[0] for a, _, _ in factors)
@@ -232,7 +232,7 @@ class DoraAdapter(LoraAdapter):
 
     @staticmethod
     @torch.no_grad()
-    def stack(modules: list["DoraAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[DoraAdapter]) -> dict[str, torch.Tensor]:
         """LoRA's stacked factors with g folded into B, and per adapter g - 1 and (g - 1) * b."""
         stacked = LowRankAdapter.stack(modules)
         gains = torch.stack([module.gain() for module in modules])  # [adapters, out]

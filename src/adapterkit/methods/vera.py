@@ -82,7 +82,7 @@ class VeraConfig(AdapterConfig):
             return tensors
         return {key: tensor for key, tensor in tensors.items() if shared_name(key) is None}
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "VeraAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> VeraAdapter:
         return VeraAdapter(site.in_features, site.out_features, self.r, self.dropout, self.d_initial, self.init_weights, device)
 
 

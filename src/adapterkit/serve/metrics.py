@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 

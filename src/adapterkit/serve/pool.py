@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
 from ..generation import Engine

@@ -101,7 +101,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     return_token_strs: bool | None = False
 
-    def checked(self) -> "TokenizeRequest":
+    def checked(self) -> TokenizeRequest:
         """Itself, once it holds exactly one of prompt and messages."""
         if (self.prompt is None) == (self.messages is None):
             raise ApiError(400, "give either 'prompt' (text) or 'messages' (a conversation) to tokenize",

@@ -12,8 +12,9 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -26,7 +27,15 @@ from ..templates import CHAT, render_prompt, shared_template
 from .config import ServeConfig
 from .metrics import Metrics
 from .pool import AdapterPool
-from .protocol import ApiError, ChatMessage, CompletionRequest, Sampled, check_token_ids, check_unicode, scored_logprobs
+from .protocol import (
+    ApiError,
+    ChatMessage,
+    CompletionRequest,
+    Sampled,
+    check_token_ids,
+    check_unicode,
+    scored_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
