@@ -61,7 +61,8 @@ class Average(Composition):
     def __init__(self, *children: Block, weights: list[float] | None = None, normalize: bool = True) -> None:
         super().__init__(*children)
         weights = [1.0] * len(self.children) if weights is None else list(weights)
-        if len(weights) != len(self.children) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        if len(weights) != len(self.children) or not all(
+                isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
             raise ConfigError(f"Average needs one finite weight per child ({len(self.children)}), got {weights!r}")
         total = sum(weights)
         if normalize and total == 0:
