@@ -34,6 +34,7 @@ DEFAULT_METHOD = BottleneckConfig.method  # what ``adapterkit train`` trains wit
 CONFIG_CLASSES = {method.config_class.__name__: method.config_class for method in registered_methods()}
 
 __all__ = [
-    "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "DEFAULT_METHOD", "config_class",
-    "dataclass_from_dict", "get_method", "register_method", "registered_methods", "shared_key", "shared_name", *CONFIG_CLASSES,
+    "AdapterConfig", "AdapterModule", "Method", "MethodTraining", "PeftFormat", "CONFIG_CLASSES", "DEFAULT_METHOD",
+    "config_class", "dataclass_from_dict", "get_method", "register_method", "registered_methods", "shared_key",
+    "shared_name", *CONFIG_CLASSES,
 ]

@@ -51,7 +51,8 @@ class FusionConfig(AdapterConfig):
 
     def depends_on(self) -> list[str]:
         blocks = [from_json(child) for child in self.children]
-        return [name for block in blocks for name in adapter_names(block)] + [f.name for block in blocks for f in fusions(block)]
+        return ([name for block in blocks for name in adapter_names(block)]
+                + [f.name for block in blocks for f in fusions(block)])
 
     def sites(self, model: nn.Module) -> list[Site]:
         modules = dict(model.named_modules())

@@ -81,12 +81,14 @@ def default_modules(model: nn.Module) -> tuple[list[str], list[str]]:
         for block in blocks:
             groups, ffn = sub_layers(block, d_model)
             for group in groups:
-                readers = [name for name, m in group[:-1] if linear_features(m)[0] == (d_model or linear_features(m)[0])]
+                readers = [name for name, m in group[:-1]
+                           if linear_features(m)[0] == (d_model or linear_features(m)[0])]
                 attention.update(readers if len(readers) == 1 else readers[1:])
             if ffn:
                 feedforward.add(ffn[-1][0])
     if not attention and not feedforward:
-        raise ConfigError(f"found no attention or feed-forward layers in {type(model).__name__}; name them with target_modules")
+        raise ConfigError(f"found no attention or feed-forward layers in {type(model).__name__}; "
+                          "name them with target_modules")
     short = lambda names: sorted({".".join(name.split(".")[-2:]) for name in names})
     return short(attention | feedforward), short(feedforward)
 

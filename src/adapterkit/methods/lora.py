@@ -259,7 +259,8 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
     return names
 
 
-FRESH_INITS = {"init_lora_weights": (True, False, "gaussian")}  # peft's other inits (pissa, olora, loftq, ...) change the base
+# peft's other inits (pissa, olora, loftq, ...) change the base
+FRESH_INITS = {"init_lora_weights": (True, False, "gaussian")}
 
 
 def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
@@ -296,7 +297,8 @@ def combine_loras(
                  for state, config, w in zip(states, configs, weights) if f"{module}.adapter.lora_A" in state]
         A, B = _combine_module(parts, how, new_rank, density, majority_sign_method)
         merged[f"{module}.adapter.lora_A"], merged[f"{module}.adapter.lora_B"] = A.contiguous(), B.contiguous()
-    config = LoraConfig(r=new_rank, alpha=new_rank, dropout=configs[0].dropout, target_modules=modules, use_rslora=configs[0].use_rslora)
+    config = LoraConfig(r=new_rank, alpha=new_rank, dropout=configs[0].dropout, target_modules=modules,
+                        use_rslora=configs[0].use_rslora)
     return config, merged
 
 
@@ -316,10 +318,12 @@ def _combine_module(parts, how: str, rank: int, density, majority_sign_method) -
     factors_A, factors_B = [a for a, _, _ in parts], [b for _, b, _ in parts]
     if how == "linear":
         return weighted_sum(factors_A, weights_A), weighted_sum(factors_B, weights_B)
-    return ties_merge(factors_A, weights_A, density, majority_sign_method), ties_merge(factors_B, weights_B, density, majority_sign_method)
+    return (ties_merge(factors_A, weights_A, density, majority_sign_method),
+            ties_merge(factors_B, weights_B, density, majority_sign_method))
 
 
-def ties_merge(tensors: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str = "total") -> torch.Tensor:
+def ties_merge(tensors: list[torch.Tensor], weights: list[float], density: float,
+               majority_sign_method: str = "total") -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023): keep each tensor's ``density`` largest magnitudes, elect
     each entry's sign (by the summed values, "total", or by count, "frequency"), and average the
     weighted entries that agree with it."""
@@ -349,7 +353,8 @@ register_method(Method(
         "LORA",
         {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
          "use_rslora": "use_rslora", "layers_to_transform": "layers", "use_dora": "use_dora"},
-        tensor_suffix=".weight", unsuffixed=frozenset({"lora_magnitude_vector"}), fresh_init=FRESH_INITS, to_peft=_lora_to_peft,
+        tensor_suffix=".weight", unsuffixed=frozenset({"lora_magnitude_vector"}), fresh_init=FRESH_INITS,
+        to_peft=_lora_to_peft,
     ),
     combine=combine_loras,
 ))

@@ -190,7 +190,8 @@ def create_app(server: Server) -> FastAPI:
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, [prompt], sampling))
             first = chunk({"role": "assistant", "content": ""}, None)
-            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
+            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason),
+                        first)
         jobs = await until_gone(request, _answered(server, body.model, [prompt], sampling))
         generation = jobs[0].generation
         message = {"role": "assistant", "content": generation.text}

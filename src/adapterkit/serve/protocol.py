@@ -56,8 +56,8 @@ class Sampled(BaseModel):
         for name in ("n", "best_of"):
             value = getattr(self, name, None)
             if value is not None and value != 1:
-                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt (send the prompt again, "
-                                    "with seeds)", "unsupported_field")
+                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt "
+                                    "(send the prompt again, with seeds)", "unsupported_field")
 
 
 class CompletionRequest(Sampled):
