@@ -31,8 +31,8 @@ def train(method: str, folder: Path, fsdp: bool = False) -> tuple[ak.AdapterMode
     model.add_adapter("de", METHODS[method])
     model.train_adapter("de")
     sharded = distributed.shard_base(model, "cpu") if fsdp else 0
-    config = TrainConfig(steps=STEPS, batch_size=5, grad_accum=2, lr=1e-2, max_length=32, progress=False, metric="none",
-                         save_every=4)
+    config = TrainConfig(steps=STEPS, batch_size=5, grad_accum=2, lr=1e-2, max_length=32, progress=False,
+                         metric="none", save_every=4)
     Trainer(model, tiny_tokenizer(), EXAMPLES, config, folder, adapter_name="de").train()
     return model, sharded
 

@@ -48,8 +48,8 @@ def served(tmp_path_factory):
         TASK_TEMPLATE.format(name="tiny_choice", data=root / "tasks" / "items.jsonl") + TASKS["tiny_choice"])
     server = Server(ak.AdapterModel(ak.load_base(root / "base")[0]), tokenizer, root / "adapters", "tiny-base")
     runner, thread, sock, url = run_live(server)
-    yield {"url": url, "model": adapted, "tokenizer": tokenizer, "manager": task_manager(["tiny_choice"], root / "tasks"),
-           "items": items}
+    yield {"url": url, "model": adapted, "tokenizer": tokenizer,
+           "manager": task_manager(["tiny_choice"], root / "tasks"), "items": items}
     runner.should_exit = True
     thread.join(10)
     sock.close()
