@@ -61,8 +61,10 @@ def main() -> None:
     def batched() -> None:
         answers["generate_batched"] = generate_batched(base, tokenizer, prompts, NEW_TOKENS, BATCH)
 
-    times = time_interleaved({"HF generate, fixed batches": hf_fixed_batches, "generate_batched": batched}, args.repeats)
-    print_table(times, "HF generate, fixed batches", f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens")
+    times = time_interleaved({"HF generate, fixed batches": hf_fixed_batches, "generate_batched": batched},
+                             args.repeats)
+    print_table(times, "HF generate, fixed batches",
+                f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens")
     same = sum(a == b for a, b in zip(*answers.values()))
     print(f"identical answers: {same} of {len(prompts)}")
 
