@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
+	$(PY) -m ruff check src tests bench examples
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -12,12 +12,12 @@ of each, their ratio, and how many answers agree.
 import argparse
 
 import torch
-from harness import print_table, time_interleaved
-from quality import german_data
 
 import adapterkit as ak
 from adapterkit.data import prompt_and_completion
 from adapterkit.evaluate import generate_batched
+from harness import print_table, time_interleaved
+from quality import german_data
 
 BATCH, NEW_TOKENS = 32, 64
 
@@ -61,8 +61,10 @@ def main() -> None:
     def batched() -> None:
         answers["generate_batched"] = generate_batched(base, tokenizer, prompts, NEW_TOKENS, BATCH)
 
-    times = time_interleaved({"HF generate, fixed batches": hf_fixed_batches, "generate_batched": batched}, args.repeats)
-    print_table(times, "HF generate, fixed batches", f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens")
+    times = time_interleaved({"HF generate, fixed batches": hf_fixed_batches, "generate_batched": batched},
+                             args.repeats)
+    print_table(times, "HF generate, fixed batches",
+                f"{len(prompts)} prompts, {BATCH} at a time, up to {NEW_TOKENS} new tokens")
     same = sum(a == b for a, b in zip(*answers.values()))
     print(f"identical answers: {same} of {len(prompts)}")
 

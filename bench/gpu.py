@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 import adapterkit as ak
-from adapterkit.train import METRICS_FILE, Trainer, TrainConfig
+from adapterkit.train import METRICS_FILE, TrainConfig, Trainer
 
 BENCH = Path(__file__).parent
-EXAMPLES = [{"prompt": f"English: item number {i}, shelf {i % 7}\nGerman:", "completion": f" Artikel Nummer {i}, Regal {i % 7}"}
-            for i in range(2000)]
+EXAMPLES = [{"prompt": f"English: item number {i}, shelf {i % 7}\nGerman:",
+             "completion": f" Artikel Nummer {i}, Regal {i % 7}"} for i in range(2000)]
 
 
 def tokens_per_second(folder: Path, skip: int) -> float:
@@ -41,7 +41,8 @@ def train_here(device: str, dtype: str, steps: int, args: argparse.Namespace, fo
     model = ak.AdapterModel(base)
     torch.manual_seed(0)
     model.add_adapter("a", ak.BottleneckConfig(placement="houlsby", bottleneck_size=64))
-    config = TrainConfig(steps=steps, batch_size=args.batch_size, max_length=args.max_length, metric="none", progress=False)
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, max_length=args.max_length, metric="none",
+                         progress=False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     Trainer(model, tokenizer, EXAMPLES, config, folder, adapter_name="a").train()
@@ -53,8 +54,9 @@ def train_ddp(args: argparse.Namespace, data: Path, folder: Path) -> float:
     devices = torch.cuda.device_count()
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "adapterkit", "train", "--train", str(data), "-o", str(folder),
-               "--device", "cuda", "--dtype", "bfloat16", "--steps", str(args.steps), "--batch-size", str(args.batch_size * devices),
-               "--max-length", str(args.max_length), "--metric", "none", "--no-progress", "--placement", "houlsby", "--bottleneck-size", "64"]
+               "--device", "cuda", "--dtype", "bfloat16", "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size * devices), "--max-length", str(args.max_length),
+               "--metric", "none", "--no-progress", "--placement", "houlsby", "--bottleneck-size", "64"]
     subprocess.run(command, check=True)
     return tokens_per_second(folder, skip=3)
 
@@ -74,8 +76,8 @@ def serve_load(folder: Path) -> None:
         model.add_adapter(name, ak.BottleneckConfig(placement="houlsby", bottleneck_size=64))
         model.save_adapter(name, folder / name)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "adapterkit", "serve", "--adapters", str(folder), "--port", str(port),
-                               "--device", "cuda", "--dtype", "bfloat16"])
+    server = subprocess.Popen([sys.executable, "-m", "adapterkit", "serve", "--adapters", str(folder),
+                               "--port", str(port), "--device", "cuda", "--dtype", "bfloat16"])
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -84,7 +86,8 @@ def serve_load(folder: Path) -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", url, "--adapters", ",".join(names)], check=True)
+        subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", url, "--adapters", ",".join(names)],
+                       check=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -109,11 +112,14 @@ def main() -> None:
         gpu, peak = train_here("cuda", "bfloat16", args.steps, args, tmp / "gpu")
         ddp = train_ddp(args, data, tmp / "ddp")
         devices = torch.cuda.device_count()
-        print(f"\ntraining, Houlsby r=64 on the default base, batch {args.batch_size} per device x {args.max_length} tokens at most")
+        print(f"\ntraining, Houlsby r=64 on the default base, batch {args.batch_size} per device "
+              f"x {args.max_length} tokens at most")
         print(f"{'run':<34}{'tokens/s':>10}{'/ cpu':>8}  peak GPU memory")
         print(f"{'cpu float32 (' + str(os.cpu_count()) + ' cores)':<34}{cpu:>10.0f}{1:>8.2f}")
-        print(f"{'1 x ' + torch.cuda.get_device_name(0) + ' bf16':<34}{gpu:>10.0f}{gpu / cpu:>8.1f}  {peak / 2**30:.2f} GiB")
-        print(f"{f'DDP on {devices} device(s) bf16':<34}{ddp:>10.0f}{ddp / cpu:>8.1f}  (per-device scaling {ddp / gpu / devices:.2f})")
+        print(f"{'1 x ' + torch.cuda.get_device_name(0) + ' bf16':<34}{gpu:>10.0f}{gpu / cpu:>8.1f}  "
+              f"{peak / 2**30:.2f} GiB")
+        print(f"{f'DDP on {devices} device(s) bf16':<34}{ddp:>10.0f}{ddp / cpu:>8.1f}  "
+              f"(per-device scaling {ddp / gpu / devices:.2f})")
         print()
         serve_load(tmp / "adapters")
 

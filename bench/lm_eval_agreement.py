@@ -76,7 +76,8 @@ def main() -> None:
         peft_dir = scratch / "peft"
         subprocess.run([sys.executable, "-m", "adapterkit", "export", str(args.adapter), "--format", "peft",
                         "-o", str(peft_dir), "--base", args.base], check=True)
-        in_process = evaluate("hf", f"pretrained={pretrained_path(args.base)},peft={peft_dir},dtype=float32,device=cpu",
+        in_process = evaluate("hf",
+                              f"pretrained={pretrained_path(args.base)},peft={peft_dir},dtype=float32,device=cpu",
                               scratch / "task", args.batch_size)
         (scratch / "adapters").mkdir()
         shutil.copytree(args.adapter, scratch / "adapters" / args.name)  # the server reads no links out of its folder

@@ -23,11 +23,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lm_eval  # noqa: E402
 import torch  # noqa: E402
-from harness import median, print_table, time_interleaved  # noqa: E402
-from lm_eval_catalog_task import catalog_items, write_task  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.integrations.lm_eval import AdapterkitLM, evaluate_adapters, task_manager  # noqa: E402
+from harness import median, print_table, time_interleaved  # noqa: E402
+from lm_eval_catalog_task import catalog_items, write_task  # noqa: E402
 
 
 def randomise(model: ak.AdapterModel, name: str, seed: int) -> None:

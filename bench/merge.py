@@ -14,9 +14,9 @@ import copy
 from functools import partial
 
 import torch
-from harness import print_table, time_interleaved
 
 import adapterkit as ak
+from harness import print_table, time_interleaved
 
 LORA = ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
 
@@ -65,7 +65,8 @@ def main() -> None:
             "Houlsby r=64": partial(forward, adapted),
         },
         args.repeats,
-        setup={"unmerged LoRA": partial(adapted.set_active, "lora"), "Houlsby r=64": partial(adapted.set_active, "houlsby")},
+        setup={"unmerged LoRA": partial(adapted.set_active, "lora"),
+               "Houlsby r=64": partial(adapted.set_active, "houlsby")},
     )
     print(f"LoRA r=8 on q_proj, v_proj; merged vs unmerged logits differ by at most {gap:.1e}")
     print_table(times, "bare base", f"forward, batch {args.batch} x {args.length}")

@@ -11,9 +11,9 @@ import argparse
 import random
 
 import torch
-from harness import median, print_table, time_interleaved
 
 import adapterkit as ak
+from harness import median, print_table, time_interleaved
 
 ADAPTERS = 8
 
@@ -31,7 +31,8 @@ def peft_twin(model: ak.AdapterModel, names: list[str], config: ak.LoraConfig):
     from peft import LoraConfig, get_peft_model
 
     base, _ = ak.load_base()
-    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=config.target_modules, lora_dropout=0.0)
+    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=config.target_modules,
+                             lora_dropout=0.0)
     twin = get_peft_model(base, peft_config, adapter_name=names[0])
     for name in names[1:]:
         twin.add_adapter(name, peft_config)
@@ -58,7 +59,7 @@ def main() -> None:
     bottlenecks = [f"houlsby{i}" for i in range(ADAPTERS)]
     loras = [f"lora{i}" for i in range(ADAPTERS)]
     lora_config = ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    for i, name in enumerate(bottlenecks):
+    for name in bottlenecks:
         model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=64, init="bert"))
     for i, name in enumerate(loras):
         model.add_adapter(name, lora_config)
@@ -106,7 +107,8 @@ def main() -> None:
         reference = next(label for label in rows if "set_" in label)
         print_table(rows, reference, f"forward, batch {args.batch} x {args.length} spread over {ADAPTERS} adapters")
     if not args.no_peft:
-        ours, theirs = median(times["lora: 8 adapters via adapter_names"]), median(times["peft lora: 8 adapters via adapter_names"])
+        ours, theirs = (median(times["lora: 8 adapters via adapter_names"]),
+                        median(times["peft lora: 8 adapters via adapter_names"]))
         print(f"mixed LoRA batch, adapterkit / peft: {ours / theirs:.3f}")
 
 

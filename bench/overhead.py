@@ -10,9 +10,9 @@ import argparse
 from functools import partial
 
 import torch
-from harness import print_table, time_interleaved
 
 import adapterkit as ak
+from harness import print_table, time_interleaved
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ its own process (so its peak memory is its own), and is scored by chrF on the sa
 strings. Then the step-time ratio of Houlsby to full fine-tuning is measured again, interleaved in
 one process on identical batches, which cancels the drift of a shared machine.
 
-    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py          # writes docs/quality.md, docs/quality.png
-    .venv/bin/python bench/quality.py --steps 4 --held-out 8 --no-write         # a smoke run
-    .venv/bin/python bench/quality.py --steps 40 --only "IA3 k,v,down"          # one method's row, printed
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py       # writes docs/quality.md, docs/quality.png
+    .venv/bin/python bench/quality.py --steps 4 --held-out 8 --no-write      # a smoke run
+    .venv/bin/python bench/quality.py --steps 40 --only "IA3 k,v,down"       # one method's row, printed
 """
 
 from __future__ import annotations
@@ -23,13 +23,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from harness import median, time_interleaved
 
 import adapterkit as ak
-from adapterkit.data import collate, length_bucketed_batches, pairs_from_catalogs, split_held_out, tokenize_all, tokenize_example
+from adapterkit.data import (
+    collate,
+    length_bucketed_batches,
+    pairs_from_catalogs,
+    split_held_out,
+    tokenize_all,
+    tokenize_example,
+)
 from adapterkit.evaluate import score_generations
 from adapterkit.methods import AdapterConfig
-from adapterkit.train import Trainer, TrainConfig, training_loss
+from adapterkit.train import TrainConfig, Trainer, training_loss
+from harness import median, time_interleaved
 
 LANGUAGE = "de"
 TRAIN_MAX_TOKENS = 64
@@ -42,13 +49,15 @@ def method_configs(steps: int) -> dict[str, tuple[AdapterConfig | None, float]]:
     """name -> (adapter config, or None for full fine-tuning; learning rate)."""
     return {
         "Houlsby r=64": (ak.BottleneckConfig(placement="houlsby", bottleneck_size=64), 2e-3),
-        "Houlsby r=64, layers 10-29": (ak.BottleneckConfig(placement="houlsby", bottleneck_size=64, layers=UPPER_LAYERS), 3e-3),
+        "Houlsby r=64, layers 10-29": (ak.BottleneckConfig(placement="houlsby", bottleneck_size=64,
+                                                           layers=UPPER_LAYERS), 3e-3),
         "Pfeiffer r=64": (ak.BottleneckConfig(placement="pfeiffer", bottleneck_size=64), 2e-3),
         "parallel r=64": (ak.BottleneckConfig(placement="parallel", bottleneck_size=64), 2e-3),
         "LoRA r=8 q,v": (ak.LoraConfig(r=8, alpha=16, target_modules=QUERY_VALUE), 2e-3),
         "DoRA r=8 q,v": (ak.LoraConfig(r=8, alpha=16, target_modules=QUERY_VALUE, use_dora=True), 2e-3),
         "AdaLoRA 12→8 q,v": (ak.AdaLoraConfig(init_r=12, target_r=8, alpha=16, target_modules=QUERY_VALUE,
-                                              tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20), total_step=steps), 2e-3),
+                                              tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20),
+                                              total_step=steps), 2e-3),
         "IA3 k,v,down": (ak.IA3Config(), 3e-3),
         # VeRA trains two small vectors per layer over frozen random projections: its paper and peft's
         # examples use learning rates several times LoRA's
@@ -133,11 +142,14 @@ def interleaved_step_ratio(rounds: int) -> dict:
     full = copy.deepcopy(base).requires_grad_(True).train()
     adapted = ak.AdapterModel(base)
     adapted.add_adapter("houlsby", ak.BottleneckConfig(placement="houlsby", bottleneck_size=64))
-    adapted.add_adapter("houlsby_upper", ak.BottleneckConfig(placement="houlsby", bottleneck_size=64, layers=UPPER_LAYERS))
+    adapted.add_adapter("houlsby_upper", ak.BottleneckConfig(placement="houlsby", bottleneck_size=64,
+                                                             layers=UPPER_LAYERS))
     adapted.train()
-    optimizers = {name: torch.optim.AdamW(adapted.adapter_layers[name].parameters(), lr=1e-6) for name in adapted.adapters}
+    optimizers = {name: torch.optim.AdamW(adapted.adapter_layers[name].parameters(), lr=1e-6)
+                  for name in adapted.adapters}
     optimizers["full"] = torch.optim.AdamW(full.parameters(), lr=1e-6)
-    round_batches = [collate([examples[j] for j in batches[i % len(batches)]], tokenizer.pad_token_id) for i in range(rounds + 1)]
+    round_batches = [collate([examples[j] for j in batches[i % len(batches)]], tokenizer.pad_token_id)
+                     for i in range(rounds + 1)]
 
     def training_step(model, optimizer) -> Callable[[], None]:
         remaining = iter(round_batches)  # called once per round (the warm-up first): round i trains on batch i
@@ -150,14 +162,16 @@ def interleaved_step_ratio(rounds: int) -> dict:
         return step
 
     times = time_interleaved(
-        {name: training_step(full if name == "full" else adapted, optimizer) for name, optimizer in optimizers.items()},
+        {name: training_step(full if name == "full" else adapted, optimizer)
+         for name, optimizer in optimizers.items()},
         rounds,
         setup={name: partial(adapted.train_adapter, name) for name in adapted.adapters},
     )
     medians = {name: median(values) for name, values in times.items()}
     return {
         "houlsby_s": medians["houlsby"], "houlsby_upper_s": medians["houlsby_upper"], "full_s": medians["full"],
-        "ratio": medians["houlsby"] / medians["full"], "upper_ratio": medians["houlsby_upper"] / medians["full"], "rounds": rounds,
+        "ratio": medians["houlsby"] / medians["full"], "upper_ratio": medians["houlsby_upper"] / medians["full"],
+        "rounds": rounds,
     }
 
 
@@ -169,8 +183,9 @@ def write_report(rows: list[dict], timing: dict | None, steps: int, command: str
         "# Quality: adapters vs full fine-tuning",
         "",
         f"German UI strings from Django's gettext catalogs (the demo's data): {rows[0]['train_pairs']} training pairs "
-        f"(at most {TRAIN_MAX_TOKENS} tokens), {rows[0]['held_out']} held-out pairs scored by chrF (sacrebleu) of greedy "
-        f"translations. Every method: SmolLM2-135M-Instruct base in float32 on CPU (2 threads), the same {steps} steps "
+        f"(at most {TRAIN_MAX_TOKENS} tokens), {rows[0]['held_out']} held-out pairs scored by chrF (sacrebleu) "
+        f"of greedy translations. Every method: SmolLM2-135M-Instruct base in float32 on CPU (2 threads), "
+        f"the same {steps} steps "
         "of batch 16 (length-bucketed, seed 0), AdamW with 10% warmup and cosine decay, gradient clipping at 1.0, "
         "loss on completion tokens (the LM head runs on those positions only). "
         "Learning rate 2e-3 for adapters (3e-3 for the upper-layer Houlsby, as in the demo), 5e-5 for full "
@@ -187,7 +202,8 @@ def write_report(rows: list[dict], timing: dict | None, steps: int, command: str
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['chrf']:.1f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['step_seconds']:.2f} | "
+            f"| {r['method']} | {r['chrf']:.1f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
+            f"{r['step_seconds']:.2f} | "
             f"{r['peak_rss_mb']:,.0f} MB | {r['size_bytes'] / 1e6:.1f} MB |"
         )
     lines.append("")
@@ -196,13 +212,15 @@ def write_report(rows: list[dict], timing: dict | None, steps: int, command: str
         lines += [
             f"- Houlsby r=64 vs full fine-tuning: chrF {houlsby['chrf']:.1f} vs {full['chrf']:.1f} "
             f"({houlsby['chrf'] - full['chrf']:+.1f}) with {houlsby['trainable_pct']:.2f}% of the parameters trained.",
-            f"- Peak memory, Houlsby / full fine-tuning: {houlsby['peak_rss_mb']:,.0f} / {full['peak_rss_mb']:,.0f} MB = "
+            f"- Peak memory, Houlsby / full fine-tuning: "
+            f"{houlsby['peak_rss_mb']:,.0f} / {full['peak_rss_mb']:,.0f} MB = "
             f"**{houlsby['peak_rss_mb'] / full['peak_rss_mb']:.2f}**.",
         ]
     if timing:
         lines.append(
             f"- Step time, Houlsby / full fine-tuning, interleaved on identical batches in one process "
-            f"(median of {timing['rounds']}): {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = **{timing['ratio']:.2f}**; "
+            f"(median of {timing['rounds']}): {timing['houlsby_s']:.2f} / {timing['full_s']:.2f} s = "
+            f"**{timing['ratio']:.2f}**; "
             f"Houlsby over layers 10-29 (AdapterDrop: the backward pass stops at layer 10): "
             f"{timing['houlsby_upper_s']:.2f} / {timing['full_s']:.2f} s = **{timing['upper_ratio']:.2f}**."
         )
@@ -254,7 +272,8 @@ def main() -> int:
         print(json.dumps(run_one(args.method, args.steps, args.held_out)))
         return 0
     docs = Path(__file__).resolve().parent.parent / "docs"
-    command = "flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py" + ("" if args.steps == 60 else f" --steps {args.steps}")
+    command = "flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/quality.py" + (
+        "" if args.steps == 60 else f" --steps {args.steps}")
     methods = list(method_configs(args.steps))
     if args.only:
         unknown = sorted(set(args.only) - set(methods))
@@ -272,12 +291,15 @@ def main() -> int:
             return child.returncode
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{name:28s} chrF {r['chrf']:5.1f}  trainable {r['trainable_pct']:6.2f}%  {r['step_seconds']:.2f} s/step  "
+        print(f"{name:28s} chrF {r['chrf']:5.1f}  trainable {r['trainable_pct']:6.2f}%  "
+              f"{r['step_seconds']:.2f} s/step  "
               f"peak {r['peak_rss_mb']:,.0f} MB  {r['size_bytes'] / 1e6:.1f} MB", flush=True)
         if name == "full fine-tuning":
             timing = interleaved_step_ratio(args.rounds)
-            print(f"interleaved step time / full FT: Houlsby {timing['ratio']:.2f}, Houlsby layers 10-29 {timing['upper_ratio']:.2f} "
-                  f"({timing['houlsby_s']:.2f}, {timing['houlsby_upper_s']:.2f}, {timing['full_s']:.2f} s)", flush=True)
+            print(f"interleaved step time / full FT: Houlsby {timing['ratio']:.2f}, "
+                  f"Houlsby layers 10-29 {timing['upper_ratio']:.2f} "
+                  f"({timing['houlsby_s']:.2f}, {timing['houlsby_upper_s']:.2f}, {timing['full_s']:.2f} s)",
+                  flush=True)
         if not args.no_write:
             docs.mkdir(exist_ok=True)
             write_report(rows, timing, args.steps, command, docs, complete=len(rows) == len(methods))

@@ -22,10 +22,13 @@ first token, p50/p95 time per output token and the share of requests meeting the
 
 Full-size figures (on a quiet machine):
 
-    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --adapters-count 8 --requests 64 --max-tokens 32
-    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --on-disk 1000 --max-loaded 16 --requests 64 --max-tokens 32
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --adapters-count 8 \\
+        --requests 64 --max-tokens 32
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --on-disk 1000 \\
+        --max-loaded 16 --requests 64 --max-tokens 32
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --adapters-count 8
-    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --on-disk 1000 --max-loaded 16 --zipf 1.1
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --on-disk 1000 \\
+        --max-loaded 16 --zipf 1.1
 """
 
 import argparse
@@ -41,12 +44,13 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import median, percentile, time_interleaved
 
 import adapterkit as ak
+from harness import median, percentile, time_interleaved
 
-PHRASES = ["Save and continue editing", "This field is required.", "Enter a valid email address.", "Delete selected items",
-           "Change password", "The password is too similar to the username.", "Log out", "Add another item"]
+PHRASES = ["Save and continue editing", "This field is required.", "Enter a valid email address.",
+           "Delete selected items", "Change password", "The password is too similar to the username.", "Log out",
+           "Add another item"]
 
 
 def prompts(count: int, chooser: random.Random) -> list[str]:
@@ -55,14 +59,16 @@ def prompts(count: int, chooser: random.Random) -> list[str]:
     made = []
     for _ in range(count):
         shots = chooser.choice([0, 4, 16])
-        made.append("".join(chooser.choice(examples) for _ in range(shots)) + f"English: {chooser.choice(PHRASES)}\nGerman:")
+        made.append("".join(chooser.choice(examples) for _ in range(shots))
+                    + f"English: {chooser.choice(PHRASES)}\nGerman:")
     return made
 
 
 def write_adapters(model: ak.AdapterModel, folder: Path, names: list[str], small: bool) -> None:
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
-        config = ak.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if small else ak.BottleneckConfig(bottleneck_size=64, init="bert")
+        config = (ak.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if small
+                  else ak.BottleneckConfig(bottleneck_size=64, init="bert"))
         model.add_adapter(name, config)
         if small:  # LoRA's B starts at zero: make each adapter change the answers
             with torch.no_grad():
@@ -187,7 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--adapters-count", type=int, default=8)
-    parser.add_argument("--on-disk", type=int, default=0, help="write this many small adapters instead; requests spread over all of them")
+    parser.add_argument("--on-disk", type=int, default=0,
+                        help="write this many small adapters instead; requests spread over all of them")
     parser.add_argument("--max-loaded", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -198,7 +205,8 @@ def main() -> None:
                         help="closed: N clients, each sending its next request when the last is answered")
     parser.add_argument("--rates", type=lambda text: [float(r) for r in text.split(",")],
                         default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], help="Poisson rates, x one-at-a-time capacity")
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per rate (at least 16 requests)")
+    parser.add_argument("--duration", type=float, default=40.0,
+                        help="seconds of arrivals per rate (at least 16 requests)")
     parser.add_argument("--capacity-requests", type=int, default=12, help="lone requests measuring the capacity")
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity skew (0: uniform)")
     parser.add_argument("--slo-ttft", type=float, default=1.0)
@@ -216,17 +224,20 @@ def main() -> None:
     chooser = random.Random(0)
     names = [f"ad{i:04d}" for i in range(args.on_disk or args.adapters_count)]
     texts = prompts(args.requests, chooser)
-    requests = [{"model": chooser.choice(names), "prompt": t, "max_tokens": args.max_tokens, "temperature": 0} for t in texts]
+    requests = [{"model": chooser.choice(names), "prompt": t, "max_tokens": args.max_tokens, "temperature": 0}
+                for t in texts]
     modes = {"one at a time": 1, f"{args.clients} concurrent clients": args.clients}
     results: dict[str, list] = {label: [] for label in modes}
     base, tokenizer = ak.load_base()
     with tempfile.TemporaryDirectory() as folder:
         url = start_server(base, tokenizer, Path(folder), names, args)
         with httpx.Client(limits=httpx.Limits(max_connections=args.clients + 4)) as client:
-            variants = {label: (lambda label=label, n=n: results[label].append(send_all(client, url, requests, n))) for label, n in modes.items()}
+            variants = {label: (lambda label=label, n=n: results[label].append(send_all(client, url, requests, n)))
+                        for label, n in modes.items()}
             walls = time_interleaved(variants, args.rounds)  # the warm-up round also loads adapters
 
-    kind = f"{args.on_disk} small LoRA adapters on disk, at most {args.max_loaded} resident" if args.on_disk else f"{len(names)} Houlsby adapters"
+    kind = (f"{args.on_disk} small LoRA adapters on disk, at most {args.max_loaded} resident" if args.on_disk
+            else f"{len(names)} Houlsby adapters")
     print(f"{args.requests} requests over {kind}, {args.max_tokens} tokens each, mixed prompt lengths, "
           f"{args.rounds} alternating rounds; figures are medians over rounds")
     print(f"{'mode':<24}{'req/s':>8}{'tokens/s':>10}{'p50 e2e':>9}{'p95 e2e':>9}{'p50 TTFT':>10}{'p95 TTFT':>10}")
@@ -246,9 +257,11 @@ def main() -> None:
               f"{row['p50 TTFT']:>10.2f}{row['p95 TTFT']:>10.2f}")
     alone, loaded = summary.values()
     print(f"throughput, concurrent / one at a time: {loaded['req/s'] / alone['req/s']:.2f} (goal >= 4)")
-    print(f"p95 TTFT under load / a lone request's p50 end-to-end: {loaded['p95 TTFT'] / alone['p50 e2e']:.2f} (goal <= 2)")
+    print(f"p95 TTFT under load / a lone request's p50 end-to-end: {loaded['p95 TTFT'] / alone['p50 e2e']:.2f} "
+          "(goal <= 2)")
     lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
-    print_prefill_floor(lengths, [r[1] for samples in results["one at a time"][1:] for r in samples], args.clients, alone["p50 e2e"])
+    print_prefill_floor(lengths, [r[1] for samples in results["one at a time"][1:] for r in samples], args.clients,
+                        alone["p50 e2e"])
 
 
 def print_prefill_floor(lengths: list[int], lone_ttft: list[float], clients: int, lone_e2e: float) -> None:
@@ -265,8 +278,10 @@ def print_prefill_floor(lengths: list[int], lone_ttft: list[float], clients: int
     repeats = len(lone_ttft) // n
     per_token = statistics.linear_regression(lengths * repeats, lone_ttft).slope
     floor = per_token * sum(burst)
-    print(f"prefill floor: the first {clients} requests arrive together; prefilling the {len(burst)} shortest of their prompts "
-          f"({sum(burst)} tokens) at {1 / per_token:.0f} tokens/s (the lone requests' marginal rate) takes {floor:.2f} s, "
+    print(f"prefill floor: the first {clients} requests arrive together; "
+          f"prefilling the {len(burst)} shortest of their prompts "
+          f"({sum(burst)} tokens) at {1 / per_token:.0f} tokens/s (the lone requests' marginal rate) "
+          f"takes {floor:.2f} s, "
           f"so p95 TTFT >= {floor / lone_e2e:.2f} x a lone request on this machine")
 
 

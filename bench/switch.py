@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from harness import median, time_interleaved
 
 import adapterkit as ak
+from harness import median, time_interleaved
 
 
 def per_switch_ms(switch, names: list[str], switches: int = 2000, rounds: int = 7) -> float:
@@ -69,13 +69,16 @@ def main() -> None:
 
     first, last = median(load_ms[:10]), median(load_ms[-10:])
     base_ms = median(base_s) * 1000
-    print(f"{torch.get_num_threads()} threads; Houlsby r=64 adapter: {parameters / 1e6:.2f} M parameters, {size_mb:.1f} MB")
+    print(f"{torch.get_num_threads()} threads; Houlsby r=64 adapter: {parameters / 1e6:.2f} M parameters, "
+          f"{size_mb:.1f} MB")
     print(f"switch active adapter (set_active):      {switch_ms * 1000:9.2f} us")
     if not args.no_peft:
         print(f"switch active adapter (peft set_adapter): {peft_switch_ms(ak.load_base()[0]) * 1000:8.2f} us")
     print(f"load adapter, median of loads 1-10:     {first:9.2f} ms")
-    print(f"load adapter, median of loads {args.loads - 9}-{args.loads}:    {last:9.2f} ms   (last/first {last / first:.2f})")
-    print(f"reload the base model (load_base):      {base_ms:9.2f} ms   (adapter load / base load {first / base_ms:.4f})")
+    print(f"load adapter, median of loads {args.loads - 9}-{args.loads}:    {last:9.2f} ms   "
+          f"(last/first {last / first:.2f})")
+    print(f"reload the base model (load_base):      {base_ms:9.2f} ms   "
+          f"(adapter load / base load {first / base_ms:.4f})")
 
 
 if __name__ == "__main__":

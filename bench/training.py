@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import print_table, time_interleaved
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate
 from adapterkit.train import training_loss
+from harness import print_table, time_interleaved
 
 ADAPTER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64)
 
@@ -97,8 +97,9 @@ def measure_memory(args: argparse.Namespace, checkpointing: bool) -> dict:
 def memory_table(args: argparse.Namespace) -> None:
     rows = {}
     for checkpointing in (False, True):
-        command = [sys.executable, __file__, "--child-memory", "--batch", str(args.batch), "--length", str(args.length),
-                   "--steps", str(args.steps), "--dtype", args.dtype, "--device", args.device]
+        command = [sys.executable, __file__, "--child-memory", "--batch", str(args.batch),
+                   "--length", str(args.length), "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--device", args.device]
         if checkpointing:
             command.append("--checkpointing")
         child = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -118,7 +119,8 @@ def step_time_table(args: argparse.Namespace) -> None:
         _, _, steps[dtype] = make_step(dtype, args.device, False, args.batch, args.length)
     _, _, steps["float32 checkpointed"] = make_step("float32", args.device, True, args.batch, args.length)
     times = time_interleaved(steps, args.repeats)
-    print_table(times, "float32", f"optimizer step on {args.device}, batch {args.batch} x {args.length}, Houlsby r=64 (float32 adapter)")
+    print_table(times, "float32",
+                f"optimizer step on {args.device}, batch {args.batch} x {args.length}, Houlsby r=64 (float32 adapter)")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import adapterkit as ak
 from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, write_jsonl
 from adapterkit.errors import DataError
 from adapterkit.evaluate import score_generations
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
 from demo import MAX_NEW_TOKENS, short_enough, trainer_losses
 
 # domain -> (the wheel that ships its catalogs, the version docs/composition.md was measured with)
@@ -73,7 +73,8 @@ def build_datasets(out: Path, quick: bool) -> tuple[dict[str, list[dict]], list[
         pairs[domain] = pairs_from_catalogs(found, LANGUAGE)
         version = importlib.metadata.version(distribution)
         note = "" if version == measured else f" (docs/composition.md used {measured})"
-        print(f"  {domain:8s} {distribution} {version}{note}: {len(found)} catalogs, {len(pairs[domain])} unique pairs")
+        print(f"  {domain:8s} {distribution} {version}{note}: {len(found)} catalogs, "
+              f"{len(pairs[domain])} unique pairs")
     held_out = {p["prompt"] for p in pairs[HELD_OUT]}
     for domain in TRAINED:
         kept = [p for p in pairs[domain] if p["prompt"] not in held_out]
@@ -91,14 +92,16 @@ def build_datasets(out: Path, quick: bool) -> tuple[dict[str, list[dict]], list[
     return {d: pairs[d] for d in TRAINED}, few, test
 
 
-def train(model: ak.AdapterModel, tokenizer, examples: list[dict], options: dict, out: Path, adapter: str | None) -> float:
+def train(model: ak.AdapterModel, tokenizer, examples: list[dict], options: dict, out: Path,
+          adapter: str | None) -> float:
     """Train what requires grad (``adapter``, or a fusion made trainable before); returns seconds."""
     trainer = Trainer(model, tokenizer, examples, TrainConfig(**options, metric="none"), out, adapter_name=adapter)
     tic = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - tic
     first, last = trainer_losses(out / "metrics.jsonl")
-    print(f"   {trainer.total_steps} steps of batch {trainer.config.batch_size}: loss {first:.2f} -> {last:.2f} in {seconds:.0f} s")
+    print(f"   {trainer.total_steps} steps of batch {trainer.config.batch_size}: "
+          f"loss {first:.2f} -> {last:.2f} in {seconds:.0f} s")
     return seconds
 
 
@@ -138,18 +141,21 @@ def main() -> int:
 
     cms, shop = TRAINED
     fuse = ak.Fuse(cms, shop, name="fusion")
-    print(f"\n4. AdapterFusion over {cms} and {shop}, trained on {len(few)} {HELD_OUT} pairs ({cms} and {shop} frozen)")
+    print(f"\n4. AdapterFusion over {cms} and {shop}, trained on {len(few)} {HELD_OUT} pairs "
+          f"({cms} and {shop} frozen)")
     model.add_fusion(fuse)
     model.train_fusion(fuse)
     fusion_params = sum(p.numel() for p in model.adapter_layers["fusion"].parameters())
     model.print_trainable_parameters()
-    seconds["fusion"] = train(model, tokenizer, few, {**FEW_STEPS, "lr": FUSION_LR, **quick}, args.out / "fusion", None)
+    seconds["fusion"] = train(model, tokenizer, few, {**FEW_STEPS, "lr": FUSION_LR, **quick}, args.out / "fusion",
+                              None)
     model.save_adapter("fusion", args.out / "fusion" / "adapter")
 
     print(f"\n5. For comparison: a new adapter trained from scratch on the same {len(few)} {HELD_OUT} pairs")
     torch.manual_seed(0)
     model.add_adapter("scratch", ak.BottleneckConfig(**ADAPTER))
-    seconds["scratch"] = train(model, tokenizer, few, {**FEW_STEPS, "lr": SCRATCH_LR, **quick}, args.out / "scratch", "scratch")
+    seconds["scratch"] = train(model, tokenizer, few, {**FEW_STEPS, "lr": SCRATCH_LR, **quick}, args.out / "scratch",
+                               "scratch")
     adapter_params = sum(p.numel() for p in model.adapter_layers["scratch"].parameters())
 
     model.merge_adapters("merged", [cms, shop], [0.5, 0.5])

@@ -22,14 +22,14 @@ import torch
 import adapterkit as ak
 from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, tokenize_example, write_jsonl
 from adapterkit.evaluate import generate_batched, score_generations
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
 
 LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 SHOWCASE = "Please correct the errors below."
 
 # The recipe: Houlsby adapters after attention and FFN of all 30 layers, 170 steps of batch 8
-# (about 90 s per language on 2 quiet cores, 5.5 minutes on shared ones). German trials at about that cost: 170 x 8 scored
-# 33.1 and 34.1 (two seeds), 32.7 and 35.0 without dropout, 90 x 16 32.4; leaving out layers 0-5
+# (about 90 s per language on 2 quiet cores, 5.5 minutes on shared ones). German trials at about that cost:
+# 170 x 8 scored 33.1 and 34.1 (two seeds), 32.7 and 35.0 without dropout, 90 x 16 32.4; leaving out layers 0-5
 # (AdapterDrop: a cheaper backward) 34.6 at 105 x 16 but 32.8 at 200 x 8. Training pairs longer
 # than TRAIN_MAX_TOKENS (a few long help texts) are left out of training: they cost the most
 # compute per step and teach the least. Held-out scoring uses every held-out pair, long ones included.
@@ -60,7 +60,8 @@ def build_datasets(out: Path, quick: bool) -> dict[str, tuple[list[dict], list[d
         write_jsonl(out / "data" / f"{code}.train.jsonl", train)
         write_jsonl(out / "data" / f"{code}.heldout.jsonl", held_out)
         datasets[code] = (train, held_out)
-        print(f"  {LANGUAGES[code]:8s} {len(catalogs)} catalogs -> {len(pairs)} unique pairs: {len(train)} train, {len(held_out)} held out")
+        print(f"  {LANGUAGES[code]:8s} {len(catalogs)} catalogs -> {len(pairs)} unique pairs: "
+              f"{len(train)} train, {len(held_out)} held out")
     return datasets
 
 
@@ -100,7 +101,8 @@ def main() -> int:
         examples = short_enough(train, tokenizer)
         config = TrainConfig(**train_options, metric="none")
         trainer = Trainer(model, tokenizer, examples, config, args.out / code, adapter_name=code)
-        print(f"   training on {len(examples)} pairs of at most {TRAIN_MAX_TOKENS} tokens, {config.steps} steps of batch {config.batch_size}")
+        print(f"   training on {len(examples)} pairs of at most {TRAIN_MAX_TOKENS} tokens, "
+              f"{config.steps} steps of batch {config.batch_size}")
         tic = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - tic
@@ -130,7 +132,8 @@ def main() -> int:
         answer = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)[0]
         generate_ms = 1000 * (time.perf_counter() - tic)
         with fresh.disabled():
-            plain = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)[0]
+            plain = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS,
+                                     repetition_penalty=REPETITION_PENALTY)[0]
         print(f"   [{code}] switch {switch_ms:.3f} ms, generate {generate_ms:.0f} ms")
         print(f"        adapter:  {answer}")
         print(f"        disabled: {plain}")
@@ -138,7 +141,8 @@ def main() -> int:
     print("\n6. Summary (chrF on held-out strings, base zero-shot vs adapter)")
     print(f"   {'language':9s} {'train':>5s} {'held':>5s} {'train s':>8s} {'base':>6s} {'adapter':>8s} {'gain':>6s}")
     for code, (n_train, n_held, seconds, base_chrf, adapter_chrf) in rows.items():
-        print(f"   {LANGUAGES[code]:9s} {n_train:5d} {n_held:5d} {seconds:8.0f} {base_chrf:6.1f} {adapter_chrf:8.1f} {adapter_chrf - base_chrf:+6.1f}")
+        print(f"   {LANGUAGES[code]:9s} {n_train:5d} {n_held:5d} {seconds:8.0f} {base_chrf:6.1f} {adapter_chrf:8.1f} "
+              f"{adapter_chrf - base_chrf:+6.1f}")
     print(f"   whole demo: {(time.perf_counter() - started) / 60:.1f} minutes")
     return 0
 

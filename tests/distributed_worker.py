@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import save_file
-from test_methods_conformance import distributed_configs
 
 import adapterkit as ak
 from adapterkit import distributed
-from adapterkit.train import Trainer, TrainConfig
+from adapterkit.train import TrainConfig, Trainer
+from conftest import tiny_llama, tiny_tokenizer
+from test_methods_conformance import distributed_configs
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car", "red"]
 GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto", "rot"]
@@ -31,7 +31,8 @@ def train(method: str, folder: Path, fsdp: bool = False) -> tuple[ak.AdapterMode
     model.add_adapter("de", METHODS[method])
     model.train_adapter("de")
     sharded = distributed.shard_base(model, "cpu") if fsdp else 0
-    config = TrainConfig(steps=STEPS, batch_size=5, grad_accum=2, lr=1e-2, max_length=32, progress=False, metric="none", save_every=4)
+    config = TrainConfig(steps=STEPS, batch_size=5, grad_accum=2, lr=1e-2, max_length=32, progress=False,
+                         metric="none", save_every=4)
     Trainer(model, tiny_tokenizer(), EXAMPLES, config, folder, adapter_name="de").train()
     return model, sharded
 
@@ -42,9 +43,11 @@ if __name__ == "__main__":
     rank = distributed.rank()
     for method in METHODS:
         model, sharded = train(method, out / method, fsdp=mode == "fsdp")
-        save_file({k: v.contiguous() for k, v in model.adapter_state_dict("de").items()}, str(out / f"{method}.rank{rank}.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.adapter_state_dict("de").items()},
+                  str(out / f"{method}.rank{rank}.safetensors"))
         shard = next(model.base.model.layers[0].parameters())  # a DTensor when sharded: this rank's rows
         rows = shard.to_local().shape[0] if sharded else shard.shape[0]
-        record = {"config": model.adapters["de"].to_dict(), "sharded_blocks": sharded, "local_rows": rows, "full_rows": shard.shape[0]}
+        record = {"config": model.adapters["de"].to_dict(), "sharded_blocks": sharded, "local_rows": rows,
+                  "full_rows": shard.shape[0]}
         (out / f"{method}.rank{rank}.json").write_text(json.dumps(record))
     distributed.stop()

@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit.methods.adalora import RANKNUM_EPSILON
-
 from conftest import batch, logits, make_base
 
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj"]}
@@ -81,7 +80,8 @@ def test_rank_budget_after_the_schedule_is_target_r_per_module(arch, capsys, cap
     assert len(ranks) == modules and sum(ranks.values()) == 3 * modules
     assert capsys.readouterr().out == ""  # library code does not print
     logged = caplog.text
-    assert f"final ranks, {3 * modules} in all (target {3 * modules} = 3 x {modules} modules, from {6 * modules})" in logged
+    assert (f"final ranks, {3 * modules} in all "
+            f"(target {3 * modules} = 3 x {modules} modules, from {6 * modules})") in logged
     for module_name, rank in ranks.items():
         assert f"{module_name}: {rank}" in logged
         module = model.adapter_layers["ada"][module_name.replace(".", "-")]

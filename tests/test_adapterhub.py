@@ -22,7 +22,8 @@ FUSIONS = [f for f in MANIFEST["fixtures"] if f["kind"] != "adapter"]
 
 def base_model(arch):
     spec = BASES[arch]
-    model = getattr(transformers, spec["model_class"]).from_pretrained(FIXTURES / spec["folder"], attn_implementation="eager")
+    model = getattr(transformers, spec["model_class"]).from_pretrained(FIXTURES / spec["folder"],
+                                                                       attn_implementation="eager")
     return model.eval(), spec["output"]
 
 
@@ -42,7 +43,8 @@ def test_adapterhub_adapters_give_adapterhubs_outputs(fixture):
     model = ak.AdapterModel(base)
     name = model.load_adapter(FIXTURES / fixture["folder"])
     model.set_active(name)
-    reference = expected[output] if output in expected else next(iter(v for k, v in expected.items() if k not in ("input_ids", "attention_mask")))
+    reference = expected[output] if output in expected else next(
+        iter(v for k, v in expected.items() if k not in ("input_ids", "attention_mask")))
     torch.testing.assert_close(outputs(model, output, expected), reference, rtol=0, atol=1e-5)
     with model.disabled():
         assert (outputs(model, output, expected) - reference).abs().max() > 1e-3  # the adapter matters

@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import batch, logits, make_base
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import batch, logits, make_base
+
 
 def saved(tmp_path, name="a"):
     model = ak.AdapterModel(make_base("llama"))
@@ -39,7 +40,8 @@ def assert_refused_everywhere(path, match, base_dir, tmp_path, capsys, commands=
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
     capsys.readouterr()
-    argvs = {"info": ["info", str(path)], "eval": ["eval", str(data), "--adapter", str(path), "--base", str(base_dir), "--max-new-tokens", "2"]}
+    argvs = {"info": ["info", str(path)],
+             "eval": ["eval", str(data), "--adapter", str(path), "--base", str(base_dir), "--max-new-tokens", "2"]}
     for argv in (argvs[command] for command in commands):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -85,7 +87,8 @@ def test_bad_weights_files_get_our_error(tmp_path, base_dir, capsys, cut):
     _, path = saved(tmp_path)
     weights = path / "adapter_model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "huge header": (2**62).to_bytes(8, "little") + data[8:]}[cut])
+    weights.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                         "huge header": (2**62).to_bytes(8, "little") + data[8:]}[cut])
     edit_config(path, lambda d: d.pop("weights_crc32"))  # the file itself must be found bad, not only its checksum
     assert_refused_everywhere(path, "adapter_model.safetensors is corrupt", base_dir, tmp_path, capsys)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base
 
 
@@ -26,7 +25,8 @@ def model():
     return model
 
 
-@pytest.mark.parametrize("adapter", ["a", None, "base", "fused", ak.Stack(ak.Fuse("a", "b", name="ab"), "b"), nested("a", 32)])
+@pytest.mark.parametrize("adapter", ["a", None, "base", "fused", ak.Stack(ak.Fuse("a", "b", name="ab"), "b"),
+                                     nested("a", 32)])
 def test_an_adapter_a_mixed_batch_runs_passes_the_check(model, adapter):
     model.check_adapter(adapter)
     with torch.no_grad(), model.mixed_adapters([adapter, None]):

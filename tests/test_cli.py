@@ -2,10 +2,10 @@ import json
 
 import pytest
 import sacrebleu
-from conftest import tiny_llama, tiny_tokenizer
 
 from adapterkit.cli import main, parse_layers
 from adapterkit.evaluate import chrf, evaluate
+from conftest import tiny_llama, tiny_tokenizer
 
 PAIRS = [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum"), ("sun", "Sonne"), ("moon", "Mond")]
 
@@ -13,7 +13,8 @@ PAIRS = [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum"),
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "de.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n" for e, g in PAIRS))
+    path.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
+                            for e, g in PAIRS))
     return path
 
 
@@ -22,17 +23,19 @@ def test_train_info_eval_generate(tmp_path, base_dir, data, capsys):
     options = tmp_path / "options.yaml"
     options.write_text("lr: 0.01\nbatch_size: 3\nadapter:\n  bottleneck_size: 4\n  dropout: 0.0\n")
     code = main([
-        "train", "--config", str(options), "--train", str(data), "--eval", str(data), "-o", str(out), "--base", str(base_dir),
-        "--name", "de", "--placement", "pfeiffer", "--layers", "1", "--steps", "5", "--max-new-tokens", "4", "--no-progress",
+        "train", "--config", str(options), "--train", str(data), "--eval", str(data), "-o", str(out),
+        "--base", str(base_dir), "--name", "de", "--placement", "pfeiffer", "--layers", "1", "--steps", "5",
+        "--max-new-tokens", "4", "--no-progress",
     ])
     assert code == 0
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss.png").is_file()
-    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 5
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 5
     capsys.readouterr()
 
     assert main(["info", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["method"] == "bottleneck" and info["config"]["placement"] == "pfeiffer" and info["config"]["layers"] == [1]
+    assert (info["method"] == "bottleneck" and info["config"]["placement"] == "pfeiffer"
+            and info["config"]["layers"] == [1])
     assert info["parameters"] == 32 * 2 + (4 * 32 + 4) + (32 * 4 + 32)  # layer norm, down, up
     assert info["base"]["architecture"] == "LlamaForCausalLM"
 
@@ -46,26 +49,31 @@ def test_train_info_eval_generate(tmp_path, base_dir, data, capsys):
     for label in ("base", "de"):
         assert scores[label]["chrf"] == sacrebleu.corpus_chrf(scores[label]["predictions"], [references]).score
 
-    assert main(["generate", "cat", "dog", "--template", r"English: {prompt}\nGerman:", "--adapter", str(out / "adapter"),
-                 "--with-base", "--base", str(base_dir), "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "cat", "dog", "--template", r"English: {prompt}\nGerman:",
+                 "--adapter", str(out / "adapter"), "--with-base", "--base", str(base_dir),
+                 "--max-new-tokens", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "> cat" and lines[1].startswith("  [base]") and lines[2].startswith("  [de]") and lines[3] == "> dog"
+    assert (lines[0] == "> cat" and lines[1].startswith("  [base]") and lines[2].startswith("  [de]")
+            and lines[3] == "> dog")
 
 
 def test_malformed_training_file_fails_before_loading_anything(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
-    assert main(["train", "--train", str(bad), "-o", str(tmp_path / "x"), "--base", str(tmp_path / "no-such-base")]) == 2
+    assert main(["train", "--train", str(bad), "-o", str(tmp_path / "x"),
+                 "--base", str(tmp_path / "no-such-base")]) == 2
     assert "bad.jsonl:2:" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_po2jsonl_command(tmp_path, capsys):
     catalog = tmp_path / "django.po"
-    catalog.write_text('msgid ""\nmsgstr "Plural-Forms: nplurals=2; plural=(n != 1);\\n"\n\nmsgid "Save %(name)s"\nmsgstr "%(name)s speichern"\n')
+    catalog.write_text('msgid ""\nmsgstr "Plural-Forms: nplurals=2; plural=(n != 1);\\n"\n\n'
+                       'msgid "Save %(name)s"\nmsgstr "%(name)s speichern"\n')
     assert main(["data", "po2jsonl", str(catalog), "--lang", "de", "-o", str(tmp_path / "de.jsonl")]) == 0
     assert json.loads((tmp_path / "de.jsonl").read_text()) == {
-        "prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern", "prompt_template": "English: {prompt}\nGerman:"}
+        "prompt": "English: Save %(name)s\nGerman:", "completion": " %(name)s speichern",
+        "prompt_template": "English: {prompt}\nGerman:"}
     assert "wrote 1 pairs" in capsys.readouterr().out
 
 
@@ -81,7 +89,8 @@ def test_parse_layers():
 
 def test_chrf_equals_sacrebleu_on_a_fixture():
     hypotheses = ["Das ist ein kleines Haus.", "Bitte korrigieren Sie die Fehler.", "", "Hund"]
-    references = ["Das ist ein kleines Haus.", "Bitte korrigieren Sie die unten aufgeführten Fehler.", "Speichern", "Katze"]
+    references = ["Das ist ein kleines Haus.", "Bitte korrigieren Sie die unten aufgeführten Fehler.", "Speichern",
+                  "Katze"]
     expected = sacrebleu.corpus_chrf(hypotheses, [references]).score
     assert chrf(hypotheses, references) == expected
     assert 0 < expected < 100
@@ -89,7 +98,6 @@ def test_chrf_equals_sacrebleu_on_a_fixture():
 
 def test_evaluate_scores_its_own_greedy_predictions(data):
     from adapterkit.data import read_jsonl
-
     from adapterkit.evaluate import score_generations
 
     examples = read_jsonl(data)
@@ -97,15 +105,17 @@ def test_evaluate_scores_its_own_greedy_predictions(data):
     result = evaluate(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3)
     assert len(result["predictions"]) == len(examples) and result["loss"] > 0
     assert result["exact"] == 100 * sum(p == g for p, (_, g) in zip(result["predictions"], PAIRS)) / len(PAIRS)
-    assert score_generations(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3) == (result["exact"], result["predictions"])
+    assert score_generations(model, tiny_tokenizer(), examples, "exact", batch_size=4, max_new_tokens=3) == (
+        result["exact"], result["predictions"])
     assert model.training  # scoring leaves the mode as it found it
 
 
 def test_adalora_training_shows_its_final_ranks(tmp_path, base_dir, data, capsys):
     code = main([
         "train", "--train", str(data), "-o", str(tmp_path / "run"), "--base", str(base_dir), "--method", "adalora",
-        "--init-r", "4", "--target-r", "2", "--target-modules", "q_proj,v_proj", "--set", "tinit=1", "--set", "tfinal=1",
-        "--set", "deltaT=1", "--steps", "6", "--batch-size", "3", "--metric", "none", "--no-progress",
+        "--init-r", "4", "--target-r", "2", "--target-modules", "q_proj,v_proj", "--set", "tinit=1",
+        "--set", "tfinal=1", "--set", "deltaT=1", "--steps", "6", "--batch-size", "3", "--metric", "none",
+        "--no-progress",
     ])
     assert code == 0
     captured = capsys.readouterr()
@@ -137,8 +147,9 @@ def raw_data(tmp_path, **fields):
 
 def test_the_prompt_template_travels_with_the_adapter(tmp_path, base_dir, data, capsys):
     out = tmp_path / "de"
-    assert main(["train", "--train", str(raw_data(tmp_path)), "-o", str(out), "--base", str(base_dir), "--template", r"English: {prompt}\nGerman:",
-                 "--bottleneck-size", "4", "--steps", "2", "--batch-size", "3", "--lr", "0.001", "--no-progress"]) == 0
+    assert main(["train", "--train", str(raw_data(tmp_path)), "-o", str(out), "--base", str(base_dir),
+                 "--template", r"English: {prompt}\nGerman:", "--bottleneck-size", "4", "--steps", "2",
+                 "--batch-size", "3", "--lr", "0.001", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["info", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -152,15 +163,18 @@ def test_the_prompt_template_travels_with_the_adapter(tmp_path, base_dir, data, 
     captured = capsys.readouterr()
     assert main([*generate, "--no-template", "English: cat\nGerman:", "English: dog\nGerman:"]) == 0
     by_hand = capsys.readouterr().out.splitlines()
-    assert [line for line in captured.out.splitlines() if line.startswith("  ")] == [line for line in by_hand if line.startswith("  ")]
-    assert f"de: prompts in the format {TEMPLATE!r}" in captured.err and "de: 100%" in captured.err and "2/2" in captured.err
+    assert ([line for line in captured.out.splitlines() if line.startswith("  ")]
+            == [line for line in by_hand if line.startswith("  ")])
+    assert (f"de: prompts in the format {TEMPLATE!r}" in captured.err and "de: 100%" in captured.err
+            and "2/2" in captured.err)
 
     assert all(line.strip() != "[de]" for line in by_hand)  # real answers were compared, not empty ones
 
     scores = {}  # the same examples, filled in by the adapter's template or written out (and so not filled in again)
-    for name, path, flags in (("raw", raw_data(tmp_path), []), ("formatted", data, []), ("by-hand", data, ["--no-template"])):
-        assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--base", str(base_dir), "--max-new-tokens", "4",
-                     "--json", str(tmp_path / f"{name}.json"), *flags]) == 0
+    for name, path, flags in (("raw", raw_data(tmp_path), []), ("formatted", data, []),
+                              ("by-hand", data, ["--no-template"])):
+        assert main(["eval", str(path), "--adapter", str(out / "adapter"), "--base", str(base_dir),
+                     "--max-new-tokens", "4", "--json", str(tmp_path / f"{name}.json"), *flags]) == 0
         assert "6/6" in capsys.readouterr().err  # the progress bar counted every answer
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["de"]
     assert scores["raw"]["predictions"] == scores["formatted"]["predictions"] == scores["by-hand"]["predictions"]
@@ -184,13 +198,16 @@ def test_examples_that_name_their_template_need_no_flag_and_a_mixture_records_no
 
 def test_a_used_output_folder_needs_resume_or_overwrite(tmp_path, base_dir, data, capsys):
     out = tmp_path / "run"
-    train = ["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), "--steps", "2", "--save-every", "1", "--no-progress"]
+    train = ["train", "--train", str(data), "-o", str(out), "--base", str(base_dir), "--steps", "2",
+             "--save-every", "1", "--no-progress"]
     assert main(train) == 0
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main(train) == 2
-    assert capsys.readouterr().err == (f"adapterkit: error: {out} already holds a run (adapter, checkpoint, metrics.jsonl, loss.png): "
-                                       "continue it with --resume, start afresh with --overwrite (deletes those), or choose another --output\n")
+    assert capsys.readouterr().err == (f"adapterkit: error: {out} already holds a run "
+                                       "(adapter, checkpoint, metrics.jsonl, loss.png): "
+                                       "continue it with --resume, start afresh with --overwrite (deletes those), "
+                                       "or choose another --output\n")
     assert main([*train, "--resume"]) == 0
     assert f"resuming from step 2 of 2 ({out / 'checkpoint'})" in capsys.readouterr().out
     assert main([*train[:-3], "--no-progress", "--overwrite"]) == 0  # without --save-every: no checkpoint is left
@@ -207,21 +224,25 @@ def test_training_logs_to_tensorboard_beside_the_metrics(tmp_path, base_dir, dat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert main(["train", "--train", str(data), "--eval", str(data), "-o", str(out), "--base", str(base_dir), "--steps", "3",
-                 "--batch-size", "3", "--max-new-tokens", "2", "--report-to", "tensorboard", "--no-progress"]) == 0
+    assert main(["train", "--train", str(data), "--eval", str(data), "-o", str(out), "--base", str(base_dir),
+                 "--steps", "3", "--batch-size", "3", "--max-new-tokens", "2", "--report-to", "tensorboard",
+                 "--no-progress"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
     events = EventAccumulator(str(out))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["eval/chrf", "eval/loss", "train/learning_rate", "train/loss", "train/seconds", "train/tokens"]
+    assert sorted(events.Tags()["scalars"]) == ["eval/chrf", "eval/loss", "train/learning_rate", "train/loss",
+                                                "train/seconds", "train/tokens"]
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert logged == [(r["step"], np.float32(r["loss"])) for r in records if "loss" in r]
     assert [(e.step, e.value) for e in events.Scalars("eval/chrf")] == [(3, np.float32(records[-1]["eval_chrf"]))]
 
 
 def test_a_learning_rate_that_would_overflow_is_refused_before_loading(tmp_path, data, capsys):
-    assert main(["train", "--train", str(data), "-o", str(tmp_path / "x"), "--base", str(tmp_path / "no-base"), "--lr", "1e38"]) == 2
-    assert capsys.readouterr().err == "adapterkit: error: lr must be positive and at most 1 (adapters train at 1e-4 to 1e-2), got 1e+38\n"
+    assert main(["train", "--train", str(data), "-o", str(tmp_path / "x"), "--base", str(tmp_path / "no-base"),
+                 "--lr", "1e38"]) == 2
+    assert capsys.readouterr().err == ("adapterkit: error: lr must be positive and at most 1 "
+                                       "(adapters train at 1e-4 to 1e-2), got 1e+38\n")
 
 
 def test_data_tools_find_a_packages_catalogs_and_split_the_pairs(tmp_path, capsys):
@@ -230,9 +251,11 @@ def test_data_tools_find_a_packages_catalogs_and_split_the_pairs(tmp_path, capsy
     output = tmp_path / "de.jsonl"
     assert main(["data", "po2jsonl", "--lang", "de", "--from-package", "django", "-o", str(output)]) == 0
     pairs = read_jsonl(output)
-    assert pairs == pairs_from_catalogs(package_catalogs("django", "de"), "de") and {p["prompt_template"] for p in pairs} == {TEMPLATE}
-    assert capsys.readouterr().out.splitlines() == [f"found {len(package_catalogs('django', 'de'))} catalogs for 'de' in django",
-                                                    f"wrote {len(pairs)} pairs to {output}"]
+    assert (pairs == pairs_from_catalogs(package_catalogs("django", "de"), "de")
+            and {p["prompt_template"] for p in pairs} == {TEMPLATE})
+    assert capsys.readouterr().out.splitlines() == [
+        f"found {len(package_catalogs('django', 'de'))} catalogs for 'de' in django",
+        f"wrote {len(pairs)} pairs to {output}"]
     assert main(["data", "split", str(output), "--held-out", "0.1", "--seed", "0"]) == 0
     train, held = split_held_out(pairs, 0.1, 0)
     assert (read_jsonl(tmp_path / "de.train.jsonl"), read_jsonl(tmp_path / "de.heldout.jsonl")) == (train, held)
@@ -249,7 +272,8 @@ def test_every_option_of_every_command_explains_itself():
 
     def leaves(parser):
         subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        return [leaf for a in subcommands for sub in a.choices.values() for leaf in leaves(sub)] if subcommands else [parser]
+        return ([leaf for a in subcommands for sub in a.choices.values() for leaf in leaves(sub)] if subcommands
+                else [parser])
 
     checked = []
     for command in COMMANDS:
@@ -259,12 +283,15 @@ def test_every_option_of_every_command_explains_itself():
                 if isinstance(action, argparse._HelpAction):
                     continue
                 assert action.help, f"{parser.prog} {action.dest} has no help"
-                if action.option_strings and not (action.default is None or action.default is False or action.default == []):
-                    assert f"(default: {action.default})" in text, f"{parser.prog} {action.option_strings[0]} hides its default"
+                if action.option_strings and not (action.default is None or action.default is False
+                                                  or action.default == []):
+                    assert f"(default: {action.default})" in text, (
+                        f"{parser.prog} {action.option_strings[0]} hides its default")
                 if action.choices:
                     assert "{" + ",".join(action.choices) + "}" in text
                 checked.append(action.dest)
-    assert len(checked) > 100 and {"lr", "template", "no_template", "report_to", "from_package", "held_out", "adapter.r"} <= set(checked)
+    assert len(checked) > 100 and {"lr", "template", "no_template", "report_to", "from_package", "held_out",
+                                   "adapter.r"} <= set(checked)
 
 
 def test_a_misspelt_flag_shows_the_commands_usage_and_the_closest_flag(capsys):
@@ -272,7 +299,8 @@ def test_a_misspelt_flag_shows_the_commands_usage_and_the_closest_flag(capsys):
         main(["eval", "data.jsonl", "--max-new-token", "4", "--batchsize", "3"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("usage: adapterkit eval ")
-    assert err.splitlines()[-1] == "adapterkit eval: error: unrecognized arguments: --batchsize 3; did you mean --batch-size?"
+    assert err.splitlines()[-1] == ("adapterkit eval: error: unrecognized arguments: --batchsize 3; "
+                                    "did you mean --batch-size?")
 
 
 def test_help_and_version_answer_without_torch_and_a_closed_pipe_is_no_traceback(tmp_path, base_dir, data):
@@ -286,7 +314,8 @@ def test_help_and_version_answer_without_torch_and_a_closed_pipe_is_no_traceback
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert shown.startswith("usage: adapterkit [-h] [--version]") and shown.endswith("[]\n")
     assert "{train,eval,generate,info,export,data,serve} ..." in shown
-    version = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True,
+                             check=True).stdout
     assert version == f"adapterkit {adapterkit.__version__}\n"
 
     model = adapterkit.AdapterModel(tiny_llama())
@@ -308,7 +337,7 @@ def test_the_package_exports_every_registered_config_class():
         assert getattr(ak, name) is method.config_class and name in ak.__all__
     assert {"AdapterModel", "load_base", "Stack", "ConfigError"} <= set(ak.__all__) <= set(dir(ak))
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchConfig'"):
-        ak.NoSuchConfig
+        ak.NoSuchConfig  # noqa: B018 (the lookup itself is what must raise)
 
 
 def test_info_on_a_peft_folder_names_the_folder_method_and_base(tmp_path, monkeypatch, capsys):

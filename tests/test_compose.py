@@ -9,7 +9,6 @@ import torch
 import adapterkit as ak
 from adapterkit.cli import main, read_compositions
 from adapterkit.compose import compositions_from_json, to_json
-
 from conftest import batch, logits, make_base, rows_alone, train_steps
 
 SITE = "model.layers.1.mlp.down_proj"  # one site, so a layer's output can be checked by hand
@@ -37,7 +36,8 @@ def site_model(**extra):
 
 def site_output(model, block, inputs=None):
     captured = {}
-    handle = model.base.get_submodule(SITE).register_forward_hook(lambda m, a, out: captured.update(y=out), prepend=False)
+    handle = model.base.get_submodule(SITE).register_forward_hook(lambda m, a, out: captured.update(y=out),
+                                                                  prepend=False)
     model.set_active(block)
     with torch.no_grad():
         model(**(inputs or batch(seed=5)))
@@ -58,7 +58,8 @@ def test_average_is_the_weighted_average_of_the_childrens_outputs():
     model = site_model()
     plain, a, c, d = (site_output(model, name) for name in (None, "a", "c", "d"))
     mixed = site_output(model, ak.Average("a", "c", "d", weights=[1, 2, 1]))
-    torch.testing.assert_close(mixed, plain + 0.25 * (a - plain) + 0.5 * (c - plain) + 0.25 * (d - plain), rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed, plain + 0.25 * (a - plain) + 0.5 * (c - plain) + 0.25 * (d - plain),
+                               rtol=0, atol=1e-5)
 
 
 def test_fuse_mixes_the_childrens_changes_by_attention():
@@ -83,18 +84,20 @@ def test_a_new_fusion_with_flat_attention_is_the_average():
     with torch.no_grad():
         layer = model.adapter_layers["f"][SITE.replace(".", "-")]
         layer.query_weight.zero_()  # equal scores: the softmax is uniform, the value is the identity
-    torch.testing.assert_close(site_output(model, fuse), site_output(model, ak.Average("a", "c", "d")), rtol=0, atol=1e-6)
+    torch.testing.assert_close(site_output(model, fuse), site_output(model, ak.Average("a", "c", "d")),
+                               rtol=0, atol=1e-6)
 
 
 def test_training_a_fusion_over_stacks_moves_only_the_fusion():
     model = ak.AdapterModel(make_base("llama"))
-    for i, name in enumerate(["lang", "task", "other"]):
+    for name in ["lang", "task", "other"]:
         model.add_adapter(name, ak.BottleneckConfig(bottleneck_size=4, init="bert"))
     model.add_adapter("lora", ak.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     randomize(model, "lora", 4)
     fuse = ak.Fuse(ak.Stack("lang", "task"), ak.Stack("lang", "other"), "lora", name="mix")
     model.add_fusion(fuse)
-    children = {n: {k: v.clone() for k, v in model.adapter_state_dict(n).items()} for n in ("lang", "task", "other", "lora")}
+    children = {n: {k: v.clone() for k, v in model.adapter_state_dict(n).items()}
+                for n in ("lang", "task", "other", "lora")}
     model.train_fusion(fuse)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +156,8 @@ def test_generate_with_per_row_compositions():
     out = model.generate(**inputs, adapter_names=["stacked", None, "b"], max_new_tokens=4, do_sample=False)
     for row, name in enumerate(["stacked", None, "b"]):
         model.set_active(name)
-        alone = model.generate(input_ids=inputs["input_ids"][row : row + 1], attention_mask=inputs["attention_mask"][row : row + 1],
+        alone = model.generate(input_ids=inputs["input_ids"][row : row + 1],
+                               attention_mask=inputs["attention_mask"][row : row + 1],
                                max_new_tokens=4, do_sample=False)
         assert torch.equal(out[row : row + 1], alone)
 
@@ -212,8 +216,10 @@ TARGETS = ["q_proj", "v_proj"]
 
 def two_loras(r=(4, 4)):
     base = make_base("llama")
-    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=r[0], lora_alpha=8, target_modules=TARGETS, init_lora_weights=False), adapter_name="x")
-    wrapped.add_adapter("y", peft.LoraConfig(r=r[1], lora_alpha=4, target_modules=TARGETS[:1], init_lora_weights=False))
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=r[0], lora_alpha=8, target_modules=TARGETS,
+                                                        init_lora_weights=False), adapter_name="x")
+    wrapped.add_adapter("y", peft.LoraConfig(r=r[1], lora_alpha=4, target_modules=TARGETS[:1],
+                                             init_lora_weights=False))
     return wrapped
 
 
@@ -224,7 +230,8 @@ def test_lora_merges_equal_peft_add_weighted_adapter(tmp_path, how, options, ran
     wrapped = two_loras(ranks).eval()
     wrapped.save_pretrained(tmp_path / "p", selected_adapters=["x", "y"])  # writes p/x and p/y
     peft_options = {"svd_rank": options.get("svd_rank"), "density": options.get("density")}
-    wrapped.add_weighted_adapter(["x", "y"], [0.7, -0.4], "m", combination_type=how, **{k: v for k, v in peft_options.items() if v is not None})
+    wrapped.add_weighted_adapter(["x", "y"], [0.7, -0.4], "m", combination_type=how,
+                                 **{k: v for k, v in peft_options.items() if v is not None})
     wrapped.set_adapter("m")
     expected = logits(wrapped)
 
@@ -251,7 +258,8 @@ def test_bottleneck_merge_averages_parameters_of_one_config():
     model.add_adapter("b", config)
     model.merge_adapters("ab", ["a", "b"], [0.25, 0.75])
     for key, value in model.adapter_state_dict("ab").items():
-        torch.testing.assert_close(value, 0.25 * model.adapter_state_dict("a")[key] + 0.75 * model.adapter_state_dict("b")[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, 0.25 * model.adapter_state_dict("a")[key]
+                                   + 0.75 * model.adapter_state_dict("b")[key], rtol=0, atol=0)
     model.add_adapter("c", ak.BottleneckConfig(bottleneck_size=8))
     with pytest.raises(ak.ConfigError, match="share one config"):
         model.merge_adapters("ac", ["a", "c"], [0.5, 0.5])

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 
 from adapterkit.data import (
     IGNORE_INDEX,
@@ -18,6 +17,7 @@ from adapterkit.data import (
     tokenize_example,
 )
 from adapterkit.errors import ConfigError, DataError
+from conftest import tiny_tokenizer
 
 CATALOG = r'''# A translator's comment
 msgid ""
@@ -83,7 +83,8 @@ def test_catalog_pairs_come_in_catalog_order_from_every_kind_of_entry(tmp_path):
         {"prompt": "English (verb): May\nSpanish:", "completion": " Poder", "prompt_template": ES},
         {"prompt": "English: %s item\nSpanish:", "completion": " %s elemento", "prompt_template": ES},
         {"prompt": "English: %s items\nSpanish:", "completion": " %s elementos", "prompt_template": ES},
-        {"prompt": "English: A long string {0}\nSpanish:", "completion": " Una cadena larga {0}", "prompt_template": ES},
+        {"prompt": "English: A long string {0}\nSpanish:", "completion": " Una cadena larga {0}",
+         "prompt_template": ES},
         {"prompt": "English: Tab\there\nSpanish:", "completion": " Tab\taquí", "prompt_template": ES},
     ]
 
@@ -159,9 +160,11 @@ def test_read_jsonl_reports_the_bad_line(tmp_path):
 
 @pytest.mark.parametrize("bad, why", [
     (b'{"prompt": "a", "completion": "\xff"}', "not UTF-8 text (byte 0xff at column 32); save the file as UTF-8"),
-    (b'{"prompt": "\xed\xa0\x80", "completion": "x"}', "not UTF-8 text (byte 0xed at column 13); save the file as UTF-8"),
+    (b'{"prompt": "\xed\xa0\x80", "completion": "x"}',
+     "not UTF-8 text (byte 0xed at column 13); save the file as UTF-8"),
     (b'{"prompt": "\\ud800", "completion": "x"}',
-     "a string holds the lone surrogate \\ud800, which is not a character; write the character itself or its full surrogate pair"),
+     "a string holds the lone surrogate \\ud800, which is not a character; "
+     "write the character itself or its full surrogate pair"),
     (b"[" * 100_000, "JSON nested too deeply"),
 ])
 def test_read_jsonl_reports_undecodable_lines_as_data_errors(tmp_path, bad, why):
@@ -249,10 +252,12 @@ def test_split_writes_both_files_next_to_the_input_and_keeps_every_field(tmp_pat
     from adapterkit.data import split_jsonl
 
     source = tmp_path / "de.jsonl"
-    examples = [{"prompt": f"English: w{i}\nGerman:", "completion": f" v{i}", "prompt_template": "English: {prompt}\nGerman:"} for i in range(20)]
+    examples = [{"prompt": f"English: w{i}\nGerman:", "completion": f" v{i}",
+                 "prompt_template": "English: {prompt}\nGerman:"} for i in range(20)]
     source.write_text("".join(json.dumps(e) + "\n" for e in examples))
     train_path, held_path, n_train, n_held = split_jsonl(source, 0.1, seed=0)
-    assert (train_path, held_path, n_train, n_held) == (tmp_path / "de.train.jsonl", tmp_path / "de.heldout.jsonl", 18, 2)
+    assert (train_path, held_path, n_train, n_held) == (tmp_path / "de.train.jsonl", tmp_path / "de.heldout.jsonl",
+                                                        18, 2)
     assert (read_jsonl(train_path), read_jsonl(held_path)) == split_held_out(examples, 0.1, seed=0)
     assert split_jsonl(source, 0.25, 1, (tmp_path / "a.jsonl", tmp_path / "b.jsonl"))[2:] == (15, 5)
     one = tmp_path / "one.jsonl"
@@ -270,7 +275,8 @@ def test_a_template_fills_only_prompts_that_do_not_say_their_format(tmp_path):
     said = {"prompt": "Q: dog\nA:", "completion": " Hund", "prompt_template": "Q: {prompt}\nA:"}
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hallo"}]}
     filled = apply_template([raw, said, chat], "English: {prompt}\nGerman:")
-    assert filled == [{"prompt": "English: cat\nGerman:", "completion": " Katze", "prompt_template": "English: {prompt}\nGerman:"}, said, chat]
+    assert filled == [{"prompt": "English: cat\nGerman:", "completion": " Katze",
+                       "prompt_template": "English: {prompt}\nGerman:"}, said, chat]
     assert [template_of(e) for e in filled] == ["English: {prompt}\nGerman:", "Q: {prompt}\nA:", "chat"]
     assert apply_template([raw], None) == [raw]
     written_out = {"prompt": "English: cow\nGerman:", "completion": " Kuh"}  # already in the format: not wrapped twice

@@ -53,7 +53,8 @@ def test_mixed_rows_match_running_alone_to_the_logits_scale():
     with torch.no_grad():
         for parameter in model.adapter_layers["l"].parameters():
             parameter.normal_(0, 0.02)
-    texts = ["English: Save\nGerman:", "English: Please correct the errors below.\nGerman:", "Hello there", "x", "The quick brown fox"]
+    texts = ["English: Save\nGerman:", "English: Please correct the errors below.\nGerman:", "Hello there", "x",
+             "The quick brown fox"]
     names = ["h", "l", None, "i", "h"]
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import batch, tiny_llama, tiny_tokenizer
-from test_train import EXAMPLES
 
 import adapterkit as ak
 from adapterkit.bases import resolve_device, resolve_dtype
 from adapterkit.cli import main
-from adapterkit.train import ADAPTER_DIR, METRICS_FILE, Trainer, TrainConfig
+from adapterkit.train import ADAPTER_DIR, METRICS_FILE, TrainConfig, Trainer
+from conftest import batch, tiny_llama, tiny_tokenizer
+from test_train import EXAMPLES
 
 LORA = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
@@ -21,7 +21,8 @@ def configs() -> dict:
     return {
         "bottleneck": ak.BottleneckConfig(bottleneck_size=8, init="bert", dropout=0.1),
         "lora": ak.LoraConfig(**LORA, dropout=0.1),
-        "adalora": ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], total_step=10, dropout=0.1),
+        "adalora": ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], total_step=10,
+                                    dropout=0.1),
     }
 
 
@@ -77,12 +78,14 @@ def test_an_adapter_loads_over_another_dtype_of_its_base(tmp_path, saved, loaded
 
 def test_two_half_copies_are_refused_as_dtype_differs_and_other_weights_as_weights_differ(tmp_path):
     path = saved_over(tmp_path, torch.bfloat16)
-    with pytest.raises(ak.BaseMismatchError, match=r"the dtype differs \(bfloat16 there, float16 here\).*float32 base or a bfloat16 copy"):
+    with pytest.raises(ak.BaseMismatchError,
+                       match=r"the dtype differs \(bfloat16 there, float16 here\).*float32 base or a bfloat16 copy"):
         ak.AdapterModel(tiny_llama().to(torch.float16)).load_adapter(path)
     other = tiny_llama()
     with torch.no_grad():
         other.lm_head.weight.mul_(2)
-    with pytest.raises(ak.BaseMismatchError, match=r"the weights differ \(and the dtype: bfloat16 there, float32 here\)"):
+    with pytest.raises(ak.BaseMismatchError,
+                       match=r"the weights differ \(and the dtype: bfloat16 there, float32 here\)"):
         ak.AdapterModel(other).load_adapter(path)
 
 
@@ -112,8 +115,10 @@ def test_an_adapter_saved_before_dtypes_were_recorded_still_loads_over_float32(t
     document["base"]["shapes_sha256"] = legacy.hexdigest()
     (path / "adapter_config.json").write_text(json.dumps(document))
     ak.AdapterModel(tiny_llama()).load_adapter(path)
-    with pytest.raises(ak.BaseMismatchError, match=r"the dtype differs \(float32 there, bfloat16 here\).*over the float32 base"):
-        ak.AdapterModel(tiny_llama().to(torch.bfloat16)).load_adapter(path)  # it holds no bfloat16 hash to check against
+    with pytest.raises(ak.BaseMismatchError,
+                       match=r"the dtype differs \(float32 there, bfloat16 here\).*over the float32 base"):
+        # it holds no bfloat16 hash to check against
+        ak.AdapterModel(tiny_llama().to(torch.bfloat16)).load_adapter(path)
 
 
 # ---- gradient checkpointing ------------------------------------------------------------------------
@@ -157,9 +162,11 @@ def test_the_cli_trains_in_bfloat16_and_refuses_a_missing_device(tmp_path, capsy
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     argv = ["train", "--train", str(data), "--base", str(folder), "-o", str(tmp_path / "out"), "--steps", "2",
-            "--batch-size", "4", "--metric", "none", "--no-progress", "--dtype", "bfloat16", "--gradient-checkpointing"]
+            "--batch-size", "4", "--metric", "none", "--no-progress", "--dtype", "bfloat16",
+            "--gradient-checkpointing"]
     assert main(argv) == 0
-    assert json.loads((tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").read_text())["base"]["dtype"] == "bfloat16"
+    saved = json.loads((tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert saved["base"]["dtype"] == "bfloat16"
     assert main(["eval", str(data), "--adapter", str(tmp_path / "out" / ADAPTER_DIR), "--base", str(folder),
                  "--dtype", "bfloat16", "--metric", "none"]) == 0
     capsys.readouterr()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from distributed_worker import EXAMPLES, METHODS, train
 from safetensors.torch import load_file
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import tiny_llama
+from distributed_worker import EXAMPLES, METHODS, train
 
 TESTS = Path(__file__).parent
 LAUNCH_TIMEOUT = 240  # seconds; a launch takes about 15 on two busy cores
@@ -42,7 +42,8 @@ def one_process(tmp_path_factory):
     adapters = {}
     for method in METHODS:
         model, _ = train(method, tmp_path_factory.mktemp(method))
-        adapters[method] = ({k: v.clone() for k, v in model.adapter_state_dict("de").items()}, model.adapters["de"].to_dict())
+        adapters[method] = ({k: v.clone() for k, v in model.adapter_state_dict("de").items()},
+                            model.adapters["de"].to_dict())
     return adapters
 
 
@@ -59,7 +60,8 @@ def test_two_ranks_give_the_adapter_of_one_process(tmp_path, one_process, mode):
         assert records[0]["config"] == records[1]["config"] == config  # AdaLoRA: the same rank pattern everywhere
         if mode == "fsdp":
             assert [r["sharded_blocks"] for r in records] == [2, 2]
-            assert [r["local_rows"] * 2 for r in records] == [records[0]["full_rows"]] * 2  # each rank holds half a block
+            # each rank holds half a block
+            assert [r["local_rows"] * 2 for r in records] == [records[0]["full_rows"]] * 2
         folder = tmp_path / method
         assert sorted(p.name for p in folder.iterdir()) == ["adapter", "checkpoint", "loss.png", "metrics.jsonl"]
         steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -76,15 +78,18 @@ def test_the_train_command_under_torchrun_resumes_and_matches_one_process(tmp_pa
     resumed with --resume, it ends with the adapter of an uninterrupted single-process run."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-    argv = ["train", "--train", str(data), "--base", str(base_dir), "--method", "lora", "--target-modules", "q_proj,v_proj",
-            "--steps", "6", "--batch-size", "5", "--lr", "1e-2", "--max-length", "32", "--metric", "none", "--no-progress"]
+    argv = ["train", "--train", str(data), "--base", str(base_dir), "--method", "lora",
+            "--target-modules", "q_proj,v_proj", "--steps", "6", "--batch-size", "5", "--lr", "1e-2",
+            "--max-length", "32", "--metric", "none", "--no-progress"]
     assert main([*argv, "-o", str(tmp_path / "single")]) == 0
-    first = torchrun(["-m", "adapterkit", *argv, "-o", str(tmp_path / "two"), "--save-every", "4", "--steps", "6"], cwd=tmp_path)
+    first = torchrun(["-m", "adapterkit", *argv, "-o", str(tmp_path / "two"), "--save-every", "4", "--steps", "6"],
+                     cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (tmp_path / "two" / "adapter").rename(tmp_path / "uninterrupted")
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "two" / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as a kill in step 6 leaves it
-    resumed = torchrun(["-m", "adapterkit", *argv, "-o", str(tmp_path / "two"), "--save-every", "4", "--resume"], cwd=tmp_path)
+    resumed = torchrun(["-m", "adapterkit", *argv, "-o", str(tmp_path / "two"), "--save-every", "4", "--resume"],
+                       cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("trained 6 steps") == 1  # rank 0 reports
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +109,8 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, base_dir):
     script.write_text(
         "import os, sys\nfrom adapterkit.cli import main\n"
         f"path = {str(data)!r} if os.environ['RANK'] == '0' else {str(tmp_path / 'missing.jsonl')!r}\n"
-        f"sys.exit(main(['train', '--train', path, '--base', {str(base_dir)!r}, '-o', {str(tmp_path / 'out')!r}, '--steps', '4',"
+        f"sys.exit(main(['train', '--train', path, '--base', {str(base_dir)!r}, "
+        f"'-o', {str(tmp_path / 'out')!r}, '--steps', '4',"
         " '--batch-size', '4', '--metric', 'none', '--no-progress']))\n"
     )
     process = torchrun([str(script)], cwd=tmp_path)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import VOCAB, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"(?:<!-- snippet: (?P<mark>skip|slow)[^>]*-->\n)?```(?P<lang>python|sh|bash)\n(?P<code>.*?)```", re.S)
+FENCE = re.compile(r"(?:<!-- snippet: (?P<mark>skip|slow)[^>]*-->\n)?```(?P<lang>python|sh|bash)\n(?P<code>.*?)```",
+                   re.S)
 
 
 def blocks(path: Path) -> list[tuple[int, str, str, str | None]]:
@@ -38,8 +40,9 @@ def docs_base(tmp_path_factory) -> Path:
     """A tiny Llama as deep as the default base (30 layers), so that the docs' ``--layers 10-29``
     mean what they say, and the character tokenizer."""
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
     folder = tmp_path_factory.mktemp("docs-base")
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -68,11 +71,13 @@ def run_file(path: Path, base: Path | None, workdir: Path, slow: bool) -> int:
                 try:
                     exec(compile(code, where, "exec"), namespace)
                 except Exception as error:
-                    raise AssertionError(f"the Python block at {where} failed: {type(error).__name__}: {error}") from error
+                    raise AssertionError(f"the Python block at {where} failed: "
+                                         f"{type(error).__name__}: {error}") from error
             else:
                 done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=workdir, env=environment,
                                       capture_output=True, text=True, timeout=600)
-                assert done.returncode == 0, f"the shell block at {where} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                assert done.returncode == 0, (f"the shell block at {where} failed ({done.returncode}):\n"
+                                              f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
             ran += 1
     finally:
         os.chdir(old_cwd)

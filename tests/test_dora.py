@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base, rows_alone
 
 # GPT-2 adapts Conv1D layers (weight [in, out], with bias); Llama adapts nn.Linear (weight [out, in], no bias).

@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TOKENIZER_CHARS, make_base, tiny_tokenizer
 
 from adapterkit.evaluate import generate_batched
+from conftest import TOKENIZER_CHARS, make_base, tiny_tokenizer
 
 PROMPTS = ["a", "hello there", "xyz:", "The quick brown fox", "12", "Q?", "mmm", "Zebra crossing"]
 NEW_TOKENS = 12
@@ -12,8 +12,8 @@ NEW_TOKENS = 12
 
 def one_at_a_time(model, tokenizer, prompt: str, stop_ids: list[int]) -> list[int]:
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         eos_token_id=stop_ids, pad_token_id=0)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                         do_sample=False, eos_token_id=stop_ids, pad_token_id=0)
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -42,9 +42,11 @@ def case(request):
 
 def generate_counting_rows(model, tokenizer, stop, batch_size):
     rows_per_forward = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        return generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=batch_size, stop=stop), rows_per_forward
+        return (generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=batch_size, stop=stop),
+                rows_per_forward)
     finally:
         hook.remove()
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import logits
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import logits
 
 peft = pytest.importorskip("peft")
 

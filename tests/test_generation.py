@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
 import adapterkit as ak
 from adapterkit.generation import Engine, Generation, Sampling, generate
+from conftest import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["hello there", "a", "The quick brown fox", "xyz: 12"]
 TOKENS = 10
@@ -20,7 +20,8 @@ TOKENS = 10
 
 def hf_greedy(model, tokenizer, prompt: str, **options) -> list[int]:
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False, pad_token_id=0, **options)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False,
+                         pad_token_id=0, **options)
     return out[0, ids.shape[1]:].tolist()  # with the end-of-text token, when one stopped it (as the engine's tokens)
 
 
@@ -33,7 +34,8 @@ class OpenAIPenalties(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, input_ids[:, self.prompt_length:], torch.ones_like(input_ids[:, self.prompt_length:], dtype=scores.dtype))
+        counts.scatter_add_(1, input_ids[:, self.prompt_length:],
+                            torch.ones_like(input_ids[:, self.prompt_length:], dtype=scores.dtype))
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
@@ -154,7 +156,8 @@ def test_frequency_and_presence_penalties_match_openai_definition(model_and_toke
     expected = []
     for prompt in PROMPTS:
         length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        expected.append(hf_greedy(model, tokenizer, prompt, logits_processor=LogitsProcessorList([OpenAIPenalties(length, 1.5, 0.7)])))
+        expected.append(hf_greedy(model, tokenizer, prompt,
+                                  logits_processor=LogitsProcessorList([OpenAIPenalties(length, 1.5, 0.7)])))
     assert [g.tokens for g in done] == expected
     assert expected != [hf_greedy(model, tokenizer, p) for p in PROMPTS]
 
@@ -163,14 +166,16 @@ def test_chunked_prefill_gives_the_same_greedy_answers(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     whole = run(model, tokenizer, Sampling(max_tokens=TOKENS))
     chunked = run(model, tokenizer, Sampling(max_tokens=TOKENS), max_prefill_tokens=3)  # 19-token prompt: 7 chunks
-    assert [g.tokens for g in chunked] == [g.tokens for g in whole] == [hf_greedy(model, tokenizer, p) for p in PROMPTS]
+    assert ([g.tokens for g in chunked] == [g.tokens for g in whole]
+            == [hf_greedy(model, tokenizer, p) for p in PROMPTS])
 
 
 def test_rows_joining_and_leaving_mid_decode_keep_their_solo_answers(model_and_tokenizer):
     """Newcomers wider and narrower than the running rows are spliced in; rows with smaller
     budgets leave early; every answer is still the one HF gives the prompt alone."""
     model, tokenizer = model_and_tokenizer
-    waves = [[("a", 3), ("The quick brown fox", 10)], [("xyz: 12 and then some more words", 8), ("b c", 10)], [("hello there", 6)]]
+    waves = [[("a", 3), ("The quick brown fox", 10)], [("xyz: 12 and then some more words", 8), ("b c", 10)],
+             [("hello there", 6)]]
     engine = Engine(model, tokenizer, max_batch_size=4)
     submitted = []
     for wave in waves:
@@ -188,7 +193,8 @@ def test_a_decode_step_writes_the_cache_in_place(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer)
     for prompt in PROMPTS:
-        engine.submit(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"], Sampling(max_tokens=TOKENS)))
+        engine.submit(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                                 Sampling(max_tokens=TOKENS)))
     engine.step()
     layer = engine.running.cache.layers[0]
     before = (layer.keys.data_ptr(), layer.keys.shape[-2])
@@ -202,7 +208,8 @@ def test_admission_does_not_pad_a_short_prompt_to_a_long_one(model_and_tokenizer
     model, tokenizer = model_and_tokenizer
     prompts = ["x" * 48, "ab", "y" * 46]
     engine = Engine(model, tokenizer, max_prefill_tokens=1000)
-    done = [engine.submit(Generation(tokenizer(p, add_special_tokens=False)["input_ids"], Sampling(max_tokens=4))) for p in prompts]
+    done = [engine.submit(Generation(tokenizer(p, add_special_tokens=False)["input_ids"], Sampling(max_tokens=4)))
+            for p in prompts]
     engine.step()
     assert done[0].started is not None and done[2].started == done[0].started and done[1].started is None
     while not all(g.done for g in done):
@@ -241,7 +248,8 @@ def test_a_row_with_non_finite_logits_fails_alone(model_and_tokenizer):
     engine = Engine(model, tokenizer)
     done = engine.run([Generation(ids, Sampling(max_tokens=TOKENS), name) for ids, name in zip(encoded, names)])
     assert done[1].finish_reason == "error" and "non-finite" in done[1].error
-    assert [g.tokens for i, g in enumerate(done) if i != 1] == [hf_greedy(base, tokenizer, p) for i, p in enumerate(PROMPTS) if i != 1]
+    assert [g.tokens for i, g in enumerate(done) if i != 1] == [hf_greedy(base, tokenizer, p)
+                                                                for i, p in enumerate(PROMPTS) if i != 1]
     with pytest.raises(ak.GenerationError, match="non-finite"):
         generate(model, tokenizer, encoded, Sampling(max_tokens=TOKENS), adapters=names)
 
@@ -265,7 +273,8 @@ def test_a_tiny_top_p_keeps_the_likeliest_token(model_and_tokenizer):
 
 def test_a_seed_fixes_a_sampled_answer(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed), prompts=PROMPTS[:1])[0].tokens
+    answers = [run(model, tokenizer, Sampling(max_tokens=TOKENS, temperature=1.3, top_p=0.9, seed=seed),
+                   prompts=PROMPTS[:1])[0].tokens
                for seed in (3, 3, 4)]
     assert answers[0] == answers[1] and len(answers[0]) > 0
 

@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit import io
-
 from conftest import logits, make_base
 
 
@@ -194,7 +193,8 @@ def test_the_config_records_the_base_name_and_an_optional_prompt_template(tmp_pa
     saved = io.read_adapter(tmp_path / "a")
     assert (saved.base_name, saved.prompt_template) == ("models/tiny-llama", "English: {prompt}\nGerman:")
     info = io.describe_adapter(tmp_path / "a")
-    assert info["prompt_template"] == "English: {prompt}\nGerman:" and info["base"]["name_or_path"] == "models/tiny-llama"
+    assert (info["prompt_template"] == "English: {prompt}\nGerman:"
+            and info["base"]["name_or_path"] == "models/tiny-llama")
     with pytest.raises(ak.ConfigError, match="must be text holding {prompt}"):
         io.with_prompt_template(files, "German:")
 
@@ -210,5 +210,6 @@ def test_files_written_before_the_optional_fields_still_read(tmp_path):
     assert (saved.name, saved.base_name, saved.prompt_template) == ("a", None, None)
     document["prompt_template"] = 3
     path.write_text(json.dumps(document))
-    with pytest.raises(ak.AdapterFileError, match=r"adapter_config.json: prompt_template must be text holding \{prompt\}"):
+    with pytest.raises(ak.AdapterFileError,
+                       match=r"adapter_config.json: prompt_template must be text holding \{prompt\}"):
         io.read_adapter(tmp_path / "a")

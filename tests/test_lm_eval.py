@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import TOKENIZER_CHARS, randomise, tiny_llama, tiny_tokenizer
 from tokenizers import processors
 
 import adapterkit as ak
 from adapterkit.cli import main
+from conftest import TOKENIZER_CHARS, randomise, tiny_llama, tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402

@@ -12,13 +12,13 @@ import json
 import httpx
 import pytest
 import torch
+
+import adapterkit as ak
+from adapterkit.serve import Server
 from conftest import randomise
 from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS
 from test_serve_isolation import run_live
 from test_serve_scoring import eos_leaning_llama
-
-import adapterkit as ak
-from adapterkit.serve import Server
 
 lm_eval = pytest.importorskip("lm_eval")
 from adapterkit.integrations.lm_eval import AdapterkitLM, task_manager  # noqa: E402
@@ -48,8 +48,8 @@ def served(tmp_path_factory):
         TASK_TEMPLATE.format(name="tiny_choice", data=root / "tasks" / "items.jsonl") + TASKS["tiny_choice"])
     server = Server(ak.AdapterModel(ak.load_base(root / "base")[0]), tokenizer, root / "adapters", "tiny-base")
     runner, thread, sock, url = run_live(server)
-    yield {"url": url, "model": adapted, "tokenizer": tokenizer, "manager": task_manager(["tiny_choice"], root / "tasks"),
-           "items": items}
+    yield {"url": url, "model": adapted, "tokenizer": tokenizer,
+           "manager": task_manager(["tiny_choice"], root / "tasks"), "items": items}
     runner.should_exit = True
     thread.join(10)
     sock.close()

@@ -5,8 +5,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.io import base_fingerprint
-
-from conftest import batch, logits, make_base
+from conftest import logits, make_base
 
 # GPT-2 adapts Conv1D layers (weight [in, out]); Llama adapts nn.Linear (weight [out, in]).
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
@@ -191,7 +190,8 @@ def test_peft_spellings_work_as_written():
 def test_lora_without_target_modules_adapts_what_peft_would(arch, tmp_path, caplog):
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(make_base(arch), peft.LoraConfig())
-    theirs = sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                    if hasattr(m, "lora_A") and m.lora_A)
     model = ak.AdapterModel(make_base(arch))
     with caplog.at_level(logging.INFO, logger="adapterkit"):
         model.add_adapter("l", ak.LoraConfig())

@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_base
 from safetensors.torch import save_file
 
 import adapterkit as ak
 from adapterkit.cli import main
 from adapterkit.io import read_adapter
+from conftest import make_base
 
 ADAPTERHUB = Path(__file__).parent / "fixtures" / "adapterhub" / "bert"
 FUSION_CONFIG = "adapter_fusion_config.json"

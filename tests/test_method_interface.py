@@ -79,7 +79,8 @@ def test_a_placement_whose_sub_layer_is_missing_says_so(placement):
 def test_blocks_without_the_sub_layer_are_named_and_the_complete_ones_offered():
     torch.manual_seed(0)
     model = ak.AdapterModel(TinyModel([MixedBlock(16, attention=i != 1) for i in range(3)]))
-    with pytest.raises(ak.ConfigError, match=r"1 block\(s\) of TinyModel \(layers\.1\) have no attention sub-layer.*layers=\[0, 2\]"):
+    with pytest.raises(ak.ConfigError,
+                       match=r"1 block\(s\) of TinyModel \(layers\.1\) have no attention sub-layer.*layers=\[0, 2\]"):
         model.add_adapter("a", ak.BottleneckConfig(placement="houlsby"))
     model.add_adapter("a", ak.BottleneckConfig(placement="houlsby", layers=[0, 2]))  # only blocks that have both
     assert len(model.adapter_sites("a")) == 4
@@ -121,7 +122,8 @@ def test_only_the_fusion_runs_inside_a_composition():
 
 
 def test_run_length_fields_are_declared_by_the_config():
-    declared = {m.name: m.config_class.run_length_fields for m in registered_methods() if m.config_class.run_length_fields}
+    declared = {m.name: m.config_class.run_length_fields for m in registered_methods()
+                if m.config_class.run_length_fields}
     assert declared == {ak.AdaLoraConfig.method: frozenset({"total_step"})}
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import VOCAB, batch, logits, make_base, rows_alone
 
 PLACEMENTS = ["houlsby", "pfeiffer", "attention", "parallel"]
@@ -38,8 +37,10 @@ def _assert_rows_match(model, inputs, names):
 def test_each_row_matches_its_adapterrows_alone(arch, placement):
     model = _model(arch, {
         "wide": ak.BottleneckConfig(placement=placement, bottleneck_size=8, init="bert"),
-        "narrow": ak.BottleneckConfig(placement=placement, bottleneck_size=3, activation="relu", init="bert", scaling=0.5),
-        "plain": ak.BottleneckConfig(placement=placement, bottleneck_size=5, activation="silu", layer_norm=False, init="bert"),
+        "narrow": ak.BottleneckConfig(placement=placement, bottleneck_size=3, activation="relu", init="bert",
+                                      scaling=0.5),
+        "plain": ak.BottleneckConfig(placement=placement, bottleneck_size=5, activation="silu", layer_norm=False,
+                                     init="bert"),
         "top": ak.BottleneckConfig(placement=placement, bottleneck_size=4, activation="tanh", init="bert", layers=[1]),
     })
     names = ["wide", "narrow", "base", "plain", "wide", None, "top", "narrow"]
@@ -53,12 +54,14 @@ def test_placements_mix_in_one_batch(arch):
     model = _model(arch, {
         placement: ak.BottleneckConfig(placement=placement, bottleneck_size=4 + i, init="bert")
         for i, placement in enumerate(PLACEMENTS)
-    } | {"named": ak.BottleneckConfig(placement="parallel", bottleneck_size=4, init="bert", target_modules=r".*\.0\..*(c_fc|up_proj|intermediate\.dense)")})
+    } | {"named": ak.BottleneckConfig(placement="parallel", bottleneck_size=4, init="bert",
+                                      target_modules=r".*\.0\..*(c_fc|up_proj|intermediate\.dense)")})
     names = ["parallel", "houlsby", "named", "base", "pfeiffer", "attention", "houlsby"]
     _assert_rows_match(model, batch(seed=2, rows=len(names)), names)
 
 
-@pytest.mark.parametrize("names", [["a"] * 5 + ["b"], ["a", "b", "a", "a", "c", "a", "b"], ["b"] * 3, ["base", "base"]])
+@pytest.mark.parametrize("names", [["a"] * 5 + ["b"], ["a", "b", "a", "a", "c", "a", "b"], ["b"] * 3,
+                                   ["base", "base"]])
 def test_uneven_and_degenerate_mixes(names):
     model = _model("llama", {n: ak.BottleneckConfig(bottleneck_size=6, init="bert") for n in "abc"})
     _assert_rows_match(model, batch(seed=3, rows=len(names)), names)
@@ -171,7 +174,8 @@ def test_stacked_weights_are_reused_and_follow_changes():
     stacks = [entry["tensors"] for entry in model.hooks.cached_stacks()]
     assert stacks
     _mixed(model, inputs, names)
-    assert all(a is b for a, b in zip([entry["tensors"] for entry in model.hooks.cached_stacks()], stacks, strict=True))
+    assert all(a is b for a, b in zip([entry["tensors"] for entry in model.hooks.cached_stacks()], stacks,
+                                      strict=True))
 
     with torch.no_grad():  # training-like in-place update of one adapter
         for parameter in model.adapter_layers["b"].parameters():
@@ -227,7 +231,8 @@ def test_lora_greedy_generate_matches_each_rowrows_alone(arch):
     inputs = batch(seed=11, rows=len(names), length=6)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     mixed = model.generate(**inputs, adapter_names=names, **kwargs)[:, 6:]
-    assert [row.tolist() for row in mixed] == [row[0].tolist() for row in _generaterows_alone(model, inputs, names, **kwargs)]
+    assert [row.tolist() for row in mixed] == [row[0].tolist()
+                                               for row in _generaterows_alone(model, inputs, names, **kwargs)]
 
 
 def test_a_merged_adapter_refuses_mixed_batches():

@@ -6,7 +6,6 @@ import torch
 
 import adapterkit as ak
 from adapterkit.inject import find_sites
-
 from conftest import batch, logits, make_base, tiny_llama
 
 EXPECTED_SITES = {
@@ -81,12 +80,14 @@ def test_delete_adapter_removes_every_trace():
 def test_layers_and_target_modules_select_insertion_points():
     model = ak.AdapterModel(make_base("llama"))
     model.add_adapter("top", ak.BottleneckConfig(bottleneck_size=4, layers=[1]))
-    assert [s.module_name for s in model.adapter_sites("top")] == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    assert [s.module_name for s in model.adapter_sites("top")] == ["model.layers.1.self_attn.o_proj",
+                                                                   "model.layers.1.mlp.down_proj"]
     model.add_adapter("named", ak.BottleneckConfig(bottleneck_size=4, target_modules=["v_proj"]))
     assert [(s.module_name, s.in_features) for s in model.adapter_sites("named")] == [
         ("model.layers.0.self_attn.v_proj", 16), ("model.layers.1.self_attn.v_proj", 16)]
     model.add_adapter("regex", ak.BottleneckConfig(bottleneck_size=4, target_modules=r".*\.1\.mlp\.(up|gate)_proj"))
-    assert [s.module_name for s in model.adapter_sites("regex")] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert [s.module_name for s in model.adapter_sites("regex")] == ["model.layers.1.mlp.gate_proj",
+                                                                     "model.layers.1.mlp.up_proj"]
     model.set_active(["top", "named", "regex"])
     logits(model)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base
 
 peft = pytest.importorskip("peft")
@@ -17,7 +16,8 @@ ARCHS = sorted(TARGETS)
 
 def peft_lora(arch, path, **kwargs):
     """A peft LoRA with random (non-identity) weights, saved to ``path``; returns its logits."""
-    model = peft.get_peft_model(make_base(arch), peft.LoraConfig(target_modules=TARGETS[arch], init_lora_weights=False, **kwargs))
+    model = peft.get_peft_model(make_base(arch), peft.LoraConfig(target_modules=TARGETS[arch], init_lora_weights=False,
+                                                                 **kwargs))
     model.eval()
     model.save_pretrained(path)
     return logits(model)
@@ -25,7 +25,8 @@ def peft_lora(arch, path, **kwargs):
 
 def peft_adalora(arch, path, steps=8):
     """A peft AdaLoRA trained through its schedule (calling update_and_allocate), saved to ``path``."""
-    config = peft.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=2, deltaT=1, total_step=6, target_modules=TARGETS[arch])
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=2, deltaT=1, total_step=6,
+                                target_modules=TARGETS[arch])
     model = peft.get_peft_model(make_base(arch), config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -62,7 +63,8 @@ def test_peft_adalora_with_rank_pattern_gives_peft_logits(arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_our_trained_adalora_loads_in_peft_with_the_same_logits(arch, tmp_path):
     model = ak.AdapterModel(make_base(arch))
-    model.add_adapter("ada", ak.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=2, total_step=6, target_modules=TARGETS[arch]))
+    model.add_adapter("ada", ak.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=2, total_step=6,
+                                              target_modules=TARGETS[arch]))
     model.train_adapter("ada")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -78,7 +80,8 @@ def test_our_trained_adalora_loads_in_peft_with_the_same_logits(arch, tmp_path):
     loaded = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "ada").eval()
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-5)
     document = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
-    assert {key.removesuffix(".lora_E"): sum(keep) for key, keep in document["rank_pattern"].items()} == model.adapter_ranks("ada")
+    assert ({key.removesuffix(".lora_E"): sum(keep) for key, keep in document["rank_pattern"].items()}
+            == model.adapter_ranks("ada"))
 
 
 @pytest.mark.parametrize(
@@ -98,7 +101,8 @@ def test_unsupported_peft_fields_are_named(change, named, tmp_path):
     document = json.loads(config_path.read_text())
     document.update(change)
     config_path.write_text(json.dumps(document))
-    with pytest.raises(ak.AdapterFileError, match=f"does not reproduce: .*{named.replace('[', '.').replace(']', '.')}"):
+    with pytest.raises(ak.AdapterFileError,
+                       match=f"does not reproduce: .*{named.replace('[', '.').replace(']', '.')}"):
         ours("llama", tmp_path / "a")
 
 
@@ -134,11 +138,14 @@ def test_other_peft_methods_and_bottlenecks_are_refused(tmp_path):
     document = json.loads(config_path.read_text())
     document["peft_type"] = "LOHA"
     config_path.write_text(json.dumps(document))
-    with pytest.raises(ak.AdapterFileError, match=r"peft LOHA adapter; adapterkit reads peft's \['ADALORA', 'IA3', 'LORA'"):
+    with pytest.raises(ak.AdapterFileError,
+                       match=r"peft LOHA adapter; adapterkit reads peft's \['ADALORA', 'IA3', 'LORA'"):
         ours("llama", tmp_path / "a")
     model = ak.AdapterModel(make_base("llama"))
     model.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
-    with pytest.raises(ak.ConfigError, match=r"a bottleneck adapter has no peft format; peft's format holds \['adalora', 'ia3', 'lora'"):
+    with pytest.raises(ak.ConfigError,
+                       match=r"a bottleneck adapter has no peft format; "
+                             r"peft's format holds \['adalora', 'ia3', 'lora'"):
         model.save_adapter("b", tmp_path / "b", format="peft")
     with pytest.raises(ak.ConfigError, match="format must be"):
         model.save_adapter("b", tmp_path / "b", format="pickle")
@@ -147,6 +154,7 @@ def test_other_peft_methods_and_bottlenecks_are_refused(tmp_path):
 def test_a_peft_folder_is_named_after_its_folder_or_by_the_caller(tmp_path):
     peft_lora("llama", tmp_path / "my adapter", r=2)
     model = ak.AdapterModel(make_base("llama"))
-    with pytest.raises(ak.AdapterNameError, match="my adapter carries no adapter name and its folder name is not a valid one; pass name="):
+    with pytest.raises(ak.AdapterNameError,
+                       match="my adapter carries no adapter name and its folder name is not a valid one; pass name="):
         model.load_adapter(tmp_path / "my adapter")
     assert model.load_adapter(tmp_path / "my adapter", "mine") == "mine"

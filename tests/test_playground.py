@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from test_serve import ADAPTERS, PROMPTS, make_server, world  # noqa: F401
 
 from adapterkit.serve import create_app
+from test_serve import ADAPTERS, PROMPTS, make_server, world  # noqa: F401
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
 
@@ -40,12 +40,14 @@ def browser():
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.fail("headless Chromium is missing: `make setup` installs it (apt-get install chromium chromium-driver)")
+        pytest.fail("headless Chromium is missing: "
+                    "`make setup` installs it (apt-get install chromium chromium-driver)")
     profile = tempfile.mkdtemp(prefix="adapterkit-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--window-size=1200,800"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                 "--window-size=1200,800"):
         options.add_argument(flag)
     session = webdriver.Chrome(service=Service(driver), options=options)
     yield session

@@ -12,13 +12,13 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import randomise
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import adapterkit as ak
-from adapterkit.serve import ApiError, ServeConfig, Server, create_app
+from adapterkit.serve import ServeConfig, Server, create_app
+from conftest import randomise
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant"] + [f"w{i}" for i in range(57)]
 CONTEXT = 48
@@ -36,8 +36,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     model = models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>")
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    wrapped.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                      unk_token="<unk>")
+    wrapped.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                             "{% if add_generation_prompt %}assistant{% endif %}")
     return wrapped
 
 
@@ -79,7 +81,8 @@ def world(tmp_path_factory):
         reference.set_active(name)
         for prompt in PROMPTS:
             ids = torch.tensor([tokenizer.encode(prompt)])
-            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False)
             answers[name or "tiny-base", prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"base_dir": base_dir, "adapters_dir": adapters_dir, "answers": answers, "outside": outside}
 
@@ -88,7 +91,8 @@ def make_server(world, **options) -> Server:
     base, tokenizer = ak.load_base(world["base_dir"])
     limits = {name: options.pop(name) for name in ServeConfig.names() if name in options}
     settings = dict(api_key=KEY) | options
-    return Server(ak.AdapterModel(base), tokenizer, world["adapters_dir"], "tiny-base", config=ServeConfig(**limits), **settings)
+    return Server(ak.AdapterModel(base), tokenizer, world["adapters_dir"], "tiny-base", config=ServeConfig(**limits),
+                  **settings)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,8 @@ def sample(text: str, name: str, **labels) -> float:
 
 
 def complete(client, model, prompt, **fields):
-    return client.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 8} | fields)
+    return client.post("/v1/completions",
+                       json={"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 8} | fields)
 
 
 def test_answers_differ_between_adapters(world):
@@ -153,27 +158,32 @@ def test_streaming_completion_and_chat(client, world):
     assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
     chunks = _sse_payloads(client.post("/v1/chat/completions", json=chat | {"stream": True}))
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
+    assert ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            == whole["choices"][0]["message"]["content"])
 
 
 def test_stop_strings_and_seeds(client, world):
     full = world["answers"]["houlsby", PROMPTS[1]].split(" ")
     stopped = complete(client, "houlsby", PROMPTS[1], stop=[full[2]]).json()["choices"][0]
     assert stopped["text"] == " ".join(full[: full.index(full[2])]) + " " and stopped["finish_reason"] == "stop"
-    sampled = [complete(client, "lora", PROMPTS[0], temperature=1.5, top_p=0.9, seed=seed).json()["choices"][0]["text"] for seed in (7, 7, 8)]
+    sampled = [complete(client, "lora", PROMPTS[0], temperature=1.5, top_p=0.9, seed=seed).json()["choices"][0]["text"]
+               for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1]
-    assert complete(client, "lora", PROMPTS[0], max_tokens=3).json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert complete(client, "lora", PROMPTS[0], max_tokens=3).json()["choices"][0]["finish_reason"] in ("length",
+                                                                                                         "stop")
 
 
 @pytest.mark.parametrize(
     "request_kwargs, status, code",
     [
         ({"json": {"model": "nobody", "prompt": "w1"}}, 404, "model_not_found"),
-        ({"content": b'{"model": "houlsby", "prompt": ', "headers": {"content-type": "application/json"}}, 400, "invalid_request"),
+        ({"content": b'{"model": "houlsby", "prompt": ', "headers": {"content-type": "application/json"}}, 400,
+         "invalid_request"),
         ({"json": {"model": "houlsby"}}, 400, "invalid_request"),
         ({"json": {"model": "houlsby", "prompt": "w1", "temperature": 5}}, 400, "invalid_request"),
         ({"json": {"model": "houlsby", "prompt": "w1", "max_tokens": 0}}, 400, "invalid_request"),
-        ({"json": {"model": "houlsby", "prompt": " ".join(["w1"] * 45), "max_tokens": 8}}, 400, "context_length_exceeded"),
+        ({"json": {"model": "houlsby", "prompt": " ".join(["w1"] * 45), "max_tokens": 8}}, 400,
+         "context_length_exceeded"),
         ({"json": {"model": "houlsby", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}}, 400, "invalid_stop"),
         ({"json": {"model": "../adapters/houlsby", "prompt": "w1"}}, 400, "invalid_model_name"),
         ({"json": {"model": "escape", "prompt": "w1"}}, 400, "invalid_model_name"),
@@ -183,7 +193,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, world, 
     response = client.post("/v1/completions", **request_kwargs)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
-    assert complete(client, "pfeiffer", PROMPTS[3]).json()["choices"][0]["text"] == world["answers"]["pfeiffer", PROMPTS[3]]
+    assert (complete(client, "pfeiffer", PROMPTS[3]).json()["choices"][0]["text"]
+            == world["answers"]["pfeiffer", PROMPTS[3]])
 
 
 def test_corrupt_and_foreign_adapters_are_refused_with_the_reason(client, world):
@@ -207,18 +218,21 @@ def test_adapter_management_needs_the_key(client, world):
     for name in ("../outside/secret", "escape", ".."):
         assert client.post("/v1/adapters", json={"name": name}, headers=auth).status_code == 400
     assert client.post("/v1/adapters", json={"name": "broken"}, headers=auth).status_code == 400
-    assert complete(client, "houlsby", PROMPTS[0]).json()["choices"][0]["text"] == world["answers"]["houlsby", PROMPTS[0]]
+    assert (complete(client, "houlsby", PROMPTS[0]).json()["choices"][0]["text"]
+            == world["answers"]["houlsby", PROMPTS[0]])
 
 
 def test_management_is_off_without_a_key(world):
     with TestClient(create_app(make_server(world, api_key=None))) as test_client:
-        assert test_client.post("/v1/adapters", json={"name": "lora"}, headers={"Authorization": "Bearer x"}).status_code == 403
+        assert test_client.post("/v1/adapters", json={"name": "lora"},
+                                headers={"Authorization": "Bearer x"}).status_code == 403
 
 
 def test_least_recently_used_adapters_are_evicted_under_the_cap(world):
     with TestClient(create_app(make_server(world, max_loaded_adapters=2))) as test_client:
         for name in ["houlsby", "lora", "houlsby", "parallel", "pfeiffer"]:
-            assert complete(test_client, name, PROMPTS[0]).json()["choices"][0]["text"] == world["answers"][name, PROMPTS[0]]
+            assert (complete(test_client, name, PROMPTS[0]).json()["choices"][0]["text"]
+                    == world["answers"][name, PROMPTS[0]])
         assert test_client.get("/health").json()["loaded_adapters"] == ["parallel", "pfeiffer"]
         assert sample(test_client.get("/metrics").text, "adapterkit_adapters_resident") == 2
 
@@ -275,14 +289,16 @@ def test_32_concurrent_requests_over_4_adapters_get_their_own_answers(live, worl
 
     def ask(job):
         name, prompt = job
-        response = httpx.post(f"{live}/v1/completions", json={"model": name, "prompt": prompt, "temperature": 0, "max_tokens": 8}, timeout=60)
+        response = httpx.post(f"{live}/v1/completions",
+                              json={"model": name, "prompt": prompt, "temperature": 0, "max_tokens": 8}, timeout=60)
         return response.json()["choices"][0]["text"]
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, jobs))
     assert answers == [world["answers"][job] for job in jobs]
     metrics = httpx.get(f"{live}/metrics").text
-    rows, steps = sample(metrics, "adapterkit_engine_step_rows_sum"), sample(metrics, "adapterkit_engine_step_rows_count")
+    rows, steps = (sample(metrics, "adapterkit_engine_step_rows_sum"),
+                   sample(metrics, "adapterkit_engine_step_rows_count"))
     assert rows / steps > 2  # requests shared forward passes
 
 
@@ -292,7 +308,8 @@ def test_the_openai_client_gets_the_right_adapter(live, world):
     for name in ["lora", "tiny-base", "pfeiffer"]:
         completion = client.completions.create(model=name, prompt=PROMPTS[1], temperature=0, max_tokens=8)
         assert completion.choices[0].text == world["answers"][name, PROMPTS[1]]
-    stream = client.chat.completions.create(model="parallel", messages=[{"role": "user", "content": "w5"}], temperature=0, max_tokens=5, stream=True)
+    stream = client.chat.completions.create(model="parallel", messages=[{"role": "user", "content": "w5"}],
+                                            temperature=0, max_tokens=5, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="w1")
@@ -307,7 +324,8 @@ def test_the_serve_command_runs_the_server(world):
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "adapterkit.cli", "serve", "--base", str(world["base_dir"]), "--adapters",
                str(world["adapters_dir"]), "--port", str(port), "--max-loaded-adapters", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, ADAPTERKIT_API_KEY=KEY))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, ADAPTERKIT_API_KEY=KEY))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -317,9 +335,12 @@ def test_the_serve_command_runs_the_server(world):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        answer = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8}, timeout=30)
+        answer = httpx.post(f"{url}/v1/completions",
+                            json={"model": "lora", "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8},
+                            timeout=30)
         assert answer.json()["choices"][0]["text"] == world["answers"]["lora", PROMPTS[0]]
-        assert httpx.post(f"{url}/v1/adapters", json={"name": "houlsby"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "houlsby"},
+                          headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-base"
     finally:
         process.terminate()
@@ -338,7 +359,8 @@ def test_the_serve_command_checks_its_options(tmp_path, capsys):
 def test_a_request_may_name_a_composition(world):
     """Compositions over the folder's adapters are served like adapters; their members load on
     demand and each answer is the composition's own, next to rows of single adapters."""
-    compositions = {"stacked": ak.Stack("pfeiffer", "lora"), "averaged": ak.Average("houlsby", "parallel", weights=[0.3, 0.7])}
+    compositions = {"stacked": ak.Stack("pfeiffer", "lora"),
+                    "averaged": ak.Average("houlsby", "parallel", weights=[0.3, 0.7])}
     base, tokenizer = ak.load_base(world["base_dir"])
     reference = ak.AdapterModel(base)
     for name in ("pfeiffer", "lora", "houlsby", "parallel"):
@@ -353,7 +375,8 @@ def test_a_request_may_name_a_composition(world):
     with TestClient(create_app(make_server(world, compositions=compositions))) as client:
         assert {"stacked", "averaged"} <= {m["id"] for m in client.get("/v1/models").json()["data"]}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = {name: pool.submit(complete, client, name, PROMPTS[1]) for name in ["stacked", "averaged", "lora", "stacked"]}
+            futures = {name: pool.submit(complete, client, name, PROMPTS[1])
+                       for name in ["stacked", "averaged", "lora", "stacked"]}
         for name, future in futures.items():
             body = future.result().json()
             assert "choices" in body, body
@@ -369,14 +392,16 @@ def test_run_folders_are_served_and_chat_fills_the_adapters_template(world, tmp_
     model.add_adapter("tiny", ADAPTERS["lora"])
     randomise(model, "tiny", 7)
     runs = tmp_path / "runs"
-    io.write_folder_atomically(runs / "tiny" / "adapter", io.with_prompt_template(model.adapter_files("tiny"), "w1 {prompt} w2"))
+    io.write_folder_atomically(runs / "tiny" / "adapter",
+                               io.with_prompt_template(model.adapter_files("tiny"), "w1 {prompt} w2"))
     (runs / "tiny" / "metrics.jsonl").write_text("")
     (runs / "empty-run").mkdir()
     server = Server(ak.AdapterModel(ak.load_base(world["base_dir"])[0]), tokenizer, runs, "tiny-base")
     with TestClient(create_app(server)) as test_client:
         assert [m["id"] for m in test_client.get("/v1/models").json()["data"]] == ["tiny-base", "tiny"]
-        chat = test_client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "w5 w6"}],
-                                                             "temperature": 0, "max_tokens": 8})
+        chat = test_client.post("/v1/chat/completions",
+                                json={"model": "tiny", "messages": [{"role": "user", "content": "w5 w6"}],
+                                      "temperature": 0, "max_tokens": 8})
         filled = complete(test_client, "tiny", "w1 w5 w6 w2", stop="\n")
         assert chat.status_code == filled.status_code == 200
         assert chat.json()["choices"][0]["message"]["content"] == filled.json()["choices"][0]["text"]
@@ -394,7 +419,8 @@ def test_serve_refuses_a_busy_port_before_loading_the_base_and_warns_of_an_empty
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["serve", "--adapters", str(tmp_path), "--port", str(port), "--base", str(tmp_path / "no-base")]) == 2
+        assert main(["serve", "--adapters", str(tmp_path), "--port", str(port),
+                     "--base", str(tmp_path / "no-base")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"adapterkit: error: cannot listen on 127.0.0.1:{port}: Address already in use; another program "
         "(another adapterkit serve?) uses it: stop it or pick another --port")

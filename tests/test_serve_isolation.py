@@ -14,11 +14,11 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from test_serve import ADAPTERS, PROMPTS, WORDS, complete, make_server, sample, tiny_tokenizer, world  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapterkit as ak
 from adapterkit.serve import ServeConfig, Server, create_app
+from test_serve import ADAPTERS, PROMPTS, WORDS, complete, make_server, sample, tiny_tokenizer, world  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,14 @@ def test_a_failing_row_fails_its_request_alone(live_nan, nan_world):
 )
 def test_bad_values_are_refused_at_the_door(nan_world, fields, code, named):
     with TestClient(create_app(make_server(nan_world))) as client:
-        response = client.post("/v1/completions", json={"model": "lora", "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8} | fields)
+        response = client.post("/v1/completions",
+                               json={"model": "lora", "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8}
+                               | fields)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["code"] == code and named in error["message"] and error["type"] == "invalid_request_error"
-        assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
+        assert (complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"]
+                == nan_world["answers"]["lora", PROMPTS[0]])
 
 
 def test_bodies_too_large_not_utf8_or_holding_lone_surrogates_get_openai_errors(nan_world):
@@ -108,25 +111,33 @@ def test_bodies_too_large_not_utf8_or_holding_lone_surrogates_get_openai_errors(
         huge = client.post("/v1/completions", content=json.dumps({"model": "lora", "prompt": "w1 " * 1_000_000}),
                            headers={"content-type": "application/json"})
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
-        broken = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+        broken = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "\xff\xfe"}',
+                             headers={"content-type": "application/json"})
         assert broken.status_code == 400 and broken.json()["error"]["message"]
+        # valid JSON, but not text: no tokenizer takes it
         lone = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "w1 \\ud800", "max_tokens": 2}',
-                           headers={"content-type": "application/json"})  # valid JSON, but not text: no tokenizer takes it
+                           headers={"content-type": "application/json"})
         assert lone.status_code == 400 and lone.json()["error"]["code"] == "invalid_text"
         missing = client.get("/v1/nothing-here")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-        assert complete(client, "lora", PROMPTS[1]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[1]]
+        assert (complete(client, "lora", PROMPTS[1]).json()["choices"][0]["text"]
+                == nan_world["answers"]["lora", PROMPTS[1]])
 
 
 def test_chat_refuses_empty_message_floods_and_unknown_message_fields(nan_world):
     """Roles count toward the length bound and there are at most context-many messages, so a
     flood of empty messages is refused before the template is rendered or tokenised."""
     with TestClient(create_app(make_server(nan_world))) as client:
-        flood = client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": [{"role": "system", "content": ""}] * 3000})
+        flood = client.post("/v1/chat/completions",
+                            json={"model": "tiny-base", "messages": [{"role": "system", "content": ""}] * 3000})
         assert flood.status_code == 400 and flood.json()["error"]["code"] == "context_length_exceeded"
-        named = client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": [{"role": "user", "content": "w1", "name": "bob"}]})
-        assert named.status_code == 400 and named.json()["error"]["code"] == "unsupported_field" and "name" in named.json()["error"]["message"]
-        assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
+        named = client.post("/v1/chat/completions",
+                            json={"model": "tiny-base",
+                                  "messages": [{"role": "user", "content": "w1", "name": "bob"}]})
+        assert (named.status_code == 400 and named.json()["error"]["code"] == "unsupported_field"
+                and "name" in named.json()["error"]["message"])
+        assert (complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"]
+                == nan_world["answers"]["lora", PROMPTS[0]])
 
 
 def read_responses(conn: socket.socket, count: int, seconds: float = 30) -> list[tuple[int, dict]]:
@@ -139,7 +150,8 @@ def read_responses(conn: socket.socket, count: int, seconds: float = 30) -> list
             assert chunk, f"the server closed the connection after {len(answers)} answer(s)"
             data += chunk
         head, data = data.split(b"\r\n\r\n", 1)
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
         while len(data) < length:
             chunk = conn.recv(65536)
             assert chunk, "the server closed the connection mid-answer"
@@ -173,7 +185,8 @@ def test_an_unexpected_error_is_a_500_and_the_connection_serves_on(nan_world):
         conn.sendall(requests)
         (status, failed), (ok_status, answer) = read_responses(conn, 2)
         conn.close()
-        assert status == 500 and failed["error"]["code"] == "internal_error" and "a bug" not in failed["error"]["message"]
+        assert (status == 500 and failed["error"]["code"] == "internal_error"
+                and "a bug" not in failed["error"]["message"])
         assert ok_status == 200 and answer["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[0]]
     finally:
         runner.should_exit = True
@@ -195,7 +208,8 @@ def test_load_errors_hide_server_paths_and_a_vanished_folder_is_an_error(nan_wor
         gone = complete(client, "lora", PROMPTS[0])
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
         for name in ("tiny-base", "houlsby"):  # the base and the adapter already loaded keep serving
-            assert complete(client, name, PROMPTS[2]).json()["choices"][0]["text"] == nan_world["answers"][name, PROMPTS[2]]
+            assert (complete(client, name, PROMPTS[2]).json()["choices"][0]["text"]
+                    == nan_world["answers"][name, PROMPTS[2]])
 
 
 # ---- slow rows: a base with a long context that never says end-of-text --------------------------------
@@ -203,11 +217,13 @@ def test_load_errors_hide_server_paths_and_a_vanished_folder_is_an_error(nan_wor
 def long_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=len(WORDS), max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=4096, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
-        model.lm_head.weight[2] = 0.0  # end-of-text scores 0, below the best of 63 random logits: answers run to max_tokens
+        # end-of-text scores 0, below the best of 63 random logits: answers run to max_tokens
+        model.lm_head.weight[2] = 0.0
     model.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     (root / "adapters").mkdir()
@@ -217,7 +233,8 @@ def long_base(tmp_path_factory):
 @pytest.fixture
 def slow_server(long_base):
     base, tokenizer = ak.load_base(long_base / "base")
-    server = Server(ak.AdapterModel(base), tokenizer, long_base / "adapters", "base0", config=ServeConfig(max_batch_size=1, max_queue=1))
+    server = Server(ak.AdapterModel(base), tokenizer, long_base / "adapters", "base0",
+                    config=ServeConfig(max_batch_size=1, max_queue=1))
     runner, thread, sock, url = run_live(server)
     yield url
     runner.should_exit = True
@@ -248,15 +265,19 @@ def raw_post(url, body: dict) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_disconnects_frees_its_row(slow_server, stream):
-    conn = raw_post(slow_server, {"model": "base0", "prompt": "w1 w2", "max_tokens": 4000, "temperature": 0, "stream": stream})
+    conn = raw_post(slow_server, {"model": "base0", "prompt": "w1 w2", "max_tokens": 4000, "temperature": 0,
+                                  "stream": stream})
     wait_until(lambda: health(slow_server)["rows_in_flight"] == 1)
     conn.close()
     wait_until(lambda: health(slow_server)["rows_in_flight"] == 0)
     metrics = httpx.get(f"{slow_server}/metrics").text
-    wait_until(lambda: sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_requests_total", adapter="base0", outcome="cancelled") == 1)
+    wait_until(lambda: sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_requests_total", adapter="base0",
+                              outcome="cancelled") == 1)
     assert sample(metrics, "adapterkit_requests_total", adapter="base0", outcome="ok") == 0
-    assert sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_completion_tokens_total", adapter="base0") < 4000
-    answer = httpx.post(f"{slow_server}/v1/completions", json={"model": "base0", "prompt": "w1 w2", "max_tokens": 5, "temperature": 0}, timeout=30)
+    assert sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_completion_tokens_total",
+                  adapter="base0") < 4000
+    answer = httpx.post(f"{slow_server}/v1/completions",
+                        json={"model": "base0", "prompt": "w1 w2", "max_tokens": 5, "temperature": 0}, timeout=30)
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
 
 
@@ -269,7 +290,8 @@ def test_a_full_queue_answers_429_with_retry_after(slow_server):
     refused = httpx.post(f"{slow_server}/v1/completions", json=long | {"max_tokens": 3}, timeout=30)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    assert sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_requests_total", adapter="base0", outcome="rejected") == 1
+    assert sample(httpx.get(f"{slow_server}/metrics").text, "adapterkit_requests_total", adapter="base0",
+                  outcome="rejected") == 1
     running.close()
     queued.close()
     wait_until(lambda: health(slow_server)["rows_in_flight"] == 0 and health(slow_server)["queued"] == 0)
@@ -279,7 +301,8 @@ def test_a_full_queue_answers_429_with_retry_after(slow_server):
 def test_health_answers_while_a_long_prompt_is_tokenised_and_refused(slow_server):
     prompt = "w1 " * 300_000  # 900 kB: under the body limit, over the context's character bound
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        refused = pool.submit(httpx.post, f"{slow_server}/v1/completions", json={"model": "base0", "prompt": prompt}, timeout=30)
+        refused = pool.submit(httpx.post, f"{slow_server}/v1/completions", json={"model": "base0", "prompt": prompt},
+                              timeout=30)
         assert health(slow_server)["status"] == "ok"
         assert refused.result().status_code == 400
 
@@ -304,7 +327,8 @@ def test_logprobs_and_echo_through_the_openai_client_match_the_models_logits(liv
     reference.load_adapter(nan_world["adapters_dir"] / "lora", name="lora")
     reference.set_active("lora")
     prompt = PROMPTS[2]
-    completion = client.completions.create(model="lora", prompt=prompt, max_tokens=4, temperature=0, logprobs=3, echo=True)
+    completion = client.completions.create(model="lora", prompt=prompt, max_tokens=4, temperature=0, logprobs=3,
+                                           echo=True)
     choice = completion.choices[0]
     assert choice.text.startswith(prompt)
     tokens = [tokenizer.convert_tokens_to_ids(t) for t in choice.logprobs.tokens]
@@ -319,5 +343,7 @@ def test_logprobs_and_echo_through_the_openai_client_match_the_models_logits(liv
         top = choice.logprobs.top_logprobs[position]
         assert [tokenizer.convert_tokens_to_ids(t) for t in top] == row.topk(3).indices.tolist()
         assert list(top.values()) == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
-    scored = client.completions.create(model="lora", prompt=prompt, max_tokens=0, temperature=0, logprobs=0, echo=True).choices[0]
-    assert scored.text == prompt and scored.logprobs.token_logprobs[1:] == pytest.approx(choice.logprobs.token_logprobs[1:len(prompt_ids)], abs=1e-6)
+    scored = client.completions.create(model="lora", prompt=prompt, max_tokens=0, temperature=0, logprobs=0,
+                                       echo=True).choices[0]
+    assert scored.text == prompt and scored.logprobs.token_logprobs[1:] == pytest.approx(
+        choice.logprobs.token_logprobs[1:len(prompt_ids)], abs=1e-6)

@@ -4,12 +4,12 @@ made to predict end-of-text often, as a trained adapter does at the end of its a
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from openai import OpenAI
-from test_serve_isolation import run_live
 
 import adapterkit as ak
 from adapterkit.serve import Server
+from conftest import tiny_llama, tiny_tokenizer
+from test_serve_isolation import run_live
 
 EOS = 2
 TEXTS = [f"English: {word}\nGerman:" for word in ("cat", "dog", "house", "tree", "sun", "moon", "water", "bread")]
@@ -20,7 +20,8 @@ def eos_leaning_llama():
     end-of-text is the likeliest next token at many positions."""
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     with torch.no_grad():
-        hidden = torch.cat([model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0] for text in TEXTS])
+        hidden = torch.cat([model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+                            for text in TEXTS])
         direction = hidden.mean(0) / hidden.mean(0).norm()
         model.lm_head.weight[EOS] = direction * 3 * model.lm_head.weight.norm(dim=1).max()
     return model, tokenizer

@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_serve import CONTEXT, WORDS, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
 from adapterkit.io import with_prompt_template, write_folder_atomically
 from adapterkit.serve import Server, create_app
+from test_serve import CONTEXT, WORDS, tiny_llama, tiny_tokenizer
 
 TEMPLATE = "Q: {prompt}\nA:"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"

@@ -14,12 +14,12 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_serve import KEY, PROMPTS, complete, make_server, world  # noqa: F401
-from test_serve_isolation import run_live
 
 import adapterkit as ak
 from adapterkit.compose import adapter_names, fusions
 from adapterkit.serve import create_app
+from test_serve import KEY, PROMPTS, complete, make_server, world  # noqa: F401
+from test_serve_isolation import run_live
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub" / "llama" / "fusion"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -108,7 +108,8 @@ def test_a_member_that_fails_to_load_leaves_nothing_held(world):  # noqa: F811
             assert failed.status_code == 400 and failed.json()["error"]["code"] == "adapter_load_failed"
         assert client.get("/health").json()["queued"] == 0
         assert client.delete("/v1/adapters/lora", headers=AUTH).json() == {"name": "lora", "loaded": False}
-        assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == world["answers"]["lora", PROMPTS[0]]
+        assert (complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"]
+                == world["answers"]["lora", PROMPTS[0]])
 
 
 def test_a_fusions_children_cannot_be_unloaded_or_reloaded_under_it(fused):
@@ -143,7 +144,8 @@ def test_an_adapter_that_cannot_be_read_fails_its_request_and_frees_its_load(hub
         assert failed.status_code == 400 and failed.json()["error"]["code"] == "adapter_load_failed"
         loaded = httpx.post(f"{url}/v1/adapters", json={"name": "hubfusion"}, headers=AUTH, timeout=20)
         assert loaded.status_code == 400 and "hubfusion" in loaded.json()["error"]["message"]
-        assert ask(url, "lora", PROMPTS[0]).json()["choices"][0]["text"] == hub_fusion_without_width["answers"]["lora", PROMPTS[0]]
+        assert (ask(url, "lora", PROMPTS[0]).json()["choices"][0]["text"]
+                == hub_fusion_without_width["answers"]["lora", PROMPTS[0]])
         assert httpx.get(f"{url}/health").json()["queued"] == 0
     finally:
         stop(runner, thread, sock)
@@ -164,7 +166,8 @@ def test_a_malformed_peft_config_is_a_400_for_its_request_alone(world, tmp_path,
         failed = complete(client, "odd", PROMPTS[0])
         assert failed.status_code == 400, failed.text
         assert failed.json()["error"]["code"] == "adapter_load_failed" and str(folder) not in failed.text
-        assert complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"] == world["answers"]["lora", PROMPTS[0]]
+        assert (complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"]
+                == world["answers"]["lora", PROMPTS[0]])
 
 
 def test_a_client_that_leaves_while_its_adapter_loads_stops_waiting(world, monkeypatch):  # noqa: F811
@@ -231,7 +234,8 @@ def test_the_pool_never_holds_some_adapters_while_waiting_for_others(world):  # 
     pool = make_server(world, max_loaded_adapters=2).pool
 
     async def scenario():
-        await asyncio.wait_for(asyncio.gather(pool.acquire(["houlsby", "lora"]), pool.acquire(["lora", "parallel"])), 10)
+        await asyncio.wait_for(asyncio.gather(pool.acquire(["houlsby", "lora"]), pool.acquire(["lora", "parallel"])),
+                               10)
         assert pool.holds == {"houlsby": 1, "lora": 2, "parallel": 1}
         await pool.release(["houlsby", "lora"])
         await pool.release(["lora", "parallel"])

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import adapterkit as ak
 from adapterkit.errors import AdapterFileError, ConfigError, TrainingError
-from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, Trainer, TrainConfig, lr_at
+from adapterkit.train import ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE, TrainConfig, Trainer, lr_at
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
 GERMAN = ["Katze", "Hund", "Haus", "Baum", "Wasser", "Sonne", "Mond", "Brot", "Milch", "Buch", "Tuer", "Auto"]
@@ -148,7 +148,8 @@ def test_completion_only_logits_give_the_models_own_loss(build, method):
     model = ak.AdapterModel(build())
     torch.manual_seed(0)
     if method == "adalora":
-        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["c_attn", "q_proj", "v_proj"], tinit=1, tfinal=1, deltaT=1, total_step=6)
+        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["c_attn", "q_proj", "v_proj"], tinit=1,
+                                  tfinal=1, deltaT=1, total_step=6)
     else:
         config = ak.BottleneckConfig(bottleneck_size=8, init="bert")
     model.add_adapter("de", config)
@@ -172,7 +173,8 @@ def test_completion_only_logits_give_the_models_own_loss(build, method):
         for e in EXAMPLES
     )
     tokens = sum(sum(label != -100 for label in t.labels[1:]) for t in tokenize_all(EXAMPLES, tokenizer, 32))
-    assert completion_loss(model, tokenizer, EXAMPLES, batch_size=4, max_length=32) == pytest.approx(summed / tokens, rel=1e-5)
+    assert completion_loss(model, tokenizer, EXAMPLES, batch_size=4, max_length=32) == pytest.approx(summed / tokens,
+                                                                                                     rel=1e-5)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -208,7 +210,8 @@ def test_only_the_adapter_trains_under_hf_trainer(tmp_path, method):
     model = ak.AdapterModel(tiny_llama())
     torch.manual_seed(0)
     if method == "adalora":
-        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=1, tfinal=1, deltaT=1, total_step=6)
+        config = ak.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=1, tfinal=1,
+                                  deltaT=1, total_step=6)
     else:
         config = ak.BottleneckConfig(bottleneck_size=8, init="bert")
     model.add_adapter("de", config)
@@ -225,7 +228,8 @@ def test_only_the_adapter_trains_under_hf_trainer(tmp_path, method):
         output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, logging_steps=100,
     )
-    trainer = HFTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[adapter_step_callback(model)])
+    trainer = HFTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                        callbacks=[adapter_step_callback(model)])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*without rank allocation.*")
         trainer.train()
@@ -365,7 +369,8 @@ t.run(pathlib.Path({str(tmp_path / 'cut')!r}), steps=8, save_every=2)
     assert len(list(cut.glob(f".{CHECKPOINT_DIR}.*.saving"))) == 1
     assert json.loads((cut / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"] == 2
     resumed = run(cut, steps=8, save_every=2, resume=True)
-    assert sorted(path.name for path in cut.iterdir()) == sorted([ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT, METRICS_FILE])
+    assert sorted(path.name for path in cut.iterdir()) == sorted([ADAPTER_DIR, CHECKPOINT_DIR, LOSS_PLOT,
+                                                                  METRICS_FILE])
     assert_same(adapter_tensors(run(tmp_path / "whole", steps=8)), adapter_tensors(resumed))
 
 
@@ -420,7 +425,7 @@ def test_a_full_disk_while_plotting_keeps_the_old_loss_plot_and_the_trained_adap
     (tmp_path / LOSS_PLOT).write_bytes(b"the old plot")
     monkeypatch.setattr(Figure, "savefig", savefig_on_a_full_disk)
     with pytest.raises(TrainingError) as caught:
-        model = run(tmp_path, steps=2)
+        run(tmp_path, steps=2)
     assert str(caught.value) == f"cannot write {tmp_path / LOSS_PLOT}: No space left on device"
     assert sorted(path.name for path in tmp_path.iterdir()) == [ADAPTER_DIR, LOSS_PLOT, METRICS_FILE]
     assert (tmp_path / LOSS_PLOT).read_bytes() == b"the old plot"

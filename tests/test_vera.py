@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-
 from conftest import batch, logits, make_base, tiny_tokenizer, train_steps
 
 peft = pytest.importorskip("peft")
 
-TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}  # widths differ: slices of the projections
+# widths differ: slices of the projections
+TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
 ARCHS = sorted(TARGETS)
 
 
@@ -51,14 +51,16 @@ def peft_vera(arch, path, **kwargs):
 
 def test_default_sites_are_peft_defaults(arch):
     wrapped = peft.get_peft_model(make_base(arch), peft.VeraConfig(r=4))
-    theirs = {name.removeprefix("base_model.model.") for name, module in wrapped.named_modules() if hasattr(module, "vera_lambda_b")}
+    theirs = {name.removeprefix("base_model.model.") for name, module in wrapped.named_modules()
+              if hasattr(module, "vera_lambda_b")}
     _, model = vera_model(arch, target_modules=None)
     assert {site.module_name for site in model.adapter_sites("vera")} == theirs
 
 
 def test_projections_are_peft_bits_and_each_site_uses_a_slice():
     _, model = vera_model("llama", projection_prng_key=11)
-    wrapped = peft.get_peft_model(make_base("llama"), peft.VeraConfig(r=8, target_modules=TARGETS["llama"], projection_prng_key=11))
+    wrapped = peft.get_peft_model(make_base("llama"), peft.VeraConfig(r=8, target_modules=TARGETS["llama"],
+                                                                      projection_prng_key=11))
     state = model.adapter_state_dict("vera")
     assert torch.equal(state["adapter.vera_A"], wrapped.base_model.vera_A["default"])  # [8, 64]: down_proj reads 64
     assert torch.equal(state["adapter.vera_B"], wrapped.base_model.vera_B["default"])  # [32, 8]
@@ -90,7 +92,8 @@ def test_our_vera_loads_in_peft_with_the_same_logits(arch, save_projection, tmp_
     expected = logits(model)
     model.save_adapter("vera", tmp_path / "ours", format="peft")
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(k for k in saved if not k.startswith("base_model.model.")) == (["base_model.vera_A", "base_model.vera_B"] if save_projection else [])
+    assert sorted(k for k in saved if not k.startswith("base_model.model.")) == (
+        ["base_model.vera_A", "base_model.vera_B"] if save_projection else [])
     document = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert document["peft_type"] == "VERA" and document["fan_in_fan_out"] == (arch == "gpt2")
     loaded = peft.PeftModel.from_pretrained(make_base(arch), tmp_path / "ours").eval()
@@ -126,9 +129,10 @@ class Killed(Exception):
 
 
 def test_training_resumes_exactly_from_a_checkpoint_without_the_projections(tmp_path):
-    from adapterkit.train import Trainer, TrainConfig
+    from adapterkit.train import TrainConfig, Trainer
 
-    examples = [{"prompt": f"word {w}:", "completion": f" {w[::-1]}"} for w in ("cat", "dog", "sun", "moon", "tree", "milk")]
+    examples = [{"prompt": f"word {w}:", "completion": f" {w[::-1]}"}
+                for w in ("cat", "dog", "sun", "moon", "tree", "milk")]
 
     def run(folder, resume=False, die_at=None):
         _, model = vera_model("llama", save_projection=False, dropout=0.1)
@@ -140,7 +144,8 @@ def test_training_resumes_exactly_from_a_checkpoint_without_the_projections(tmp_
                 raise Killed
 
         model.base.register_forward_pre_hook(die)
-        config = TrainConfig(steps=4, batch_size=3, lr=1e-2, max_length=32, progress=False, metric="none", save_every=2)
+        config = TrainConfig(steps=4, batch_size=3, lr=1e-2, max_length=32, progress=False, metric="none",
+                             save_every=2)
         Trainer(model, tiny_tokenizer(), examples, config, folder, adapter_name="vera").train(resume=resume)
         return model.adapter_state_dict("vera")
 

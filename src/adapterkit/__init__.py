@@ -20,8 +20,8 @@ _EXPORTS = {  # name -> the module that defines it
     "load_base": "bases",
     **dict.fromkeys([
         "AdapterkitError", "AdapterFileError", "AdapterInUseError", "AdapterLoadError", "AdapterNameError",
-        "AdapterNotFoundError", "BaseMismatchError", "BaseModelError", "ConfigError", "GenerationError", "InjectionError",
-        "MergeError", "ShapeMismatchError",
+        "AdapterNotFoundError", "BaseMismatchError", "BaseModelError", "ConfigError", "GenerationError",
+        "InjectionError", "MergeError", "ShapeMismatchError",
     ], "errors"),
 }
 

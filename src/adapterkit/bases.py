@@ -55,9 +55,11 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+            raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device here "
+                              f"(torch {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+            raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s): "
+                              f"cuda:0 to cuda:{count - 1}")
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ConfigError("device 'mps' asked for, but torch sees no Apple GPU here; use --device cpu")

@@ -16,9 +16,10 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import AdapterkitError, ConfigError
 from .templates import check_template
@@ -34,7 +35,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if action.option_strings and "default" not in text and not (default is None or default is False or default == [] or default == argparse.SUPPRESS):
+        unset = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if action.option_strings and "default" not in text and not unset:
             text += " (default: %(default)s)"
         return text
 
@@ -53,13 +55,16 @@ def add_template_options(parser: argparse.ArgumentParser, default: str) -> None:
     group.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
         r"prompt format: text holding {prompt} ('English: {prompt}\nGerman:'; \n is a newline), or 'chat' for the "
         f"tokenizer's chat template (default: {default})"))
-    group.add_argument("--no-template", action="store_true", help="use the text as given, whatever template the adapters record")
+    group.add_argument("--no-template", action="store_true",
+                       help="use the text as given, whatever template the adapters record")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, the same for every command that loads the base."""
-    parser.add_argument("--device", help="where the base runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means cuda:LOCAL_RANK")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="the base's weights (default: float32); adapters stay float32")
+    parser.add_argument("--device", help="where the base runs: cpu (default), cuda, cuda:N or mps; "
+                                         "under torchrun, cuda means cuda:LOCAL_RANK")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
+                        help="the base's weights (default: float32); adapters stay float32")
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -114,43 +119,57 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML or TOML file of options")
     parser.add_argument("--train", help="training JSONL ({prompt, completion} or {messages}); required")
     parser.add_argument("--eval", help="held-out JSONL, scored every --eval-every steps and at the end")
-    parser.add_argument("-o", "--output", help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png; required")
+    parser.add_argument("-o", "--output",
+                        help="output folder: adapter/, checkpoint/, metrics.jsonl, loss.png; required")
     parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--name", help="adapter name (default: the output folder's name)")
-    parser.add_argument("--method", choices=[m.name for m in registered_methods() if m.trains_alone], help=f"adapter method (default: {DEFAULT_METHOD})")
+    parser.add_argument("--method", choices=[m.name for m in registered_methods() if m.trains_alone],
+                        help=f"adapter method (default: {DEFAULT_METHOD})")
     parser.add_argument("--template", type=template_option, metavar="TEMPLATE", help=(
         r"prompt format of the examples that do not name one ('prompt_template'): their prompt fills {prompt} "
         r"('English: {prompt}\nGerman:'; \n is a newline), or 'chat'. The adapter records the format all examples "
         "share, for generate, eval and serve (default: what the examples name)"))
     add_device_options(parser)
-    adapter_group = parser.add_argument_group("adapter options", "fields of the method's config (--set KEY=VALUE also works)")
+    adapter_group = parser.add_argument_group("adapter options",
+                                              "fields of the method's config (--set KEY=VALUE also works)")
     for option, (methods, field_type) in adapter_options().items():
-        adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option, field_type), dest=f"adapter.{option}",
-                                   metavar=option.upper(), help="default per method: " + ", ".join(methods))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other adapter config field (value parsed as YAML)")
+        adapter_group.add_argument("--" + option.replace("_", "-"), type=flag_value(option, field_type),
+                                   dest=f"adapter.{option}", metavar=option.upper(),
+                                   help="default per method: " + ", ".join(methods))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other adapter config field (value parsed as YAML)")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, help="optimizer steps (default: --epochs, else one epoch)")
     group.add_argument("--epochs", type=float, help="passes over the data, when --steps is not given (default: 1)")
     group.add_argument("--batch-size", type=int, help=f"examples per batch (default: {default['batch_size']})")
     group.add_argument("--grad-accum", type=int, help=f"batches per optimizer step (default: {default['grad_accum']})")
     group.add_argument("--lr", type=float, help=f"peak learning rate of AdamW, at most 1 (default: {default['lr']})")
-    group.add_argument("--warmup-ratio", type=float, help=f"share of the steps warming up linearly (default: {default['warmup_ratio']})")
+    group.add_argument("--warmup-ratio", type=float,
+                       help=f"share of the steps warming up linearly (default: {default['warmup_ratio']})")
     group.add_argument("--weight-decay", type=float, help=f"AdamW's weight decay (default: {default['weight_decay']})")
-    group.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {default['max_grad_norm']})")
-    group.add_argument("--seed", type=int, help=f"seed of the adapter's initial weights and the data order (default: {default['seed']})")
-    group.add_argument("--max-length", type=int, help=f"most tokens per example; longer prompts lose their start (default: {default['max_length']})")
+    group.add_argument("--max-grad-norm", type=float,
+                       help=f"gradient clipping norm (default: {default['max_grad_norm']})")
+    group.add_argument("--seed", type=int,
+                       help=f"seed of the adapter's initial weights and the data order (default: {default['seed']})")
+    group.add_argument("--max-length", type=int, help="most tokens per example; longer prompts lose their start "
+                                                      f"(default: {default['max_length']})")
     group.add_argument("--eval-every", type=int, help="score --eval every N steps (default: 0, at the end only)")
     group.add_argument("--save-every", type=int, help="write checkpoint/ every N steps (default: 0, never)")
-    group.add_argument("--metric", choices=["chrf", "exact", "none"], help=f"score of --eval's generations (default: {default['metric']})")
-    group.add_argument("--max-new-tokens", type=int, help=f"longest generated answer when scoring (default: {default['max_new_tokens']})")
-    group.add_argument("--report-to", choices=REPORT_TO, help="also log the metrics as TensorBoard event files in the output folder (default: none)")
+    group.add_argument("--metric", choices=["chrf", "exact", "none"],
+                       help=f"score of --eval's generations (default: {default['metric']})")
+    group.add_argument("--max-new-tokens", type=int,
+                       help=f"longest generated answer when scoring (default: {default['max_new_tokens']})")
+    group.add_argument("--report-to", choices=REPORT_TO,
+                       help="also log the metrics as TensorBoard event files in the output folder (default: none)")
     group.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's activations in the backward pass: less memory, more compute")
     group.add_argument("--fsdp", action="store_true", default=None,
                        help="under torchrun: shard the frozen base's blocks across the ranks (FSDP2)")
     reuse = group.add_mutually_exclusive_group()
-    reuse.add_argument("--resume", action="store_true", help="continue the run in the output folder from its checkpoint/")
-    reuse.add_argument("--overwrite", action="store_true", help="delete the earlier run in the output folder and start afresh")
+    reuse.add_argument("--resume", action="store_true",
+                       help="continue the run in the output folder from its checkpoint/")
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="delete the earlier run in the output folder and start afresh")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_train)
 
@@ -160,7 +179,8 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = _read_options_file(args.config) if args.config else {}
     adapter = dict(options.pop("adapter", None) or {})
     for key, value in vars(args).items():
-        if value is None or key in ("config", "handler", "command", "parser", "set", "resume", "overwrite", "no_progress"):
+        if value is None or key in ("config", "handler", "command", "parser", "set", "resume", "overwrite",
+                                    "no_progress"):
             continue
         if key.startswith("adapter."):
             adapter[key.split(".", 1)[1]] = value
@@ -230,7 +250,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import apply_template, read_jsonl
     from .methods import DEFAULT_METHOD, config_class
     from .model import AdapterModel
-    from .train import Trainer, TrainConfig, checkpoint_step, clear_run, earlier_run, planned_steps
+    from .train import TrainConfig, Trainer, checkpoint_step, clear_run, earlier_run, planned_steps
 
     options = train_options(args)
     output = Path(options.pop("output"))
@@ -244,13 +264,15 @@ def _train(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(options.pop("device", None)), options.pop("dtype", None)
     checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
     if fsdp and not distributed.launched():
-        raise ConfigError("--fsdp shards the base across several processes: launch with torchrun --nproc_per_node N -m adapterkit train ...")
+        raise ConfigError("--fsdp shards the base across several processes: "
+                          "launch with torchrun --nproc_per_node N -m adapterkit train ...")
     earlier = earlier_run(output)
     if earlier and not (args.resume or args.overwrite):
         raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
                           "start afresh with --overwrite (deletes those), or choose another --output")
     if earlier and args.resume and checkpoint_step(output) is None:
-        raise ConfigError(f"{output} holds a run but no checkpoint/ to resume from (it was trained without --save-every); "
+        raise ConfigError(f"{output} holds a run but no checkpoint/ to resume from "
+                          "(it was trained without --save-every); "
                           "start afresh with --overwrite (deletes it), or choose another --output")
     adapter_options = options.pop("adapter")
     config = TrainConfig.from_dict(options)
@@ -285,7 +307,8 @@ def _train(args: argparse.Namespace) -> int:
     result = trainer.train(resume=args.resume)
     if distributed.rank() != 0:
         return 0
-    print(f"trained {trainer.total_steps} steps in {time.perf_counter() - started:.0f} s; adapter saved to {output / 'adapter'}")
+    print(f"trained {trainer.total_steps} steps in {time.perf_counter() - started:.0f} s; "
+          f"adapter saved to {output / 'adapter'}")
     if result:
         print(format_table([_row(name, result, config.metric)]))
     return 0
@@ -300,8 +323,8 @@ def recorded_template(examples: list[dict]) -> str | None:
     shared = shared_template(templates)
     if shared is None:
         why = "they come in several formats" if any(templates) else "they name none and --template was not given"
-        print(f"note: the adapter records no prompt template ({why}); generate, eval and serve will give it text as it is",
-              file=sys.stderr)
+        print(f"note: the adapter records no prompt template ({why}); "
+              "generate, eval and serve will give it text as it is", file=sys.stderr)
     return shared
 
 
@@ -309,12 +332,15 @@ def recorded_template(examples: list[dict]) -> str | None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", help="JSONL file of prompt/completion or messages examples "
                                                 "(not with --harness)")
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also score the bare base")
     parser.add_argument("--base", help=BASE_HELP)
     add_device_options(parser)
-    add_template_options(parser, "each adapter's own, for examples that name none; the bare base takes the one all adapters share")
-    parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf", help="score of the generated answers")
+    add_template_options(parser, "each adapter's own, for examples that name none; "
+                                 "the bare base takes the one all adapters share")
+    parser.add_argument("--metric", choices=["chrf", "exact", "none"], default="chrf",
+                        help="score of the generated answers")
     parser.add_argument("--batch-size", type=int, default=32, help="examples scored together")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generated answer")
     parser.add_argument("--json", type=Path, help="also write the scores (and predictions) to this file")
@@ -339,14 +365,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.include_path or args.output_json:
         raise ConfigError("--include-path and --output-json go with --harness (JSONL scores are written with --json)")
     examples = read_jsonl(args.data)
-    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device, args.dtype)
+    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
+                                                      args.dtype)
     rows, report = [], {}
     for name, template in run_templates(args, adapters).items():
         model.set_active(name)
         label = name or "base"
         with progress_bar(args, label, len(examples) if args.metric != "none" else 0) as bar:
-            result = evaluate(model, tokenizer, apply_template(examples, template, tokenizer), args.metric, args.batch_size,
-                              args.max_new_tokens, progress=bar.update)
+            result = evaluate(model, tokenizer, apply_template(examples, template, tokenizer), args.metric,
+                              args.batch_size, args.max_new_tokens, progress=bar.update)
         rows.append(_row(label, result, args.metric))
         report[label] = result
     print(format_table(rows))
@@ -429,16 +456,21 @@ def progress_bar(args: argparse.Namespace, label: str, total: int):
 # ---- generate ------------------------------------------------------------------------------------
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", help="texts to answer, each put into the prompt template")
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat for several; default: none, the bare base)")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="adapter folder (repeat for several; default: none, the bare base)")
     parser.add_argument("--with-base", action="store_true", help="also answer with the bare base")
     add_template_options(parser, "each adapter's own; the bare base takes the one all adapters share")
-    parser.add_argument("--chat", action="store_true", help="also send each filled-in prompt as a user message through the chat template")
+    parser.add_argument("--chat", action="store_true",
+                        help="also send each filled-in prompt as a user message through the chat template")
     parser.add_argument("--base", help=BASE_HELP)
     add_device_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest answer")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's: >1 discourages tokens already in prompt or answer")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: subtracted per earlier use of a token")
-    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: subtracted once from every token already used")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="HF's: >1 discourages tokens already in prompt or answer")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="OpenAI's: subtracted per earlier use of a token")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's: subtracted once from every token already used")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_generate)
 
@@ -447,7 +479,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from .evaluate import generate_batched
     from .templates import CHAT, render_prompt
 
-    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device, args.dtype)
+    model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
+                                                      args.dtype)
     answers = {}
     for name, template in run_templates(args, adapters).items():
         texts = [render_prompt(template, p, tokenizer) for p in args.prompts]
@@ -457,8 +490,9 @@ def run_generate(args: argparse.Namespace) -> int:
         model.set_active(name)
         with progress_bar(args, name or "base", len(texts)) as bar:
             answers[name or "base"] = generate_batched(
-                model, tokenizer, texts, args.max_new_tokens, stop=None if chat else "\n", repetition_penalty=args.repetition_penalty,
-                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, progress=bar.update)
+                model, tokenizer, texts, args.max_new_tokens, stop=None if chat else "\n",
+                repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, progress=bar.update)
     for i, prompt in enumerate(args.prompts):
         print(f"> {prompt}")
         for label, outputs in answers.items():
@@ -490,13 +524,15 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"base        {base['name_or_path'] or 'not recorded'}")
     if base.get("weights_sha256"):
         base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
-        print(f"            {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, {base.get('dtype') or 'float32'}, "
+        print(f"            {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, "
+              f"{base.get('dtype') or 'float32'}, "
               f"weights sha256 {base['weights_sha256'][:16]}…)")
     if base["pretrained_path"] and base["pretrained_path"] != base["name_or_path"]:
         print(f"            folder {base['pretrained_path']}{base_folder_note(base['name_or_path'])}")
     template = info["prompt_template"]
     print("template    " + ("the tokenizer's chat template (the text is the user's message)" if template == "chat"
-                            else json.dumps(template, ensure_ascii=False) if template else "none recorded: text is given as it is"))
+                            else json.dumps(template, ensure_ascii=False) if template
+                            else "none recorded: text is given as it is"))
     return 0
 
 
@@ -573,17 +609,20 @@ def run_export(args: argparse.Namespace) -> int:
 # ---- data ----------------------------------------------------------------------------------------
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     tools = parser.add_subparsers(dest="tool", required=True, metavar="{po2jsonl,split}")
-    po = tools.add_parser("po2jsonl", help="gettext catalogs (.po) -> prompt/completion JSONL", formatter_class=HelpFormatter,
+    po = tools.add_parser("po2jsonl", help="gettext catalogs (.po) -> prompt/completion JSONL",
+                          formatter_class=HelpFormatter,
                           description="Translation pairs from gettext catalogs; each pair names its prompt template, "
                                       "which the trained adapter records.")
     po.add_argument("catalogs", nargs="*", type=Path, help="catalog files (.po)")
-    po.add_argument("--from-package", metavar="PACKAGE", help="also every catalog for --lang inside this installed Python package "
-                                                              "(its locale/<lang>/LC_MESSAGES/*.po), e.g. django")
+    po.add_argument("--from-package", metavar="PACKAGE",
+                    help="also every catalog for --lang inside this installed Python package "
+                         "(its locale/<lang>/LC_MESSAGES/*.po), e.g. django")
     po.add_argument("--lang", required=True, help="the catalogs' language code, e.g. de")
     po.add_argument("-o", "--output", required=True, type=Path, help="JSONL file to write")
     po.set_defaults(handler=run_po2jsonl, parser=po)
     split = tools.add_parser("split", help="hold out a random share of a JSONL file", formatter_class=HelpFormatter,
-                             description="Write a seeded random share of the examples to a held-out file and the rest to a training file.")
+                             description="Write a seeded random share of the examples to a held-out file "
+                                         "and the rest to a training file.")
     split.add_argument("data", type=Path, help="JSONL file to split")
     split.add_argument("--held-out", type=float, default=0.1, help="share of the examples held out, between 0 and 1")
     split.add_argument("--seed", type=int, default=0, help="seed of the random choice")
@@ -672,12 +711,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--api-key", default=None, help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
+    parser.add_argument("--api-key", default=None,
+                        help="key for POST/DELETE /v1/adapters (default: $ADAPTERKIT_API_KEY; none: those are off)")
     for name in ServeConfig.names():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(ServeConfig, name),
                             help=ServeConfig.help_of(name))
-    parser.add_argument("--compositions", type=Path, help='JSON file naming compositions, e.g. {"de-legal": {"stack": ["de", "legal"]}}; '
-                        'a request\'s model may name one')
+    parser.add_argument("--compositions", type=Path,
+                        help='JSON file naming compositions, e.g. {"de-legal": {"stack": ["de", "legal"]}}; '
+                             'a request\'s model may name one')
     parser.set_defaults(handler=run_serve)
 
 
@@ -726,7 +767,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command's parser; only ``command``'s subparser gets its options, so that top-level help
     needs none of the heavy imports some options' choices do."""
-    parser = argparse.ArgumentParser(prog="adapterkit", description="Adapters over one frozen base model.", formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="adapterkit", description="Adapters over one frozen base model.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"adapterkit {version('adapterkit')}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (help_text, add_arguments) in COMMANDS.items():

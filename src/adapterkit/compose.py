@@ -61,7 +61,8 @@ class Average(Composition):
     def __init__(self, *children: Block, weights: list[float] | None = None, normalize: bool = True) -> None:
         super().__init__(*children)
         weights = [1.0] * len(self.children) if weights is None else list(weights)
-        if len(weights) != len(self.children) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        if len(weights) != len(self.children) or not all(
+                isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
             raise ConfigError(f"Average needs one finite weight per child ({len(self.children)}), got {weights!r}")
         total = sum(weights)
         if normalize and total == 0:
@@ -125,7 +126,7 @@ def from_json(data: Any) -> Block:
     return Fuse(*blocks, name=None if name is None else check_adapter_name(name, "fusion"))
 
 
-def compositions_from_json(document: Any) -> dict[str, "Composition"]:
+def compositions_from_json(document: Any) -> dict[str, Composition]:
     """Named blocks from {name: block} (a compositions file): each name a valid name, each block a
     stack, average or fuse; an error names the composition it is about."""
     if not isinstance(document, dict):
@@ -155,7 +156,7 @@ def adapter_names(block: Block) -> list[str]:
     return names
 
 
-def fusions(block: Block) -> list["Fuse"]:
+def fusions(block: Block) -> list[Fuse]:
     """The Fuse blocks inside ``block`` (itself included)."""
     if isinstance(block, str):
         return []

@@ -18,8 +18,9 @@ import importlib.util
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import polib
 import torch
@@ -104,12 +105,15 @@ def package_catalogs(package: str, language: str) -> list[Path]:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"no installed package named {package!r}; install it (pip install {package}) or give the .po files' paths")
+        raise DataError(f"no installed package named {package!r}; "
+                        f"install it (pip install {package}) or give the .po files' paths")
     roots = [Path(location) for location in spec.submodule_search_locations]
     found = sorted(path for root in roots for path in root.glob(f"**/locale/{language}/LC_MESSAGES/*.po"))
     if not found:
-        languages = sorted({path.parent.parent.name for root in roots for path in root.glob("**/locale/*/LC_MESSAGES/*.po")})
-        raise DataError(f"{package} holds no catalogs for language {language!r}; it has: {', '.join(languages) or 'none'}")
+        languages = sorted({path.parent.parent.name for root in roots
+                            for path in root.glob("**/locale/*/LC_MESSAGES/*.po")})
+        raise DataError(f"{package} holds no catalogs for language {language!r}; "
+                        f"it has: {', '.join(languages) or 'none'}")
     return found
 
 
@@ -130,7 +134,9 @@ def po_to_jsonl(catalogs: Iterable[str | Path], language: str, output: str | Pat
     return len(pairs)
 
 
-def split_jsonl(path: str | Path, fraction: float, seed: int, outputs: tuple[str | Path, str | Path] | None = None) -> tuple[Path, Path, int, int]:
+def split_jsonl(
+    path: str | Path, fraction: float, seed: int, outputs: tuple[str | Path, str | Path] | None = None
+) -> tuple[Path, Path, int, int]:
     """Write a seeded ``fraction`` of a JSONL file's examples to a held-out file and the rest to
     a training file (default: <stem>.train.jsonl and <stem>.heldout.jsonl beside it); returns
     (train path, held-out path, train count, held-out count)."""
@@ -140,8 +146,10 @@ def split_jsonl(path: str | Path, fraction: float, seed: int, outputs: tuple[str
     examples = read_jsonl(path)
     train, held = split_held_out(examples, fraction, seed)
     if not train:
-        raise DataError(f"{path} holds {len(examples)} example(s): too few to hold {fraction:g} of them out and train on the rest")
-    train_path, held_path = (Path(p) for p in outputs) if outputs else (path.with_suffix(".train.jsonl"), path.with_suffix(".heldout.jsonl"))
+        raise DataError(f"{path} holds {len(examples)} example(s): "
+                        f"too few to hold {fraction:g} of them out and train on the rest")
+    train_path, held_path = ((Path(p) for p in outputs) if outputs
+                             else (path.with_suffix(".train.jsonl"), path.with_suffix(".heldout.jsonl")))
     check_outputs([train_path, held_path], [path])
     write_jsonl_files({train_path: train, held_path: held})
     return train_path, held_path, len(train), len(held)
@@ -207,7 +215,8 @@ def _parse_line(raw: bytes) -> object:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8") from None
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                         "save the file as UTF-8") from None
     if not text.strip():
         return None
     try:
@@ -233,7 +242,8 @@ def _example_problem(example) -> str | None:
         if not isinstance(messages, list) or not messages:
             return '"messages" must be a non-empty list'
         for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                    or not isinstance(message.get("content"), str)):
                 return 'each message needs a string "role" and "content"'
         if messages[-1]["role"] != "assistant":
             return 'the last message must be the "assistant" answer to learn'
@@ -317,7 +327,8 @@ def tokenize_example(example: dict, tokenizer, max_length: int) -> TokenizedExam
     if "messages" not in example and tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     completion_ids = completion_ids[:max_length]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(completion_ids))):] if len(completion_ids) < max_length else []
+    prompt_ids = (prompt_ids[max(0, len(prompt_ids) - (max_length - len(completion_ids))):]
+                  if len(completion_ids) < max_length else [])
     return TokenizedExample(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
 
 

@@ -99,7 +99,8 @@ def shard_base(model: nn.Module, device: torch.device | str) -> int:
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [module for module in base.modules() if type(module).__name__ in block_names]
     if not blocks:
-        raise ConfigError(f"{type(base).__name__} names no transformer blocks (_no_split_modules), so --fsdp cannot shard it")
+        raise ConfigError(f"{type(base).__name__} names no transformer blocks (_no_split_modules), "
+                          "so --fsdp cannot shard it")
     mesh = init_device_mesh(torch.device(device).type, (world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)

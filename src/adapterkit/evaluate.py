@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,12 +61,14 @@ def completion_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 
 
 @torch.no_grad()
-def completion_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
+def completion_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 16,
+                    max_length: int = 256) -> float:
     """Mean cross-entropy per completion token (every token weighs the same, whatever its batch)."""
     tokenized = sorted(tokenize_all(examples, tokenizer, max_length), key=lambda e: len(e.input_ids))
     total, count = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
-        logits, targets = completion_logits(model, collate(tokenized[start : start + batch_size], pad_token_id(tokenizer)))
+        logits, targets = completion_logits(model, collate(tokenized[start : start + batch_size],
+                                                           pad_token_id(tokenizer)))
         total += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += targets.numel()
     return total / max(1, count)
@@ -118,14 +121,15 @@ def evaluate(
         loss = completion_loss(model, tokenizer, examples, batch_size, max_length)
     result: dict = {"examples": len(examples), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if metric != "none":
-        result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size, max_new_tokens, progress)
+        result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size,
+                                                                  max_new_tokens, progress)
     result["seconds"] = time.perf_counter() - started
     return result
 
 
 def score_generations(
-    model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32, max_new_tokens: int = 48,
-    progress: Callable[[], Any] | None = None,
+    model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32,
+    max_new_tokens: int = 48, progress: Callable[[], Any] | None = None,
 ) -> tuple[float, list[str]]:
     """(chrF or exact match, predictions) of greedy answers to the examples' prompts. Without the
     loss pass of ``evaluate``, which costs as much as a third of the scoring on CPU."""

@@ -30,7 +30,7 @@ from .mixed import MixedPlan
 
 _STACK_CACHE_ENTRIES = 256  # (site, kind, adapters) stacks kept between calls
 _PLAN_CACHE_ENTRIES = 4  # mixed plans kept between calls (an engine alternates prefill and decode rows)
-_HOLDERS: "weakref.WeakKeyDictionary[nn.Module, HookLayer]" = weakref.WeakKeyDictionary()
+_HOLDERS: weakref.WeakKeyDictionary[nn.Module, HookLayer] = weakref.WeakKeyDictionary()
 
 
 class Routing:
@@ -66,7 +66,8 @@ class Tap:
         self.readers: set[str] = set()
         self.value: torch.Tensor | None = None
         if output:
-            self.handle = module.register_forward_hook(lambda m, args, out: self._keep(out[0] if isinstance(out, tuple) else out))
+            self.handle = module.register_forward_hook(
+                lambda m, args, out: self._keep(out[0] if isinstance(out, tuple) else out))
         else:
             self.handle = module.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
 
@@ -208,7 +209,8 @@ class SiteHooks:
                 rerun = self.module.forward(x)
                 y, y0 = y + (rerun - y0), rerun
             rest = [c for c in block.children if c not in rescaling]
-            for child in sorted(rest, key=lambda c: not (isinstance(c, str) and c in self.outputs and self.outputs[c][0].changes_layer)):
+            for child in sorted(rest, key=lambda c: not (isinstance(c, str) and c in self.outputs
+                                                         and self.outputs[c][0].changes_layer)):
                 y = self._effect(child, x, y, y0, rows)
             return y
         acting = [(i, child) for i, child in enumerate(block.children) if self.acts(child)]
@@ -218,7 +220,8 @@ class SiteHooks:
             return y + sum(block.weights[i] * (self._effect(child, x, y, y0, rows) - y) for i, child in acting)
         fusion = self.fusions.get(block.name)
         if fusion is None:
-            raise AdapterkitError(f"fusion {block.name!r} has no layer at {self.module_name}, where its children act; add the fusion again")
+            raise AdapterkitError(f"fusion {block.name!r} has no layer at {self.module_name}, where its children act; "
+                                  "add the fusion again")
         query = y if fusion.query == "output" else self._input_of(acting[-1][1], x, y, rows)
         dtype = compute_dtype(fusion)
         deltas = [(self._effect(child, x, y, y0, rows) - y).to(dtype) for _, child in acting]
@@ -311,7 +314,8 @@ class HookLayer:
 
     def attach_site(self, name: str, site: Site, adapter: AdapterModule) -> None:
         if self.released:
-            raise AdapterkitError("this AdapterModel let go of its base (unload / merge_and_unload); wrap the base in a new AdapterModel")
+            raise AdapterkitError("this AdapterModel let go of its base (unload / merge_and_unload); "
+                                  "wrap the base in a new AdapterModel")
         reader = None
         if site.reads_from is not None and (site.reads_from != site.module_name or site.reads_output):
             key = (site.reads_from, site.reads_output)
@@ -322,7 +326,8 @@ class HookLayer:
             reader = Reader(tap, site.reads_sum, None if site.norm is None else self._modules[site.norm])
         hooks = self._hooks.get(site.module_name)
         if hooks is None:
-            hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name], self.routing)
+            hooks = self._hooks[site.module_name] = SiteHooks(site.module_name, self._modules[site.module_name],
+                                                              self.routing)
         adapter.bind(self._modules[site.module_name])
         hooks.add(name, adapter, reader)
         self._attachments += 1
@@ -399,14 +404,17 @@ class HookLayer:
         one contiguous copy, where stacking afresh prepares every adapter's weights again."""
         wanted = set(names)
         for (site, other_kind, others), (parameters, signature, stacked) in reversed(self._stacks.items()):
-            if site is hooks and other_kind == kind and wanted < set(others) and signature == _weights_signature(parameters):
-                index = torch.tensor([others.index(name) for name in names], device=next(iter(stacked.values())).device)
+            if (site is hooks and other_kind == kind and wanted < set(others)
+                    and signature == _weights_signature(parameters)):
+                index = torch.tensor([others.index(name) for name in names],
+                                     device=next(iter(stacked.values())).device)
                 return {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
         return None
 
     def cached_stacks(self) -> list[dict[str, Any]]:
         """What the stack cache holds: module, adapter names and the stacked tensors, oldest first."""
-        return [{"module": hooks.module_name, "adapters": names, "tensors": tensors} for (hooks, _, names), (_, _, tensors) in self._stacks.items()]
+        return [{"module": hooks.module_name, "adapters": names, "tensors": tensors}
+                for (hooks, _, names), (_, _, tensors) in self._stacks.items()]
 
 
 def _weights_signature(parameters: list[nn.Parameter]) -> tuple:

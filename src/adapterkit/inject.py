@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -99,7 +99,8 @@ def find_sites(
         sites = _named_sites(model, target_modules, parallel or placement == "linear")
     else:
         if placement == "linear":
-            raise InjectionError("this method needs target_modules: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+            raise InjectionError("this method needs target_modules: "
+                                 "name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
         sites, blocks = _structural_sites(model, placement)
     if layers is not None:
         sites = _filter_layers(model, sites, layers)
@@ -110,9 +111,15 @@ def find_sites(
     return sites
 
 
-PLACED = {"houlsby": ("attention", "ffn"), "parallel": ("attention", "ffn"), "attention": ("attention",), "pfeiffer": ("ffn",)}
+PLACED = {
+    "houlsby": ("attention", "ffn"), "parallel": ("attention", "ffn"),
+    "attention": ("attention",), "pfeiffer": ("ffn",),
+}
 SUB_LAYER = {"attention": "attention sub-layer", "ffn": "feed-forward sub-layer"}
-FOUND_AS = {"attention": "a child named like 'attn' or 'attention' that holds linear layers", "ffn": "linear layers outside the attention"}
+FOUND_AS = {
+    "attention": "a child named like 'attn' or 'attention' that holds linear layers",
+    "ffn": "linear layers outside the attention",
+}
 
 
 def _structural_sites(model: nn.Module, placement: str) -> tuple[list[Site], list[tuple[str, int, set[str]]]]:
@@ -127,10 +134,13 @@ def _structural_sites(model: nn.Module, placement: str) -> tuple[list[Site], lis
         for index, block in enumerate(blocks_list):
             prefix = f"{list_name}.{index}."
             attention, ffn = sub_layers(block, d_model)
-            found.append((prefix[:-1], index, {kind for kind, group in (("attention", attention), ("ffn", ffn)) if group}))
-            groups = [(g, "attention") for g in (attention if want_attention else [])] + ([(ffn, "ffn")] if want_ffn and ffn else [])
+            kinds = {kind for kind, group in (("attention", attention), ("ffn", ffn)) if group}
+            found.append((prefix[:-1], index, kinds))
+            groups = ([(g, "attention") for g in (attention if want_attention else [])]
+                      + ([(ffn, "ffn")] if want_ffn and ffn else []))
             for group, kind in groups:
-                site = _site_for_sub_layer(group, prefix, d_model, index, placement == "parallel", type(model).__name__)
+                site = _site_for_sub_layer(group, prefix, d_model, index, placement == "parallel",
+                                           type(model).__name__)
                 sites.append(dataclasses.replace(site, sublayer=kind))
     if not sites:
         names = [n for n, m in model.named_modules() if is_linear(m)][:8]
@@ -138,7 +148,8 @@ def _structural_sites(model: nn.Module, placement: str) -> tuple[list[Site], lis
             f"found no insertion point in {type(model).__name__}: searched for an nn.ModuleList of identical "
             f"blocks whose linear layers (nn.Linear or Conv1D) write the hidden size ({d_model}), "
             f"grouped into attention (a child named like 'attn'/'attention') and feed-forward. "
-            f"Name the modules instead, e.g. target_modules=['o_proj', 'down_proj']; linear layers here include {names}"
+            f"Name the modules instead, e.g. target_modules=['o_proj', 'down_proj']; "
+            f"linear layers here include {names}"
         )
     return sites, found
 
@@ -163,13 +174,16 @@ def _check_placed(model: nn.Module, placement: str, blocks: list[tuple[str, int,
         advice.append("target_modules naming the layers to adapt")
         shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
         raise ConfigError(
-            f"placement {placement!r} places adapters at the {' and the '.join(SUB_LAYER[k] for k in wanted)} of each block, "
+            f"placement {placement!r} places adapters at the {' and the '.join(SUB_LAYER[k] for k in wanted)} "
+            f"of each block, "
             f"but {len(lacking)} block(s) of {type(model).__name__} ({shown}) have no {SUB_LAYER[kind]} "
             f"({FOUND_AS[kind]}); use {', or '.join(advice)}"
         )
 
 
-def sub_layers(block: nn.Module, d_model: int | None) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
+def sub_layers(
+    block: nn.Module, d_model: int | None
+) -> tuple[list[list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
     """The linear layers of a block, as attention groups (one per attention child) and the feed-forward rest."""
     attention: dict[str, list[tuple[str, nn.Module]]] = {}
     ffn: list[tuple[str, nn.Module]] = []
@@ -216,7 +230,8 @@ def _named_sites(model: nn.Module, target_modules: str | list[str], reads_input:
         if not is_linear(module):
             if isinstance(target_modules, str):
                 continue  # a pattern may also catch containers; only linear layers take adapters
-            raise InjectionError(f"target module {name!r} is a {type(module).__name__}; adapters attach to nn.Linear or Conv1D layers")
+            raise InjectionError(f"target module {name!r} is a {type(module).__name__}; "
+                                 "adapters attach to nn.Linear or Conv1D layers")
         in_features, out_features = linear_features(module)
         sites.append(
             Site(
@@ -249,7 +264,8 @@ def query_and_value(model: nn.Module) -> list[str]:
                 chosen = readers if len(readers) == 1 else readers[:1] + readers[-1:]
                 names += [f"{list_name}.{index}.{name}" for name in chosen]
     if not names:
-        raise InjectionError(f"found no attention projections in {type(model).__name__}; name the layers with target_modules")
+        raise InjectionError(f"found no attention projections in {type(model).__name__}; "
+                             "name the layers with target_modules")
     return names
 
 
@@ -273,7 +289,8 @@ def _filter_layers(model: nn.Module, sites: list[Site], layers: Iterable[int]) -
     depth = max((len(blocks) for _, blocks in find_blocks(model)), default=0)
     out_of_range = sorted(i for i in wanted if not 0 <= i < depth)
     if out_of_range:
-        raise InjectionError(f"layers {out_of_range} do not exist: {type(model).__name__} has {depth} layers (0..{depth - 1})")
+        raise InjectionError(f"layers {out_of_range} do not exist: "
+                             f"{type(model).__name__} has {depth} layers (0..{depth - 1})")
     return [site for site in sites if site.layer in wanted]
 
 
@@ -310,11 +327,13 @@ def reading_the_residual(model: nn.Module, sites: list[Site], with_output: bool)
     for site in sites:
         start = first_linear.get(site.module_name)
         if start not in position or site.module_name not in position:
-            raise InjectionError(f"cannot tell where the residual stream enters the sub-layer of {site.module_name}; this model's layout is not supported for residual-reading adapters")
+            raise InjectionError(f"cannot tell where the residual stream enters the sub-layer of {site.module_name}; "
+                                 "this model's layout is not supported for residual-reading adapters")
         before = [n for n in order[: position[start]] if _is_norm(model.get_submodule(n))]
         after = [n for n in order[position[site.module_name] + 1 :] if _is_norm(model.get_submodule(n))]
         if not before or (post_ln and not after):
-            raise InjectionError(f"found no norm around the sub-layer of {site.module_name}; this model's layout is not supported for residual-reading adapters")
+            raise InjectionError(f"found no norm around the sub-layer of {site.module_name}; "
+                                 "this model's layout is not supported for residual-reading adapters")
         located.append(dataclasses.replace(
             site, reads_from=before[-1], reads_output=post_ln, reads_sum=with_output,
             norm=after[0] if post_ln and with_output else None, in_features=site.out_features,

@@ -9,7 +9,7 @@ how adapters of one method combine is the method's ``combine``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,8 @@ class MergedWeights:
         if routing.tree is not None:
             raise MergeError("a composition is active; set_active(None) or a plain adapter list before merging")
         changes = [(site, module, module.weight_update(site)) for site, module in site_modules]
-        changes = [(site, module, update, None if update is not None else module.weight_scale()) for site, module, update in changes]
+        changes = [(site, module, update, None if update is not None else module.weight_scale())
+                   for site, module, update in changes]
         if not changes or any(update is None and scale is None for _, _, update, scale in changes):
             raise MergeError(
                 f"adapter {name!r} is a {method} adapter, which cannot be merged into the weights "
@@ -51,7 +52,8 @@ class MergedWeights:
         for site, module, update, scale in changes:
             layer = self.hooks.base_module(site.module_name)
             bias = getattr(layer, "bias", None)
-            self.saved[site.module_name] = (layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
+            self.saved[site.module_name] = (layer.weight.detach().clone(),
+                                            None if bias is None else bias.detach().clone())
             if update is not None:
                 layer.weight.add_(update.to(layer.weight.dtype))
             else:
@@ -97,7 +99,8 @@ def combine_adapters(
     """One adapter (config, tensors) made from several (``configs`` and their ``states``, all of
     one method) weighted by ``weights``, by their method's ``combine``."""
     weights = list(weights)
-    if not configs or len(weights) != len(configs) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+    if not configs or len(weights) != len(configs) or not all(
+            isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise ConfigError(f"give one finite weight per adapter: {len(configs)} adapters, weights {weights!r}")
     kinds = sorted({config.method for config in configs})
     if len(kinds) > 1:

@@ -9,7 +9,7 @@ of ``mixed = "scale"`` multiplies each row by its adapter's vector. The base run
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,8 @@ class RowLayout:
         for position, row in enumerate(members):
             positions.setdefault(row_adapter[row], []).append(position)
         busiest = max(len(p) for p in positions.values())
-        self.size = busiest if busiest * len(positions) <= 2 * len(members) else math.ceil(len(members) / len(positions))
+        self.size = (busiest if busiest * len(positions) <= 2 * len(members)
+                     else math.ceil(len(members) / len(positions)))
         self.group_adapter, slot_rows, row_slot = [], [], [0] * len(members)
         for adapter, adapter_positions in sorted(positions.items()):
             for start in range(0, len(adapter_positions), self.size):
@@ -56,7 +57,8 @@ class Group:
     """The rows one kind of delta adapter serves at one module: a ``RowLayout`` and the weights
     of each group's adapter."""
 
-    def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor], layout: RowLayout) -> None:
+    def __init__(self, kind: tuple, module_class, reads: str, reader, stacked: dict[str, torch.Tensor],
+                 layout: RowLayout) -> None:
         self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
         self.layout = layout
         if layout.group_adapter == list(range(len(next(iter(stacked.values()))))):
@@ -78,7 +80,8 @@ class Group:
             h = h.index_select(0, layout.slot_rows)
         length = h.shape[1]
         dtype = next(iter(self.weights.values())).dtype  # the adapters' dtype: cast in, and back to the base's
-        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, layout.size * length, h.shape[-1]).to(dtype), self.weights)
+        delta = self.module_class.grouped_delta(self.kind, h.reshape(-1, layout.size * length, h.shape[-1]).to(dtype),
+                                                self.weights)
         delta = delta.reshape(-1, length, delta.shape[-1]).to(y.dtype)
         if not layout.in_order:
             delta = delta.index_select(0, layout.row_slot)
@@ -120,7 +123,8 @@ class MixedPlan:
                 self.compositions.setdefault(row, []).append(i)
         self.routed = self.names.union(*(adapter_names(block) for block in self.compositions))
         # every row through one adapter: the plain path, with nothing to stack or group
-        self.uniform = (self.rows[0],) if self.rows[0] is not None and self.rows.count(self.rows[0]) == len(rows) else None
+        self.uniform = ((self.rows[0],) if self.rows[0] is not None and self.rows.count(self.rows[0]) == len(rows)
+                        else None)
         self._stacked = stacked
         self._layouts: dict[tuple, list] = {}
         self._row_layouts: dict[tuple, RowLayout] = {}
@@ -159,7 +163,8 @@ class MixedPlan:
             raise AdapterkitError(f"the batch has {batch_rows} rows but adapter_names names {len(self.rows)}")
         key = (hooks, place, repeat)
         layout = self._layouts.get(key)
-        if layout is None or not all(self._stacked(hooks, kind, names) is stacked for kind, names, stacked in layout[0]):
+        if layout is None or not all(self._stacked(hooks, kind, names) is stacked
+                                     for kind, names, stacked in layout[0]):
             layout = self._layouts[key] = self._layout(hooks, place, repeat)
         return layout[1]
 
@@ -181,7 +186,8 @@ class MixedPlan:
             if first.mixed == "delta":
                 layout = self._row_layouts.get(row_adapter)
                 if layout is None:
-                    layout = self._row_layouts[row_adapter] = RowLayout(row_adapter, next(iter(stacked.values())).device)
+                    layout = self._row_layouts[row_adapter] = RowLayout(row_adapter,
+                                                                        next(iter(stacked.values())).device)
                 groups.append(Group(kind, type(first), first.reads, reader, stacked, layout))
             elif first.mixed == "scale":
                 groups.append(ScaleRows(stacked, row_adapter))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,6 @@ from .merging import MergedWeights, combine_adapters
 from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method, shared_key, shared_name
 from .names import check_adapter_name
 from .resolve import check_fusion, check_known, mixed_rows, resolve
-
 
 SHARED = "~shared"  # an adapter's shared tensors among its modules; no module name gives this key
 
@@ -97,7 +96,8 @@ class AdapterModel(nn.Module):
     def _in_training(self) -> list[MethodTraining]:
         if not self._training:
             return []
-        return [self._training[n] for n in self.active if n in self._training and self.adapter_layers[n].training and self._trains(n)]
+        return [self._training[n] for n in self.active
+                if n in self._training and self.adapter_layers[n].training and self._trains(n)]
 
     def _warn_if_training_in_eval_mode(self) -> None:
         """A forward that builds a graph for a trainable adapter left in eval mode is almost always
@@ -156,7 +156,7 @@ class AdapterModel(nn.Module):
         finally:
             routing.mixed = saved
 
-    def check_adapter(self, adapter: "str | Composition | None") -> None:
+    def check_adapter(self, adapter: str | Composition | None) -> None:
         """Raise what ``mixed_adapters`` would raise for one row through ``adapter`` (an adapter or
         composition name, a block, or None / "base" for the bare base), so that whoever batches
         independent rows can refuse the bad one alone rather than fail the whole batch's forward."""
@@ -170,10 +170,14 @@ class AdapterModel(nn.Module):
         reentrant kind gives frozen-input blocks no gradients."""
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", False):
-            raise ConfigError("reentrant checkpointing leaves adapters in blocks with frozen inputs without gradients; use use_reentrant=False")
-        if not getattr(self.base, "supports_gradient_checkpointing", False) or not hasattr(self.base, "activation_checkpointing_enable"):
+            raise ConfigError("reentrant checkpointing leaves adapters in blocks with frozen inputs "
+                              "without gradients; "
+                              "use use_reentrant=False")
+        if (not getattr(self.base, "supports_gradient_checkpointing", False)
+                or not hasattr(self.base, "activation_checkpointing_enable")):
             raise ConfigError(f"{type(self.base).__name__} does not support gradient checkpointing")
-        self.base.activation_checkpointing_enable({**kwargs, "use_reentrant": False, "context_fn": self._recompute_contexts})
+        self.base.activation_checkpointing_enable(
+            {**kwargs, "use_reentrant": False, "context_fn": self._recompute_contexts})
         self.base.disable_input_require_grads()  # non-reentrant checkpoints need no grad on the embeddings
 
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -218,7 +222,8 @@ class AdapterModel(nn.Module):
         return self.hooks.sites(name)
 
     def add_adapter(
-        self, name: str, config: AdapterConfig, state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
+        self, name: str, config: AdapterConfig, state_dict: dict[str, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Attach a new adapter, inactive and frozen until ``set_active``/``train_adapter``.
 
@@ -239,7 +244,8 @@ class AdapterModel(nn.Module):
         method = get_method(config.method)
         missing = [n for n in config.depends_on() if n not in self._configs]
         if missing:
-            raise AdapterNameError(f"{config.method} {name!r} needs the adapters {missing}, which are not loaded; load them first")
+            raise AdapterNameError(f"{config.method} {name!r} needs the adapters {missing}, which are not loaded; "
+                                   "load them first")
         sites = self.hooks.sites_for(config)
         if state_dict is None:
             modules = {site.module_name: self._fresh_module(config, site, dtype) for site in sites}
@@ -279,7 +285,8 @@ class AdapterModel(nn.Module):
         unexpected = sorted(set(state_dict) - set(expected) - shared)
         if missing or unexpected:
             raise ShapeMismatchError(
-                f"the tensors do not fit this {config.method} config on this base: missing {_few(missing)}, unexpected {_few(unexpected)}"
+                f"the tensors do not fit this {config.method} config on this base: missing {_few(missing)}, "
+                f"unexpected {_few(unexpected)}"
             )
         given: dict[str, dict[str, torch.Tensor]] = {module_name: {} for module_name in built}
         for key, (module_name, param, shape) in expected.items():
@@ -299,13 +306,16 @@ class AdapterModel(nn.Module):
         shapes = config.shared_tensors(sites, device="meta")
         if not shapes:
             return None
-        given = {} if state_dict is None else {name: state_dict[key] for name in shapes if (key := shared_key(name)) in state_dict}
+        given = {} if state_dict is None else {
+            name: state_dict[key] for name in shapes if (key := shared_key(name)) in state_dict
+        }
         fresh = config.shared_tensors(sites) if len(given) < len(shapes) else {}
         weight = self.hooks.base_module(sites[0].module_name).weight
         holder = nn.Module()
         for name, meta in shapes.items():
             tensor = _checked(shared_key(name), given[name], meta.shape) if name in given else fresh[name]
-            holder.register_buffer(name, tensor.detach().to(device=weight.device, dtype=dtype or _adapter_dtype(weight)))
+            holder.register_buffer(name, tensor.detach().to(device=weight.device,
+                                                             dtype=dtype or _adapter_dtype(weight)))
         return holder
 
     def delete_adapter(self, name: str) -> None:
@@ -313,12 +323,14 @@ class AdapterModel(nn.Module):
         if name == self.merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() it before deleting it")
         users = [n for n, c in self._configs.items() if name in c.depends_on()] + [
-            n for n, block in self._compositions.items() if name in names_in(block) or name in [f.name for f in fusions(block)]
+            n for n, block in self._compositions.items()
+            if name in names_in(block) or name in [f.name for f in fusions(block)]
         ]
         if users:
             raise AdapterNameError(f"adapter {name!r} is part of {users}; delete those first")
         self._training.pop(name, None)
-        if self.hooks.routing.tree is not None and name in self.active + tuple(f.name for f in fusions(self.hooks.routing.tree)):
+        if (self.hooks.routing.tree is not None
+                and name in self.active + tuple(f.name for f in fusions(self.hooks.routing.tree))):
             self.set_active(None)
         else:
             self.set_active(tuple(a for a in self.active if a != name))
@@ -326,7 +338,7 @@ class AdapterModel(nn.Module):
         del self.adapter_layers[name]
         del self._configs[name]
 
-    def set_active(self, names: "str | Sequence[str] | Composition | None") -> None:
+    def set_active(self, names: str | Sequence[str] | Composition | None) -> None:
         """Choose what runs: an adapter or composition name, a list of adapter names (a plain
         stack), a composition block (``Stack``, ``Fuse``, ``Average``), or None for the base.
 
@@ -336,10 +348,12 @@ class AdapterModel(nn.Module):
         A merged adapter stays active until ``unmerge()``."""
         block = resolve(names, self._configs, self._compositions)
         routing = self.hooks.routing
-        plain = block is None or isinstance(block, str) or (isinstance(block, Stack) and all(isinstance(c, str) for c in block.children))
+        plain = block is None or isinstance(block, str) or (
+            isinstance(block, Stack) and all(isinstance(c, str) for c in block.children))
         flat = () if block is None else tuple(names_in(block))
         if self.merged is not None and (not plain or self.merged not in flat):
-            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, so it cannot be switched off; unmerge() first")
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, so it cannot be switched off; "
+                             "unmerge() first")
         routing.tree = None
         routing.active = flat
         if not plain:
@@ -376,7 +390,8 @@ class AdapterModel(nn.Module):
         for inner in fusions(fuse)[1:]:
             check_fusion(inner, self._configs)
         widths = {site.module_name: site.out_features for name in names_in(fuse) for site in self.hooks.sites(name)}
-        self.add_adapter(fuse.name, FusionConfig(children=[to_json(c) for c in fuse.children], widths=widths, temperature=temperature))
+        self.add_adapter(fuse.name, FusionConfig(children=[to_json(c) for c in fuse.children], widths=widths,
+                                                 temperature=temperature))
 
     def train_fusion(self, fuse: Fuse) -> None:
         """Train only the fusion's parameters (its children stay frozen) and run ``fuse``."""
@@ -391,7 +406,8 @@ class AdapterModel(nn.Module):
     def disabled(self) -> Iterator[None]:
         """Run the pure base model inside the block."""
         if self.merged is not None:
-            raise MergeError(f"adapter {self.merged!r} is merged into the base weights; unmerge() before running the bare base")
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights; "
+                             "unmerge() before running the bare base")
         routing = self.hooks.routing
         saved = routing.active, routing.tree
         routing.tree, routing.active = None, ()
@@ -406,11 +422,13 @@ class AdapterModel(nn.Module):
         self._check_known(name)
         config = self._configs[name]
         if config.runs_inside_composition:
-            raise ConfigError(f"{name!r} is a {config.method}: train it with train_fusion(ak.Fuse(..., name={name!r}))")
+            raise ConfigError(f"{name!r} is a {config.method}: "
+                              f"train it with train_fusion(ak.Fuse(..., name={name!r}))")
         if name == self.merged:
             raise MergeError(f"adapter {name!r} is merged into the base weights and cannot train; unmerge() first")
         if self.merged is not None and name not in self.active:
-            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, so {name!r} cannot become the active adapter; unmerge() first")
+            raise MergeError(f"adapter {self.merged!r} is merged into the base weights, "
+                             f"so {name!r} cannot become the active adapter; unmerge() first")
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
         self.adapter_layers[name].train()  # dropout and training-time work on, whatever mode the base is in
@@ -464,7 +482,8 @@ class AdapterModel(nn.Module):
         self.hooks.release()
 
     # ---- combining -------------------------------------------------------------------------
-    def merge_adapters(self, new_name: str, names: Sequence[str], weights: Sequence[float], method: str = "linear", **options) -> None:
+    def merge_adapters(self, new_name: str, names: Sequence[str], weights: Sequence[float], method: str = "linear",
+                       **options) -> None:
         """Add ``new_name``, made from the adapters ``names`` (all of one method) weighted by
         ``weights``. LoRA: peft's ``add_weighted_adapter`` ("linear", "cat", "svd", "ties"; options
         svd_rank, density, majority_sign_method). Bottleneck and IA³ adapters of one config:
@@ -488,15 +507,17 @@ class AdapterModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     # ---- files -----------------------------------------------------------------------------
     def adapter_files(self, name: str, format: str = "adapterkit") -> dict[str, bytes]:
         """The files a saved folder of ``name`` holds, by file name (the config file last)."""
         self._check_known(name)
-        return adapter_files(format, name, self._configs[name], self.adapter_state_dict(name), self.base, self.hooks.sites(name))
+        return adapter_files(format, name, self._configs[name], self.adapter_state_dict(name), self.base,
+                             self.hooks.sites(name))
 
-    def save_adapter(self, name: "str | Fuse", path: str | Path, format: str = "adapterkit") -> None:
+    def save_adapter(self, name: str | Fuse, path: str | Path, format: str = "adapterkit") -> None:
         """Write one adapter (or a ``Fuse`` block's fusion) to a folder (adapter_config.json +
         adapter_model.safetensors), atomically; other files in the folder are left alone.
         format="peft" writes it as peft's ``save_pretrained`` does (for methods with a peft format)."""
@@ -505,7 +526,8 @@ class AdapterModel(nn.Module):
             name = name.name
         path = Path(path)
         if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
-            raise AdapterFileError(f"{path} is a non-empty folder that holds no adapter; save into a new or adapter folder")
+            raise AdapterFileError(f"{path} is a non-empty folder that holds no adapter; "
+                                   "save into a new or adapter folder")
         write_folder_atomically(path, self.adapter_files(name, format))
 
     def load_adapter(self, path: str | Path, name: str | None = None, dtype: torch.dtype | None = None) -> str:
@@ -516,7 +538,8 @@ class AdapterModel(nn.Module):
         saved = read_adapter(path, self.base)
         name = name if name is not None else saved.name
         if name is None:
-            raise AdapterNameError(f"{path} carries no adapter name and its folder name is not a valid one; pass name=")
+            raise AdapterNameError(f"{path} carries no adapter name and its folder name is not a valid one; "
+                                   "pass name=")
         self._check_new_name(name)
         if saved.base is not None:
             check_base(saved.base, self.base, Path(path))
@@ -596,9 +619,11 @@ def _regularization(states: list[MethodTraining]) -> torch.Tensor | float:
 
 def _checked(key: str, tensor, shape: torch.Size) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise ShapeMismatchError(f"tensor {key} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+        raise ShapeMismatchError(f"tensor {key} must be a floating-point tensor, "
+                                 f"got {getattr(tensor, 'dtype', type(tensor).__name__)}")
     if tensor.shape != shape:
-        raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; this config on this base needs {tuple(shape)}")
+        raise ShapeMismatchError(f"tensor {key} has shape {tuple(tensor.shape)}; "
+                                 f"this config on this base needs {tuple(shape)}")
     return tensor
 
 

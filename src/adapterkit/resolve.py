@@ -4,7 +4,7 @@ the nesting bounded. Also the rows of a mixed batch, checked the same way."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .compose import Block, Composition, Fuse, Stack, adapter_names, check_nesting, fusions, to_json
 from .errors import AdapterkitError, AdapterNameError, ConfigError, MergeError
@@ -40,7 +40,8 @@ def resolve(names, configs: dict[str, AdapterConfig], compositions: dict[str, Bl
         check_known(name, configs)
         if configs[name].runs_inside_composition:
             raise AdapterNameError(
-                f"{name!r} is a {configs[name].method}: it runs inside its Fuse block, e.g. set_active(ak.Fuse(..., name={name!r}))"
+                f"{name!r} is a {configs[name].method}: it runs inside its Fuse block, "
+                f"e.g. set_active(ak.Fuse(..., name={name!r}))"
             )
     for fuse in fusions(block):
         check_fusion(fuse, configs)
@@ -68,15 +69,18 @@ def mixed_rows(
     if count is not None and len(rows) != count:
         raise AdapterNameError(f"adapter_names has {len(rows)} names for a batch of {count} rows; give one per row")
     if training:
-        raise AdapterkitError("mixed-adapter batches are for inference: call model.eval() first (train one adapter at a time with train_adapter)")
+        raise AdapterkitError("mixed-adapter batches are for inference: call model.eval() first "
+                              "(train one adapter at a time with train_adapter)")
     if merged is not None:
-        raise MergeError(f"adapter {merged!r} is merged into the base weights, so it would apply to every row; unmerge() it to mix adapters per row")
+        raise MergeError(f"adapter {merged!r} is merged into the base weights, so it would apply to every row; "
+                         "unmerge() it to mix adapters per row")
     blocks = []
     for name in rows:
         if name is None or name == BASE:
             blocks.append(None)
         elif not isinstance(name, (str, Composition)):
-            raise AdapterNameError(f"adapter_names holds {name!r}; give adapter or composition names, or composition blocks")
+            raise AdapterNameError(f"adapter_names holds {name!r}; "
+                                   "give adapter or composition names, or composition blocks")
         else:
             blocks.append(resolve(name, configs, compositions))  # an adapter's name, or a composition's block
     return blocks

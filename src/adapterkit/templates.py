@@ -18,7 +18,8 @@ def check_template(template: object, where: str = "prompt template") -> str | No
     """``template`` if it is None, "chat" or text holding ``{prompt}``, else a clear error."""
     if template is None or template == CHAT or (isinstance(template, str) and SLOT in template):
         return template
-    raise ConfigError(f"{where} must be text holding {SLOT} (e.g. 'English: {SLOT}\\nGerman:') or {CHAT!r}, got {template!r}")
+    raise ConfigError(f"{where} must be text holding {SLOT} (e.g. 'English: {SLOT}\\nGerman:') or {CHAT!r}, "
+                      f"got {template!r}")
 
 
 def render_prompt(template: str | None, text: str, tokenizer=None) -> str:
@@ -28,7 +29,8 @@ def render_prompt(template: str | None, text: str, tokenizer=None) -> str:
     if template is None:
         return text
     if template == CHAT:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
     before, _, after = template.partition(SLOT)
     if len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after):
         return text

@@ -22,9 +22,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save as save_safetensors_bytes
@@ -34,7 +35,14 @@ from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
 from .evaluate import METRICS, completion_logits, evaluate
-from .io import WEIGHTS_FILE, read_adapter_config, read_tensors, remove_interrupted_writes, with_prompt_template, write_folder_atomically
+from .io import (
+    WEIGHTS_FILE,
+    read_adapter_config,
+    read_tensors,
+    remove_interrupted_writes,
+    with_prompt_template,
+    write_folder_atomically,
+)
 from .io.folders import write_files_atomically
 from .methods import dataclass_from_dict
 from .templates import check_template
@@ -82,7 +90,8 @@ class TrainConfig:
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs!r}")
         if not 0 < self.lr <= MAX_LR:
-            raise ConfigError(f"lr must be positive and at most {MAX_LR:g} (adapters train at 1e-4 to 1e-2), got {self.lr!r}")
+            raise ConfigError(f"lr must be positive and at most {MAX_LR:g} (adapters train at 1e-4 to 1e-2), "
+                              f"got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.metric not in METRICS:
@@ -93,7 +102,7 @@ class TrainConfig:
             raise ConfigError(f"report_to must be one of {list(REPORT_TO)}, got {self.report_to!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, data, "training option", "options")
 
 
@@ -273,7 +282,8 @@ class Trainer:
                 self.step += 1
                 tokens_seen += tokens
                 rate = tokens_seen / (time.perf_counter() - started)
-                self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens, "seconds": seconds})
+                self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           "tokens": tokens, "seconds": seconds})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
@@ -340,7 +350,8 @@ class Trainer:
         epoch, position = divmod(index, self.batches_per_epoch)
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
             lengths = [len(e.input_ids) for e in self.examples]
-            self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch))
+            self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed,
+                                                                  epoch))
         return [self.examples[i] for i in self._epoch_batches[1][position]]
 
     def _evaluate(self) -> dict[str, Any]:
@@ -369,7 +380,8 @@ class Trainer:
         if self._tensorboard is not None:  # HF Trainer's names: train/loss, eval/loss, ...
             for key, value in record.items():
                 if key != "step":
-                    tag = "eval/" + key.removeprefix("eval_") if key.startswith("eval_") else "train/" + {"lr": "learning_rate"}.get(key, key)
+                    tag = ("eval/" + key.removeprefix("eval_") if key.startswith("eval_")
+                           else "train/" + {"lr": "learning_rate"}.get(key, key))
                     self._tensorboard.add_scalar(tag, value, record["step"])
 
     def _open_tensorboard(self):
@@ -380,7 +392,8 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("report_to='tensorboard' needs the tensorboard package: pip install 'adapterkit[train]'") from None
+            raise ConfigError("report_to='tensorboard' needs the tensorboard package: "
+                              "pip install 'adapterkit[train]'") from None
         return SummaryWriter(log_dir=str(self.output_dir), purge_step=self.step or None)
 
     def _trim_metrics(self) -> None:
@@ -473,7 +486,8 @@ class Trainer:
         self._check_same_adapter_options(folder)
         weights = read_tensors(folder / WEIGHTS_FILE)
         tensors = read_tensors(folder / OPTIMIZER_FILE)
-        training_state = {key.removeprefix(TRAINING_STATE_PREFIX): t for key, t in tensors.items() if key.startswith(TRAINING_STATE_PREFIX)}
+        training_state = {key.removeprefix(TRAINING_STATE_PREFIX): t for key, t in tensors.items()
+                          if key.startswith(TRAINING_STATE_PREFIX)}
         self.model.load_training_state(self.adapter_name, weights, training_state)
         state: dict[int, dict[str, Any]] = {}
         for key, tensor in tensors.items():

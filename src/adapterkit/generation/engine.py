@@ -6,8 +6,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ class Generation:
     prompt: list[int]
     sampling: Sampling = field(default_factory=Sampling)
     adapter: str | None | Active = ACTIVE
-    on_token: Callable[["Generation", str, TokenLogprob | None], None] | None = None
-    on_done: Callable[["Generation"], None] | None = None
+    on_token: Callable[[Generation, str, TokenLogprob | None], None] | None = None
+    on_done: Callable[[Generation], None] | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -86,7 +86,7 @@ class _Batch:
         self.consumed = 0  # prefill: prompt columns already in the cache
 
     @classmethod
-    def from_prompts(cls, rows: list[_Row], pad_id: int, device: torch.device) -> "_Batch":
+    def from_prompts(cls, rows: list[_Row], pad_id: int, device: torch.device) -> _Batch:
         prompts = [row.generation.prompt for row in rows]
         width = max(len(p) for p in prompts)
         inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -111,7 +111,7 @@ class _Batch:
         layers = getattr(self.cache, "layers", None)
         return bool(layers) and all(isinstance(layer, RoomyLayer) for layer in layers)
 
-    def select(self, keep: list[int], tokens: torch.Tensor) -> "_Batch | None":
+    def select(self, keep: list[int], tokens: torch.Tensor) -> _Batch | None:
         """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
         if not keep:
             return None
@@ -126,7 +126,7 @@ class _Batch:
         self._drop_empty_columns()
         return self
 
-    def join(self, other: "_Batch") -> "_Batch":
+    def join(self, other: _Batch) -> _Batch:
         """These rows and ``other``'s in one batch, the shorter history padded on the left."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
@@ -165,7 +165,8 @@ class Engine:
         self.pad_id = pad_token_id(tokenizer)
         self.silent = silent_ids(tokenizer)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
+        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id]
+                        if i is not None}
         self.lock = threading.RLock()
         self.waiting: collections.deque[Generation] = collections.deque()
         self.prefilling: _Batch | None = None
@@ -272,8 +273,8 @@ class Engine:
         end = min(batch.inputs.shape[1], start + max(1, self.max_prefill_tokens // batch.size))
         scoring = any(row.generation.sampling.prompt_logprobs for row in batch.rows)
         try:
-            logits = self._forward(batch, batch.inputs[:, start:end], batch.mask[:, :end], batch.positions[:, start:end],
-                                   keep=end - start if scoring else 1)
+            logits = self._forward(batch, batch.inputs[:, start:end], batch.mask[:, :end],
+                                   batch.positions[:, start:end], keep=end - start if scoring else 1)
         except Exception as error:  # the model itself failed: every row of this forward fails
             self.prefilling = None
             self._fail_all(batch.rows, error)
@@ -284,7 +285,8 @@ class Engine:
         if not batch.prefilled:
             return 0
         self.prefilling = None
-        ended = {i for i, row in enumerate(batch.rows) if row.generation.done or row.generation.sampling.max_tokens == 0}
+        ended = {i for i, row in enumerate(batch.rows)
+                 if row.generation.done or row.generation.sampling.max_tokens == 0}
         for i in ended:
             if not batch.rows[i].generation.done:
                 self._finish(batch.rows[i].generation, "length")
@@ -323,7 +325,8 @@ class Engine:
         return out.logits
 
     # ---- per row -------------------------------------------------------------------------------
-    def _advance(self, rows: list[_Row], logits: torch.Tensor, skip: set[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
+    def _advance(self, rows: list[_Row], logits: torch.Tensor,
+                 skip: set[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
         """Pick each row's next token and apply it; (tokens, indices of the rows that go on)."""
         best, tokens = logits.max(-1)  # NaN and +inf win the max, so checking the best logit finds them
         finite = torch.isfinite(best).tolist()
@@ -356,7 +359,8 @@ class Engine:
         generation = row.generation
         if generation.first_token is None:
             generation.first_token = time.perf_counter()
-        logprob = logprob_of(token, logits, generation.sampling.logprobs) if generation.sampling.logprobs is not None else None
+        logprob = (logprob_of(token, logits, generation.sampling.logprobs)
+                   if generation.sampling.logprobs is not None else None)
         generation.tokens.append(token)
         if logprob is not None:
             generation.logprobs.append(logprob)
@@ -393,7 +397,8 @@ class Engine:
                 row.generation.prompt_logprobs.append(TokenLogprob(int(batch.inputs[i, first]), None))
             for column in range(max(start, first), min(end, width - 1)):
                 token = int(batch.inputs[i, column + 1])
-                row.generation.prompt_logprobs.append(logprob_of(token, logits[i, column - start], sampling.logprobs or 0))
+                row.generation.prompt_logprobs.append(
+                    logprob_of(token, logits[i, column - start], sampling.logprobs or 0))
 
     def _emit(self, generation: Generation, piece: str, logprob: TokenLogprob | None) -> None:
         generation.text += piece
@@ -427,7 +432,8 @@ def generate(
     which must answer the other rows, drives ``Engine`` itself)."""
     engine = Engine(model, tokenizer, max_batch_size)
     names = list(adapters) if adapters is not None else [ACTIVE] * len(prompts)
-    done = engine.run([Generation(list(p), sampling, name, on_done=on_done) for p, name in zip(prompts, names, strict=True)])
+    done = engine.run([Generation(list(p), sampling, name, on_done=on_done)
+                       for p, name in zip(prompts, names, strict=True)])
     failed = next((g for g in done if g.error is not None), None)
     if failed is not None:
         raise GenerationError(f"generation failed for prompt {done.index(failed)}: {failed.error}")

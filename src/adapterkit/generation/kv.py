@@ -20,7 +20,8 @@ class RoomyLayer(DynamicLayer):
         self._rooms: tuple[torch.Tensor, torch.Tensor] | None = None
         self._start = 0  # the buffers' first column in use
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
@@ -49,7 +50,7 @@ class RoomyLayer(DynamicLayer):
         self._start += columns
         self._view(length - columns)
 
-    def splice(self, other: "RoomyLayer", length: int) -> None:
+    def splice(self, other: RoomyLayer, length: int) -> None:
         """These rows, then ``other``'s, each right-aligned to ``length`` columns (zeros before:
         masked columns still enter the attention sum with weight 0, so they must be finite)."""
         n, mine, theirs = self.keys.shape[0], self.get_seq_length(), other.get_seq_length()

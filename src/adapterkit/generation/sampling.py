@@ -5,8 +5,8 @@ log-probabilities reported for the chosen tokens."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -36,12 +36,14 @@ class Sampling:
     logprobs: int | None = None  # how many alternatives to report per token (0: the chosen one only)
     prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities
 
-    def check(self) -> "Sampling":
+    def check(self) -> Sampling:
         """Itself, or a ConfigError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < (0 if self.prompt_logprobs else 1):
-            raise ConfigError(f"max_tokens must be a positive integer (0 only to score the prompt), got {self.max_tokens!r}")
+            raise ConfigError(f"max_tokens must be a positive integer (0 only to score the prompt), "
+                              f"got {self.max_tokens!r}")
         if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100):
-            raise ConfigError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {self.temperature!r}")
+            raise ConfigError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, "
+                              f"got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
@@ -50,7 +52,8 @@ class Sampling:
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
-            raise ConfigError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (1: none), got {self.repetition_penalty!r}")
+            raise ConfigError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (1: none), "
+                              f"got {self.repetition_penalty!r}")
         check_stops(self.stop)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
@@ -98,7 +101,8 @@ def pick(logits: torch.Tensor, sampling: Sampling, prompt: list[int], answer: li
         seen = torch.tensor(prompt + answer, device=logits.device).unique()
         scores = logits[seen]
         logits = logits.clone()
-        logits[seen] = torch.where(scores < 0, scores * sampling.repetition_penalty, scores / sampling.repetition_penalty)
+        logits[seen] = torch.where(scores < 0, scores * sampling.repetition_penalty,
+                                   scores / sampling.repetition_penalty)
     if (sampling.frequency_penalty or sampling.presence_penalty) and answer:
         ids, counts = torch.tensor(answer, device=logits.device).unique(return_counts=True)
         logits = logits.clone()

@@ -20,7 +20,15 @@ from .adapterhub import FUSION_CONFIG_FILE, adapterhub_adapter, adapterhub_fusio
 from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_base, forget_base_fingerprint
 from .folders import read_json, remove_interrupted_writes, write_folder_atomically
 from .native import (
-    CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, native_config, native_files, native_prompt_template, native_tensors, with_prompt_template,
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    native_config,
+    native_files,
+    native_prompt_template,
+    native_tensors,
+    with_prompt_template,
 )
 from .peft import is_peft_config, peft_config, peft_files, peft_tensors
 from .tensors import read_tensors, tensors_to_bytes
@@ -28,9 +36,10 @@ from .tensors import read_tensors, tensors_to_bytes
 FORMATS = (FORMAT, "peft")
 
 __all__ = [
-    "CONFIG_FILE", "FUSION_CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files", "base_fingerprint",
-    "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter", "read_adapter_config",
-    "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "with_prompt_template", "write_folder_atomically",
+    "CONFIG_FILE", "FUSION_CONFIG_FILE", "WEIGHTS_FILE", "FORMATS", "FORMAT_VERSION", "SavedAdapter", "adapter_files",
+    "base_fingerprint", "check_base", "describe_adapter", "forget_base_fingerprint", "read_adapter",
+    "read_adapter_config", "read_tensors", "remove_interrupted_writes", "tensors_to_bytes", "with_prompt_template",
+    "write_folder_atomically",
 ]
 
 
@@ -74,12 +83,13 @@ def read_adapter(path: str | Path, base: nn.Module | None = None) -> SavedAdapte
         config = peft_config(document, path)
         folder_name = path.resolve().name
         base_name = document.get("base_model_name_or_path")
-        return SavedAdapter(folder_name if is_valid_name(folder_name) else None, config, peft_tensors(config, path), None, "peft",
-                            base_name if isinstance(base_name, str) else None)
+        return SavedAdapter(folder_name if is_valid_name(folder_name) else None, config, peft_tensors(config, path),
+                            None, "peft", base_name if isinstance(base_name, str) else None)
     config = native_config(document, path)
     base = document.get("base")
     if not isinstance(base, dict) or not all(isinstance(base.get(key), str) for key in FINGERPRINT_FIELDS):
-        raise AdapterFileError(f"{path / CONFIG_FILE} is corrupt: 'base' should be the base model's fingerprint, got {base!r}")
+        raise AdapterFileError(f"{path / CONFIG_FILE} is corrupt: 'base' should be the base model's fingerprint, "
+                               f"got {base!r}")
     name, base_name = document.get("name"), document.get("base_model_name_or_path")
     return SavedAdapter(name if isinstance(name, str) else None, config, native_tensors(document, path), base, FORMAT,
                         base_name if isinstance(base_name, str) else None, native_prompt_template(document, path))

@@ -42,7 +42,8 @@ PARAMETERS = {"adapter_down.0.weight": "down_weight", "adapter_down.0.bias": "do
               "query.weight": "query_weight", "query.bias": "query_bias", "key.weight": "key_weight",
               "key.bias": "key_bias", "value.weight": "value_weight"}
 FUSION_PARAMETERS = ("query_weight", "query_bias", "key_weight", "key_bias", "value_weight")
-KEY = re.compile(r"(?:^|\.)(\d+)\.(attention\.output|attention_adapters|output_adapters|output)\.(?:adapters|adapter_fusion_layer)\.[^.]+\.(.+)$")
+KEY = re.compile(r"(?:^|\.)(\d+)\.(attention\.output|attention_adapters|output_adapters|output)"
+                 r"\.(?:adapters|adapter_fusion_layer)\.[^.]+\.(.+)$")
 # Fields AdapterHub always writes; these values switch on something we do not reproduce.
 UNSUPPORTED = {
     "phm_layer": lambda v: v, "inv_adapter": lambda v: v is not None, "use_gating": lambda v: v,
@@ -54,11 +55,14 @@ UNSUPPORTED = {
 
 def is_adapterhub_config(document: dict[str, Any]) -> bool:
     return "format" not in document and "peft_type" not in document and isinstance(document.get("config"), dict) and (
-        str(document.get("version", "")).startswith("adapters.") or "model_type" in document or "hidden_size" in document
+        str(document.get("version", "")).startswith("adapters.") or "model_type" in document
+        or "hidden_size" in document
     )
 
 
-def adapterhub_adapter(document: dict[str, Any], path: Path, base: nn.Module | None) -> tuple[BottleneckConfig, dict[str, torch.Tensor]]:
+def adapterhub_adapter(
+    document: dict[str, Any], path: Path, base: nn.Module | None
+) -> tuple[BottleneckConfig, dict[str, torch.Tensor]]:
     """Our bottleneck config and tensors for an AdapterHub adapter folder; with ``base``, the
     tensors are keyed by its module names, else by "@<layer>.<sublayer>"."""
     source = path / "adapter_config.json"
@@ -100,7 +104,8 @@ def adapterhub_fusion(path: Path, base: nn.Module | None) -> tuple[str, FusionCo
     source = path / FUSION_CONFIG_FILE
     document = read_json(source)
     members, options = document.get("adapter_names"), document.get("config")
-    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members) or not isinstance(options, dict):
+    if (not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members)
+            or not isinstance(options, dict)):
         raise AdapterFileError(f"{source} is corrupt: it needs 'adapter_names' (a list of names) and 'config'")
     try:
         flags = _flags(options, ("residual_before", "query_before_ln"), False)
@@ -152,8 +157,10 @@ def _read_weights(path: Path, names: tuple[str, str]) -> dict[str, torch.Tensor]
     try:  # weights_only: tensors and plain containers, never code
         tensors = torch.load(bytes_io.BytesIO(read_regular_file(pickled)), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds on a corrupt or hostile pickle
-        raise AdapterFileError(f"{pickled} is corrupt or not a plain tensor file: {type(error).__name__}: {error}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+        raise AdapterFileError(f"{pickled} is corrupt or not a plain tensor file: "
+                               f"{type(error).__name__}: {error}") from None
+    if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
         raise AdapterFileError(f"{pickled} does not hold a mapping of names to tensors")
     bad = first_non_finite(None, tensors)
     if bad is not None:
@@ -167,7 +174,8 @@ def _located(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Te
     for key, tensor in tensors.items():
         match = KEY.search(key)
         if match is None or match.group(3) not in PARAMETERS:
-            raise AdapterFileError(f"{path} holds {key!r}, which is not a tensor of an AdapterHub bottleneck adapter or fusion")
+            raise AdapterFileError(f"{path} holds {key!r}, "
+                                   "which is not a tensor of an AdapterHub bottleneck adapter or fusion")
         layer, location, parameter = match.groups()
         sublayer = "attention" if location.startswith("attention") else "ffn"
         located[f"@{layer}.{sublayer}.adapter.{PARAMETERS[parameter]}"] = tensor
@@ -185,6 +193,7 @@ def _placed(tensors: dict[str, torch.Tensor], base: nn.Module, path: Path) -> di
     for key, tensor in tensors.items():
         where, _, rest = key.partition(".adapter.")
         if where not in locations:
-            raise AdapterFileError(f"{path} has an adapter at layer {where[1:]}, which {type(base).__name__} does not have")
+            raise AdapterFileError(f"{path} has an adapter at layer {where[1:]}, "
+                                   f"which {type(base).__name__} does not have")
         placed[f"{locations[where]}.adapter.{rest}"] = tensor
     return placed

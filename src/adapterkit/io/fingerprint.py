@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import BaseMismatchError
 
-_fingerprints: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 FINGERPRINT_FIELDS = ("architecture", "shapes_sha256", "weights_sha256")
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _LEGACY_DTYPE = "float32"  # fingerprints without a "dtype" were taken of float32 bases, dtypes in the shapes hash
@@ -51,7 +51,8 @@ def forget_base_fingerprint(base: nn.Module) -> None:
 def check_base(saved: Any, base: nn.Module, source: Path) -> None:
     """Refuse an adapter whose recorded fingerprint ``saved`` is not this base's (in any dtype)."""
     if not isinstance(saved, dict):
-        raise BaseMismatchError(f"{source} records no base fingerprint, so it cannot be checked against this base; re-save it with adapterkit")
+        raise BaseMismatchError(f"{source} records no base fingerprint, so it cannot be checked against this base; "
+                                "re-save it with adapterkit")
     here = base_fingerprint(base)
     if saved.get("architecture") != here["architecture"]:
         _refuse(saved, source, f"the architecture differs ({saved.get('architecture')} vs {here['architecture']})")
@@ -66,9 +67,10 @@ def check_base(saved: Any, base: nn.Module, source: Path) -> None:
     elif theirs in here["weights_sha256_as"]:
         same = saved.get("weights_sha256") == here["weights_sha256_as"][theirs]
     else:
-        copy = f" or a {theirs} copy (load_base(..., dtype=torch.{theirs}))" if theirs != "float32" else " (load_base(..., dtype=torch.float32))"
-        _refuse(saved, source, f"the dtype differs ({theirs} there, {ours} here) and a {ours} copy cannot be checked against a "
-                f"{theirs} one", f"Load it over the float32 base{copy}")
+        copy = (f" or a {theirs} copy (load_base(..., dtype=torch.{theirs}))" if theirs != "float32"
+                else " (load_base(..., dtype=torch.float32))")
+        _refuse(saved, source, f"the dtype differs ({theirs} there, {ours} here) "
+                f"and a {ours} copy cannot be checked against a {theirs} one", f"Load it over the float32 base{copy}")
     if not same:
         dtype = f" (and the dtype: {theirs} there, {ours} here)" if theirs != ours else ""
         _refuse(saved, source, f"the weights differ{dtype}")
@@ -97,7 +99,9 @@ def _compute(base: nn.Module) -> dict[str, Any]:
         "shapes_sha256": _shapes_hash(base, with_dtypes=False),
         "dtype": dtype,
         "weights_sha256": _weights_hash(tensors, None),
-        "weights_sha256_as": {name: _weights_hash(tensors, half) for name, half in _HALF.items()} if dtype == "float32" else {},
+        "weights_sha256_as": (
+            {name: _weights_hash(tensors, half) for name, half in _HALF.items()} if dtype == "float32" else {}
+        ),
     }
 
 

@@ -18,8 +18,9 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from ..errors import AdapterFileError
 
@@ -35,7 +36,8 @@ def read_regular_file(path: Path) -> bytes:
         raise AdapterFileError(f"{path} is missing") from None
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise AdapterFileError(f"{path} is a symbolic link; adapter files are read only as regular files") from None
+            raise AdapterFileError(f"{path} is a symbolic link; "
+                                   "adapter files are read only as regular files") from None
         raise AdapterFileError(f"{path} cannot be read: {error.strerror}") from None
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
@@ -166,7 +168,8 @@ def remove_interrupted_writes(folder: Path, name: str) -> None:
     ``folder/name`` killed mid-way leaves behind. While ``folder/name`` itself is missing, an
     ``.old`` one may be its only complete copy (a kill between the two renames, on a system
     without an atomic exchange): then they are kept."""
-    leftovers = [path for suffix in STAGING_SUFFIXES for path in Path(folder).glob(f".{name}.*{suffix}") if path.is_dir() and not path.is_symlink()]
+    leftovers = [path for suffix in STAGING_SUFFIXES for path in Path(folder).glob(f".{name}.*{suffix}")
+                 if path.is_dir() and not path.is_symlink()]
     if (Path(folder) / name).is_dir() or not any(path.name.endswith(".old") for path in leftovers):
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)

@@ -31,7 +31,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def native_files(
-    name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], base_name: str | None = None
+    name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any],
+    base_name: str | None = None,
 ) -> dict[str, bytes]:
     """The bytes of a saved adapter folder, by file name (the config last: it marks the folder complete)."""
     weights = tensors_to_bytes(config.tensors_to_save(tensors))

@@ -39,7 +39,8 @@ def peft_method(document: dict[str, Any], source: Path) -> Method:
     if not isinstance(peft_type, str):
         raise AdapterFileError(f"{source} is corrupt: peft_type must be a string such as 'LORA', got {peft_type!r}")
     if peft_type not in by_type:
-        raise AdapterFileError(f"{source} is a peft {peft_type} adapter; adapterkit reads peft's {sorted(by_type)} adapters")
+        raise AdapterFileError(f"{source} is a peft {peft_type} adapter; "
+                               f"adapterkit reads peft's {sorted(by_type)} adapters")
     return by_type[peft_type]
 
 
@@ -81,12 +82,15 @@ def peft_tensors(config: AdapterConfig, path: Path) -> dict[str, torch.Tensor]:
             continue
         module, _, param = key.removeprefix(PREFIX).removesuffix(suffix).rpartition(".")
         if not key.startswith(PREFIX) or not module:
-            raise AdapterFileError(f"{path / WEIGHTS_FILE} holds {key!r}, which is not a tensor of peft's {config.method} format")
+            raise AdapterFileError(f"{path / WEIGHTS_FILE} holds {key!r}, "
+                                   f"which is not a tensor of peft's {config.method} format")
         tensors[f"{module}.adapter.{param}"] = tensor
     return tensors
 
 
-def peft_files(config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: list[Site], base_name: str | None) -> dict[str, bytes]:
+def peft_files(
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: list[Site], base_name: str | None
+) -> dict[str, bytes]:
     """The bytes of a peft folder (config last)."""
     peft = get_method(config.method).peft
     if peft is None:
@@ -104,4 +108,5 @@ def peft_files(config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: l
             continue
         module, _, param = key.partition(".adapter.")
         renamed[f"{PREFIX}{module}.{param}{'' if param in peft.unsuffixed else peft.tensor_suffix}"] = tensor
-    return {WEIGHTS_FILE: tensors_to_bytes(renamed), CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}
+    return {WEIGHTS_FILE: tensors_to_bytes(renamed),
+            CONFIG_FILE: (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()}

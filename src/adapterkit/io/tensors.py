@@ -15,7 +15,8 @@ from .folders import read_regular_file
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}, metadata={"format": "pt"})
+    return save_safetensors({key: t.detach().to("cpu").contiguous() for key, t in tensors.items()},
+                            metadata={"format": "pt"})
 
 
 def read_tensors(path: Path, expected_crc32: int | None = None) -> dict[str, torch.Tensor]:
@@ -34,7 +35,8 @@ def read_tensors(path: Path, expected_crc32: int | None = None) -> dict[str, tor
         raise AdapterFileError(f"{path} is corrupt: not a readable safetensors file ({error})") from None
     bad = first_non_finite(data, tensors)
     if bad is not None:
-        raise AdapterFileError(f"{path} holds NaN or infinite values in {bad!r}; it cannot have come from a healthy training run")
+        raise AdapterFileError(f"{path} holds NaN or infinite values in {bad!r}; "
+                               "it cannot have come from a healthy training run")
     return tensors
 
 

@@ -83,13 +83,15 @@ class AdaLoraConfig(AdapterConfig):
         for field in ("init_r", "target_r", "deltaT"):
             check_int(field, getattr(self, field))
         if self.target_r > self.init_r:
-            raise ConfigError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): AdaLoRA only prunes ranks")
+            raise ConfigError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): "
+                              "AdaLoRA only prunes ranks")
         for field in ("beta1", "beta2"):
             check_number(field, getattr(self, field), 0.0, 1.0)
         for field in ("tinit", "tfinal"):
             check_int(field, getattr(self, field), minimum=0)
         if self.total_step is None:
-            raise ConfigError("AdaLoRA needs total_step, the number of optimizer steps of the training run, to schedule its rank budget")
+            raise ConfigError("AdaLoRA needs total_step, the number of optimizer steps of the training run, "
+                              "to schedule its rank budget")
         check_int("total_step", self.total_step)
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(
@@ -107,10 +109,12 @@ class AdaLoraConfig(AdapterConfig):
 
     def _check_rank_pattern(self) -> None:
         if not isinstance(self.rank_pattern, dict):
-            raise ConfigError(f"rank_pattern must map module names to lists of booleans, got {type(self.rank_pattern).__name__}")
+            raise ConfigError(f"rank_pattern must map module names to lists of booleans, "
+                              f"got {type(self.rank_pattern).__name__}")
         for module, keep in self.rank_pattern.items():
             if not isinstance(keep, list) or len(keep) != self.init_r or not all(isinstance(k, bool) for k in keep):
-                raise ConfigError(f"rank_pattern[{module!r}] must be a list of {self.init_r} booleans (one per initial rank)")
+                raise ConfigError(f"rank_pattern[{module!r}] must be a list of {self.init_r} booleans "
+                                  "(one per initial rank)")
 
     @property
     def scale(self) -> float:
@@ -138,7 +142,7 @@ class AdaLoraConfig(AdapterConfig):
             kept[key] = tensor
         return kept
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "AdaLoraAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> AdaLoraAdapter:
         r = self.rank_of(site.module_name)
         return AdaLoraAdapter(site.in_features, site.out_features, r, self.scale, self.dropout, device)
 
@@ -319,14 +323,17 @@ class RankAllocator(MethodTraining):
             state[f"{module_name}.keep"] = module.keep.clone()
             if final:
                 for param_name, dim in FACTORS.items():
-                    state[f"{module_name}.{param_name}.pruned"] = _select(getattr(module, param_name), ~module.keep, dim)
+                    state[f"{module_name}.{param_name}.pruned"] = _select(getattr(module, param_name), ~module.keep,
+                                                                          dim)
         for (module_name, param_name), (smoothed, uncertainty) in self.scores.items():
             state[f"{module_name}.{param_name}.sensitivity"] = smoothed.clone()
             state[f"{module_name}.{param_name}.uncertainty"] = uncertainty.clone()
         return state
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], AdaLoraConfig | None]:
+    def load_state_dict(
+        self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], AdaLoraConfig | None]:
         """Take back ``state_dict()``; returns the checkpoint's adapter tensors ``saved`` (keyed as
         ``AdapterModel.adapter_state_dict``) at full width, the pruned triplets back in their rows,
         and, once the final ranks were fixed, the config holding them.

@@ -5,8 +5,8 @@ an ``AdapterModule`` subclass (what it computes at a site, how it merges, how it
 batches), optionally a ``MethodTraining`` (state it carries between optimizer steps) and a
 ``PeftFormat`` (its peft checkpoint mapping), all named in one ``register_method(Method(...))``
 call at the end of the file. A method whose modules read common tensors (VeRA's random projections)
-makes them once per adapter in ``AdapterConfig.shared_tensors``. Everything else (the hook layer, ``AdapterModel``, the file formats,
-the CLI) reads the registry and never names a method.
+makes them once per adapter in ``AdapterConfig.shared_tensors``. Everything else (the hook layer,
+``AdapterModel``, the file formats, the CLI) reads the registry and never names a method.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class AdapterConfig(metaclass=ConfigType):
         """Where this adapter attaches in ``model``, found from its structure."""
         raise NotImplementedError
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "AdapterModule":
+    def build(self, site: Site, device: torch.device | str | None = None) -> AdapterModule:
         """A new module for ``site``; on the "meta" device it is only a shape, filled in by loading."""
         raise NotImplementedError
 
@@ -74,7 +75,7 @@ class AdapterConfig(metaclass=ConfigType):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         if isinstance(data, dict):
             data = cls.in_our_names(data)
         return dataclass_from_dict(cls, data, f"{cls.__name__} field", "fields")
@@ -98,7 +99,8 @@ class AdapterConfig(metaclass=ConfigType):
             if mine is None or value is None:
                 continue
             if mine in ours and ours[mine] != value:
-                raise ConfigError(f"{theirs} is peft's name for {mine}: give one of them, not both ({mine}={ours[mine]!r}, {theirs}={value!r})")
+                raise ConfigError(f"{theirs} is peft's name for {mine}: give one of them, not both "
+                                  f"({mine}={ours[mine]!r}, {theirs}={value!r})")
             ours[mine] = value
         return ours
 
@@ -138,7 +140,8 @@ def check_int(field: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def check_number(field: str, value: Any, low: float | None = None, high: float | None = None, positive: bool = False) -> float:
+def check_number(field: str, value: Any, low: float | None = None, high: float | None = None,
+                 positive: bool = False) -> float:
     """A finite int or float: > 0 with ``positive``, >= ``low``, < ``high``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -176,7 +179,8 @@ def check_layers(layers: Any) -> list[int] | None:
         return None
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+    if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise ConfigError(f"layers must be non-negative layer indices, got {layers!r}")
     return list(layers)
 
@@ -187,7 +191,8 @@ def check_target_modules(target_modules: Any, required: bool) -> list[str] | str
         return None
     if isinstance(target_modules, str) and target_modules:
         return check_pattern("target_modules", target_modules)
-    if isinstance(target_modules, (list, tuple)) and target_modules and all(isinstance(t, str) and t for t in target_modules):
+    if (isinstance(target_modules, (list, tuple)) and target_modules
+            and all(isinstance(t, str) and t for t in target_modules)):
         return list(target_modules)
     raise ConfigError(
         f"target_modules must name the linear layers to adapt (a list such as ['q_proj', 'v_proj'] "
@@ -252,7 +257,7 @@ class AdapterModule(nn.Module):
         return (type(self),)
 
     @classmethod
-    def stack(cls, modules: list["AdapterModule"]) -> dict[str, torch.Tensor]:
+    def stack(cls, modules: list[AdapterModule]) -> dict[str, torch.Tensor]:
         """Several adapters' weights at one site as [adapters, ...] tensors. The default serves
         ``mixed = "scale"``: the vectors as one tensor."""
         return {"scale": torch.stack([module.scale_vector().detach().reshape(-1) for module in modules])}
@@ -294,7 +299,9 @@ class MethodTraining:
         """Tensors a training checkpoint needs to resume exactly."""
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], AdapterConfig | None]:
+    def load_state_dict(
+        self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], AdapterConfig | None]:
         """Take back ``state_dict()``; returns the adapter tensors to restore (``saved``, possibly
         completed from the state) and a new config, if the state fixes one."""
         return saved, None
@@ -329,13 +336,17 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float] | torch.Tenso
     return sum(w * t for w, t in zip(weights, tensors))
 
 
-def average_parameters(configs: list[AdapterConfig], states: list[dict[str, torch.Tensor]], weights: list[float], how: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def average_parameters(
+    configs: list[AdapterConfig], states: list[dict[str, torch.Tensor]], weights: list[float], how: str
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The weighted sum of the parameters of adapters that share one config ("linear" only)."""
     if how != "linear":
-        raise ConfigError(f"{configs[0].method} adapters combine by 'linear' (a weighted sum of parameters), not {how!r}")
+        raise ConfigError(f"{configs[0].method} adapters combine by 'linear' (a weighted sum of parameters), "
+                          f"not {how!r}")
     if any(config.to_dict() != configs[0].to_dict() for config in configs):
         raise ConfigError(f"{configs[0].method} adapters combine only when they share one config; theirs differ")
-    return configs[0], {key: weighted_sum([state[key] for state in states], weights).detach().clone() for key in states[0]}
+    return configs[0], {key: weighted_sum([state[key] for state in states], weights).detach().clone()
+                        for key in states[0]}
 
 
 # ---- the registry --------------------------------------------------------------------------------
@@ -365,7 +376,8 @@ def register_method(method: Method) -> Method:
     if method.name in _METHODS:
         raise ConfigError(f"an adapter method named {method.name!r} is already registered")
     if method.config_class.method != method.name:
-        raise ConfigError(f"{method.config_class.__name__}.method is {method.config_class.method!r}, not {method.name!r}")
+        raise ConfigError(f"{method.config_class.__name__}.method is {method.config_class.method!r}, "
+                          f"not {method.name!r}")
     _METHODS[method.name] = method
     return method
 

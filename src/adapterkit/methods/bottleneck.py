@@ -114,8 +114,9 @@ class BottleneckConfig(AdapterConfig):
             sites = reading_the_residual(model, sites, with_output=self.reading == "output+residual")
         return sites
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "BottleneckAdapter":
-        return BottleneckAdapter(site.in_features, site.out_features, self, device, self.width(site.in_features, site.layer))
+    def build(self, site: Site, device: torch.device | str | None = None) -> BottleneckAdapter:
+        return BottleneckAdapter(site.in_features, site.out_features, self, device,
+                                 self.width(site.in_features, site.layer))
 
 
 class BottleneckAdapter(AdapterModule):
@@ -129,7 +130,8 @@ class BottleneckAdapter(AdapterModule):
 
     mixed = "delta"
 
-    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None, width: int | None = None):
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, device=None,
+                 width: int | None = None):
         super().__init__()
         r = width or config.width(in_features)
         self.reads = "output" if config.reading == "output" else "input"  # "input": what the site's reader gives
@@ -181,7 +183,7 @@ class BottleneckAdapter(AdapterModule):
         return (type(self), self.reads, self.activation, self.ln_weight is not None)
 
     @staticmethod
-    def stack(modules: list["BottleneckAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[BottleneckAdapter]) -> dict[str, torch.Tensor]:
         return stack_bottlenecks(modules)
 
     @staticmethod
@@ -221,7 +223,8 @@ def stack_bottlenecks(adapters: list[BottleneckAdapter]) -> dict[str, torch.Tens
     return {key: tensor.contiguous() for key, tensor in stacked.items()}
 
 
-def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], activation, layer_norm: bool) -> torch.Tensor:
+def grouped_bottleneck_delta(h: torch.Tensor, weights: dict[str, torch.Tensor], activation,
+                             layer_norm: bool) -> torch.Tensor:
     """Each group's adapter applied to its slice of ``h`` [groups, tokens, d], as batched products;
     ``weights`` come from ``stack_bottlenecks`` with one entry per group."""
     if layer_norm:

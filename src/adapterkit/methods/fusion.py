@@ -51,7 +51,8 @@ class FusionConfig(AdapterConfig):
 
     def depends_on(self) -> list[str]:
         blocks = [from_json(child) for child in self.children]
-        return [name for block in blocks for name in adapter_names(block)] + [f.name for block in blocks for f in fusions(block)]
+        return ([name for block in blocks for name in adapter_names(block)]
+                + [f.name for block in blocks for f in fusions(block)])
 
     def sites(self, model: nn.Module) -> list[Site]:
         modules = dict(model.named_modules())
@@ -60,7 +61,7 @@ class FusionConfig(AdapterConfig):
             raise ConfigError(f"the fusion acts at modules this base does not have: {missing[:3]}")
         return [Site(module_name=name, in_features=width, out_features=width) for name, width in self.widths.items()]
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "FusionLayer":
+    def build(self, site: Site, device: torch.device | str | None = None) -> FusionLayer:
         return FusionLayer(site.out_features, self.temperature, self.query, device)
 
 

@@ -69,7 +69,7 @@ class IA3Config(AdapterConfig):
             sites.append(site)
         return sites
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "IA3Adapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> IA3Adapter:
         return IA3Adapter(site.in_features, site.reads_from is not None, self.init_ia3_weights, device)
 
 
@@ -77,16 +77,18 @@ def default_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """(target_modules, feedforward_modules) as peft would name them for this model."""
     d_model = hidden_size(model)
     attention, feedforward = set(), set()
-    for list_name, blocks in find_blocks(model):
+    for _list_name, blocks in find_blocks(model):
         for block in blocks:
             groups, ffn = sub_layers(block, d_model)
             for group in groups:
-                readers = [name for name, m in group[:-1] if linear_features(m)[0] == (d_model or linear_features(m)[0])]
+                readers = [name for name, m in group[:-1]
+                           if linear_features(m)[0] == (d_model or linear_features(m)[0])]
                 attention.update(readers if len(readers) == 1 else readers[1:])
             if ffn:
                 feedforward.add(ffn[-1][0])
     if not attention and not feedforward:
-        raise ConfigError(f"found no attention or feed-forward layers in {type(model).__name__}; name them with target_modules")
+        raise ConfigError(f"found no attention or feed-forward layers in {type(model).__name__}; "
+                          "name them with target_modules")
     short = lambda names: sorted({".".join(name.split(".")[-2:]) for name in names})
     return short(attention | feedforward), short(feedforward)
 

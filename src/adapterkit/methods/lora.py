@@ -70,7 +70,7 @@ class LoraConfig(AdapterConfig):
     def sites(self, model: nn.Module) -> list[Site]:
         return find_sites(model, "linear", self.layers, self.target_modules or default_targets(model, self.method))
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "LoraAdapter":
+    def build(self, site: Site, device: torch.device | str | None = None) -> LoraAdapter:
         if self.use_dora:
             return DoraAdapter(site.in_features, site.out_features, self.r, self.scale, self.dropout,
                                site.transposed, device)
@@ -102,7 +102,7 @@ class LowRankAdapter(AdapterModule):
 
     @staticmethod
     @torch.no_grad()
-    def stack(modules: list["LowRankAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[LowRankAdapter]) -> dict[str, torch.Tensor]:
         """A and s*B of each adapter, zero-padded to the largest rank (exact: a zero row adds nothing)."""
         factors = [module.low_rank_factors() for module in modules]
         r = max(a.shape[0] for a, _, _ in factors)
@@ -232,7 +232,7 @@ class DoraAdapter(LoraAdapter):
 
     @staticmethod
     @torch.no_grad()
-    def stack(modules: list["DoraAdapter"]) -> dict[str, torch.Tensor]:
+    def stack(modules: list[DoraAdapter]) -> dict[str, torch.Tensor]:
         """LoRA's stacked factors with g folded into B, and per adapter g - 1 and (g - 1) * b."""
         stacked = LowRankAdapter.stack(modules)
         gains = torch.stack([module.gain() for module in modules])  # [adapters, out]
@@ -259,7 +259,8 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
     return names
 
 
-FRESH_INITS = {"init_lora_weights": (True, False, "gaussian")}  # peft's other inits (pissa, olora, loftq, ...) change the base
+# peft's other inits (pissa, olora, loftq, ...) change the base
+FRESH_INITS = {"init_lora_weights": (True, False, "gaussian")}
 
 
 def _lora_to_peft(config: AdapterConfig, sites: list[Site], document: dict) -> None:
@@ -296,7 +297,8 @@ def combine_loras(
                  for state, config, w in zip(states, configs, weights) if f"{module}.adapter.lora_A" in state]
         A, B = _combine_module(parts, how, new_rank, density, majority_sign_method)
         merged[f"{module}.adapter.lora_A"], merged[f"{module}.adapter.lora_B"] = A.contiguous(), B.contiguous()
-    config = LoraConfig(r=new_rank, alpha=new_rank, dropout=configs[0].dropout, target_modules=modules, use_rslora=configs[0].use_rslora)
+    config = LoraConfig(r=new_rank, alpha=new_rank, dropout=configs[0].dropout, target_modules=modules,
+                        use_rslora=configs[0].use_rslora)
     return config, merged
 
 
@@ -316,10 +318,12 @@ def _combine_module(parts, how: str, rank: int, density, majority_sign_method) -
     factors_A, factors_B = [a for a, _, _ in parts], [b for _, b, _ in parts]
     if how == "linear":
         return weighted_sum(factors_A, weights_A), weighted_sum(factors_B, weights_B)
-    return ties_merge(factors_A, weights_A, density, majority_sign_method), ties_merge(factors_B, weights_B, density, majority_sign_method)
+    return (ties_merge(factors_A, weights_A, density, majority_sign_method),
+            ties_merge(factors_B, weights_B, density, majority_sign_method))
 
 
-def ties_merge(tensors: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str = "total") -> torch.Tensor:
+def ties_merge(tensors: list[torch.Tensor], weights: list[float], density: float,
+               majority_sign_method: str = "total") -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023): keep each tensor's ``density`` largest magnitudes, elect
     each entry's sign (by the summed values, "total", or by count, "frequency"), and average the
     weighted entries that agree with it."""
@@ -349,7 +353,8 @@ register_method(Method(
         "LORA",
         {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
          "use_rslora": "use_rslora", "layers_to_transform": "layers", "use_dora": "use_dora"},
-        tensor_suffix=".weight", unsuffixed=frozenset({"lora_magnitude_vector"}), fresh_init=FRESH_INITS, to_peft=_lora_to_peft,
+        tensor_suffix=".weight", unsuffixed=frozenset({"lora_magnitude_vector"}), fresh_init=FRESH_INITS,
+        to_peft=_lora_to_peft,
     ),
     combine=combine_loras,
 ))

@@ -71,7 +71,8 @@ class VeraConfig(AdapterConfig):
 
     def shared_tensors(self, sites: list[Site], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """vera_A [r, largest in] and vera_B [largest out, r], drawn in that order as peft does."""
-        shapes = {"vera_A": (self.r, max(s.in_features for s in sites)), "vera_B": (max(s.out_features for s in sites), self.r)}
+        shapes = {"vera_A": (self.r, max(s.in_features for s in sites)),
+                  "vera_B": (max(s.out_features for s in sites), self.r)}
         if is_meta(device):
             return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
         generator = torch.Generator(device="cpu").manual_seed(self.projection_prng_key)
@@ -82,8 +83,9 @@ class VeraConfig(AdapterConfig):
             return tensors
         return {key: tensor for key, tensor in tensors.items() if shared_name(key) is None}
 
-    def build(self, site: Site, device: torch.device | str | None = None) -> "VeraAdapter":
-        return VeraAdapter(site.in_features, site.out_features, self.r, self.dropout, self.d_initial, self.init_weights, device)
+    def build(self, site: Site, device: torch.device | str | None = None) -> VeraAdapter:
+        return VeraAdapter(site.in_features, site.out_features, self.r, self.dropout, self.d_initial,
+                           self.init_weights, device)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -98,7 +100,8 @@ class VeraAdapter(LowRankAdapter):
     """Λb and Λd of one linear layer; the projections are the adapter's shared ``vera_A`` and
     ``vera_B`` (``self.shared``). ``forward(x, y)`` returns y + delta(x)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, dropout: float, d_initial: float, init_identity: bool, device=None):
+    def __init__(self, in_features: int, out_features: int, r: int, dropout: float, d_initial: float,
+                 init_identity: bool, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.dropout = dropout
@@ -115,7 +118,8 @@ class VeraAdapter(LowRankAdapter):
 
     def projections(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices of the shared projections: A [r, in], B [out, r]."""
-        return (self.shared.vera_A[:, : self.in_features].to(device), self.shared.vera_B[: self.out_features, :].to(device))
+        return (self.shared.vera_A[:, : self.in_features].to(device),
+                self.shared.vera_B[: self.out_features, :].to(device))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.projections(x.device)

@@ -8,8 +8,9 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +23,16 @@ from ..generation import TokenLogprob
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
 from .protocol import (
-    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, LoadRequest, TokenizeRequest, check_token_ids,
-    check_unicode, logprobs_block, usage,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadRequest,
+    TokenizeRequest,
+    check_token_ids,
+    check_unicode,
+    logprobs_block,
+    usage,
 )
 from .server import Job, Server, finished, until_gone
 from .tokenization import check_messages, check_text_length, encode_messages, tokenize_answer, tokenizer_info
@@ -181,7 +190,8 @@ def create_app(server: Server) -> FastAPI:
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, [prompt], sampling))
             first = chunk({"role": "assistant", "content": ""}, None)
-            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason), first)
+            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason),
+                        first)
         jobs = await until_gone(request, _answered(server, body.model, [prompt], sampling))
         generation = jobs[0].generation
         message = {"role": "assistant", "content": generation.text}

@@ -68,5 +68,6 @@ class AnswerUnexpected:
             log.exception("request failed")
             self.on_error()
             if not started:
-                await ApiError(500, f"internal error: {type(error).__name__}", "internal_error").response()(scope, receive, send)
+                answer = ApiError(500, f"internal error: {type(error).__name__}", "internal_error").response()
+                await answer(scope, receive, send)
 

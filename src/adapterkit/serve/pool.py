@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
 from ..generation import Engine
@@ -178,7 +179,8 @@ class AdapterPool:
 
     def _refuse_if_used(self, name: str) -> None:
         if self.holds[name]:
-            raise AdapterInUseError(f"adapter {name!r} is serving {self.holds[name]} request(s); retry when they finish")
+            raise AdapterInUseError(f"adapter {name!r} is serving {self.holds[name]} request(s); "
+                                    "retry when they finish")
         users = [other for other in self.resident if name in self.model.adapters[other].depends_on()]
         if users:
             raise AdapterInUseError(f"adapter {name!r} is a child of the loaded fusion(s) {users}; unload those first")
@@ -211,7 +213,8 @@ class AdapterPool:
         except AdapterkitError as error:
             raise AdapterLoadError(self._hide_paths(f"adapter {name!r} cannot be loaded: {error}")) from None
         except OSError as error:
-            raise AdapterLoadError(self._hide_paths(f"adapter {name!r} cannot be read: {error.strerror or error}")) from None
+            raise AdapterLoadError(
+                self._hide_paths(f"adapter {name!r} cannot be read: {error.strerror or error}")) from None
         except Exception as error:
             log.exception("loading adapter %r failed", name)
             raise AdapterLoadError(f"adapter {name!r} cannot be loaded: unexpected {type(error).__name__}") from None

@@ -56,8 +56,8 @@ class Sampled(BaseModel):
         for name in ("n", "best_of"):
             value = getattr(self, name, None)
             if value is not None and value != 1:
-                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt (send the prompt again, "
-                                    "with seeds)", "unsupported_field")
+                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt "
+                                    "(send the prompt again, with seeds)", "unsupported_field")
 
 
 class CompletionRequest(Sampled):
@@ -101,7 +101,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     return_token_strs: bool | None = False
 
-    def checked(self) -> "TokenizeRequest":
+    def checked(self) -> TokenizeRequest:
         """Itself, once it holds exactly one of prompt and messages."""
         if (self.prompt is None) == (self.messages is None):
             raise ApiError(400, "give either 'prompt' (text) or 'messages' (a conversation) to tokenize",

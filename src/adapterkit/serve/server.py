@@ -12,8 +12,9 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -26,7 +27,15 @@ from ..templates import CHAT, render_prompt, shared_template
 from .config import ServeConfig
 from .metrics import Metrics
 from .pool import AdapterPool
-from .protocol import ApiError, ChatMessage, CompletionRequest, Sampled, check_token_ids, check_unicode, scored_logprobs
+from .protocol import (
+    ApiError,
+    ChatMessage,
+    CompletionRequest,
+    Sampled,
+    check_token_ids,
+    check_unicode,
+    scored_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +86,13 @@ class Server:
                 raise ConfigError(f"composition {name!r} must be a stack, average or fuse, got {block!r}")
             check_nesting(block)
             if name in on_disk:
-                raise ConfigError(f"composition {name!r} has the name of an adapter in the adapters folder; rename one")
+                raise ConfigError(f"composition {name!r} has the name of an adapter in the adapters folder; "
+                                  "rename one")
             members = self.adapters_of(name)
             if len(members) > self.config.max_loaded_adapters:
-                raise ConfigError(f"composition {name!r} uses {len(members)} adapters, more than --max-loaded-adapters "
-                                  f"({self.config.max_loaded_adapters}) keeps loaded; raise it or shorten the composition")
+                raise ConfigError(f"composition {name!r} uses {len(members)} adapters, "
+                                  f"more than --max-loaded-adapters ({self.config.max_loaded_adapters}) keeps loaded; "
+                                  "raise it or shorten the composition")
 
     @property
     def queued(self) -> int:
@@ -110,9 +121,11 @@ class Server:
     # ---- requests into rows --------------------------------------------------------------------
     # -- completions --
     def sampling(self, request: Sampled, prompt_tokens: int) -> Sampling:
-        max_tokens = request.max_tokens if request.max_tokens is not None else getattr(request, "max_completion_tokens", None)
+        max_tokens = (request.max_tokens if request.max_tokens is not None
+                      else getattr(request, "max_completion_tokens", None))
         if max_tokens is None:
-            max_tokens = 16 if isinstance(request, CompletionRequest) else max(1, min(512, self.context - prompt_tokens))
+            max_tokens = (16 if isinstance(request, CompletionRequest)
+                          else max(1, min(512, self.context - prompt_tokens)))
         logprobs = getattr(request, "logprobs", None)
         sampling = Sampling(
             max_tokens=max_tokens,
@@ -187,8 +200,9 @@ class Server:
         tokenizer = self.engine.tokenizer
         text_template = template is not None and template != CHAT
         if text_template and [m.role for m in messages] != ["user"]:
-            raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: send one user message "
-                                "(or the filled-in prompt to /v1/completions)", "invalid_messages")
+            raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: "
+                                "send one user message (or the filled-in prompt to /v1/completions)",
+                           "invalid_messages")
         if not text_template and not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
         for message in messages:
@@ -196,12 +210,14 @@ class Server:
         # every message renders as at least its role and content, and at least one token
         characters = sum(len(m.role) + len(m.content) for m in messages)
         if len(messages) > self.context or characters > self.context * CHARS_PER_TOKEN_LIMIT:
-            raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold", "context_length_exceeded")
+            raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold",
+                           "context_length_exceeded")
 
         def encode() -> list[int]:
             if text_template:
                 return tokenizer.encode(render_prompt(template, messages[0].content), add_special_tokens=False)
-            chat = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False)
+            chat = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
+                                                 tokenize=False)
             return tokenizer.encode(chat, add_special_tokens=False)
 
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
@@ -293,7 +309,8 @@ class Job:
         while True:
             event = await self.events.get()
             if event[0] == "done" and self.generation.error is not None:
-                raise ApiError(500, f"generation failed for this request: {self.generation.error}", "generation_failed")
+                raise ApiError(500, f"generation failed for this request: {self.generation.error}",
+                               "generation_failed")
             yield event
             if event[0] == "done":
                 return
