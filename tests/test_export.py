@@ -69,7 +69,7 @@ def test_a_bottleneck_has_no_peft_form_and_nothing_is_written(tmp_path, base_dir
     model.save_adapter("drug", tmp_path / "drug")
     assert main(["export", str(tmp_path / "drug"), "--format", "peft", "-o", str(tmp_path / "out" / "drug")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "adapterkit: error: a bottleneck adapter has no peft format; peft holds lora, adalora, ia3")
+        "adapterkit: error: a bottleneck adapter has no peft format; peft holds lora, adalora, ia3, vera")
     assert not (tmp_path / "out").exists()
 
 
