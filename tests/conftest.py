@@ -126,3 +126,15 @@ def randomise(model, name: str, seed: int) -> None:
     with torch.no_grad():
         for parameter in model.adapter_layers[name].parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+def biased_base(arch: str):
+    """The tiny base with non-zero biases, the same on every call (the builders start them at
+    zero, which would hide a mistake in an adapter's handling of the bias)."""
+    base = make_base(arch)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if name.endswith("bias"):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return base

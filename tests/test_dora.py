@@ -8,22 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-from conftest import batch, logits, make_base, rows_alone
+from conftest import batch, biased_base, logits, rows_alone
 
 # GPT-2 adapts Conv1D layers (weight [in, out], with bias); Llama adapts nn.Linear (weight [out, in], no bias).
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
 ARCHS = sorted(TARGETS)
 
 
-def biased_base(arch):
-    """The tiny base with non-zero biases (GPT-2 starts them at zero), so that DoRA's y - b is tested."""
-    base = make_base(arch)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in base.named_parameters():
-            if name.endswith(".bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return base
 
 
 def dora_model(arch, name="dora", **kwargs):

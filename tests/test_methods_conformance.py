@@ -40,7 +40,7 @@ from adapterkit.io import base_fingerprint, forget_base_fingerprint
 from adapterkit.io.tensors import crc32
 from adapterkit.methods import AdapterModule, Method, registered_methods
 from adapterkit.methods.bottleneck import PLACEMENTS
-from conftest import batch, logits, make_base, rows_alone
+from conftest import batch, biased_base, logits, rows_alone
 
 ARCHS = ["gpt2", "llama", "bert"]
 CAUSAL = ["gpt2", "llama"]  # gradient checkpointing: the bases whose blocks checkpoint
@@ -145,15 +145,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def biased_base(arch: str):
-    """The tiny base with non-zero biases, the same on every call."""
-    base = make_base(arch)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in base.named_parameters():
-            if name.endswith("bias"):
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return base
 
 
 @dataclasses.dataclass
