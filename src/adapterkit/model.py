@@ -10,6 +10,9 @@ from the method registry; this module never names a method.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +52,47 @@ PEFT_METHODS = {
 }
 
 
+class _signed_as_base:  # noqa: N801 (a decorator)
+    """Gives ``AdapterModel.forward`` the signature of the base's forward plus ``adapter_names``,
+    so tools that pick inputs by the forward's parameters (``transformers.Trainer`` drops the
+    dataset columns it does not name) see ``input_ids``, ``labels``... The call itself is unchanged."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self.function
+        base = instance.__dict__.get("_modules", {}).get("base")
+        if base is None:
+            return types.MethodType(self.function, instance)
+        return types.MethodType(_forward_signed_as(self.function, type(base)), instance)
+
+
+@functools.cache
+def _forward_signed_as(function, base_type: type):
+    """A copy of ``function`` whose ``__signature__`` is ``base_type.forward``'s with ``adapter_names``."""
+    signed = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                                function.__closure__)
+    functools.update_wrapper(signed, function)
+    del signed.__wrapped__  # inspect would follow it back to (*args, **kwargs)
+    signed.__kwdefaults__ = function.__kwdefaults__
+    try:
+        parameters = list(inspect.signature(base_type.forward).parameters.values())
+    except (TypeError, ValueError):
+        return function
+    if "adapter_names" not in [p.name for p in parameters]:
+        ours = inspect.signature(function).parameters["adapter_names"]
+        at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+        parameters.insert(at, ours.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    try:
+        signed.__signature__ = inspect.Signature(parameters)
+    except ValueError:
+        return function
+    return signed
+
+
 class AdapterModel(nn.Module):
     """A frozen transformers model with named adapters that can be added, switched, trained,
     saved and loaded without touching the base or each other.
@@ -71,6 +115,7 @@ class AdapterModel(nn.Module):
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
     # ---- running -------------------------------------------------------------------------
+    @_signed_as_base
     def forward(self, *args, adapter_names: Sequence[str | Composition | None] | None = None, **kwargs):
         """The base's forward; with ``adapter_names``, row i runs through ``adapter_names[i]``: an
         adapter or composition name, a composition block, or None for the bare base."""
