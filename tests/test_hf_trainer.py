@@ -3,12 +3,16 @@ the dataset columns the forward names (the base's), trains only the adapter, and
 ``AdapterTrainer``) checkpoints only the adapter and resumes from it."""
 
 import inspect
+import shutil
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate, tokenize_all
+from adapterkit.integrations.hf import AdapterTrainer
 from conftest import tiny_llama, tiny_tokenizer
 
 WORDS = ["cat", "dog", "house", "tree", "water", "sun", "moon", "bread", "milk", "book", "door", "car"]
@@ -61,3 +65,45 @@ def test_trainer_with_default_arguments_trains_the_adapter(tmp_path):
     assert any(not torch.equal(adapter_before[k], after[k]) for k in after)
     base_after = model.base.state_dict()
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+
+
+def train_with_checkpoints(output_dir: Path, resume: bool = False) -> ak.AdapterModel:
+    model = make_model()
+    rows, collator = rows_and_collator()
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_steps=2, report_to=[], use_cpu=True)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model()
+    return model
+
+
+def test_checkpoints_hold_only_the_adapter_and_resume_bit_for_bit(tmp_path):
+    whole = train_with_checkpoints(tmp_path / "whole")
+    base_keys = set(whole.base.state_dict())
+    adapter_bytes = sum(t.numel() * t.element_size() for t in whole.adapter_state_dict("de").values())
+    folders = [tmp_path / "whole" / f"checkpoint-{n}" for n in (2, 4, 6)] + [tmp_path / "whole"]
+    for folder in folders:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}, folder
+        assert not (folder / "model.safetensors").exists()
+        weights = list(folder.glob("*.safetensors"))
+        assert sum(p.stat().st_size for p in weights) < 2 * adapter_bytes
+        for path in weights:
+            with safe_open(str(path), "pt") as file:
+                assert not base_keys & set(file.keys()), path
+    for folder in folders[:3]:
+        assert {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
+
+    loaded = ak.AdapterModel(tiny_llama())
+    assert loaded.load_adapter(tmp_path / "whole") == "de"
+    final = whole.adapter_state_dict("de")
+    assert all(torch.equal(final[k], v) for k, v in loaded.adapter_state_dict("de").items())
+
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", tmp_path / "cut" / "checkpoint-4")  # stopped after step 4
+    resumed = train_with_checkpoints(tmp_path / "cut", resume=True)
+    after = resumed.adapter_state_dict("de")
+    assert final.keys() == after.keys()
+    assert all(torch.equal(final[k], after[k]) for k in final)
+    checkpoint_4 = ak.AdapterModel(tiny_llama())
+    checkpoint_4.load_adapter(tmp_path / "whole" / "checkpoint-4")
+    assert any(not torch.equal(final[k], v) for k, v in checkpoint_4.adapter_state_dict("de").items())

@@ -594,6 +594,43 @@ class AdapterModel(nn.Module):
             raise ShapeMismatchError(f"{path}: {error}") from None
         return name
 
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, **kwargs) -> None:
+        """Write the adapter being trained (``train_adapter`` / ``train_fusion``) at the top of
+        ``save_directory`` as ``save_adapter`` writes it (adapter_config.json +
+        adapter_model.safetensors), so ``load_adapter(save_directory)`` reads it back; with nothing
+        in training, every adapter in a subfolder of its name. Other files in the folder (a
+        Trainer's optimizer and trainer state) are left alone and the base is never written.
+        ``state_dict``, ``safe_serialization`` and transformers' other arguments are ignored: the
+        tensors are always the live adapter's, in safetensors."""
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        trained = [self._trained] if self._trained is not None else []
+        for name in trained or list(self._configs):
+            target = folder if trained else folder / name
+            target.mkdir(parents=True, exist_ok=True)
+            for file_name, data in self.adapter_files(name).items():  # the config, which marks it whole, last
+                (target / file_name).write_bytes(data)
+
+    def load_adapter_weights(self, path: str | Path, name: str | None = None) -> str:
+        """Copy a saved adapter's tensors into the existing adapter ``name`` (default: the name it
+        was saved with) in place, so an optimizer holding its parameters keeps them (resuming a
+        ``save_pretrained`` checkpoint); returns the name."""
+        saved = read_adapter(path, self.base)
+        name = name if name is not None else saved.name
+        if name is None:
+            raise AdapterNameError(f"{path} carries no adapter name; pass name=")
+        self._check_known(name)
+        live = self.adapter_state_dict(name)
+        if set(saved.tensors) != set(live):
+            missing, extra = sorted(set(live) - set(saved.tensors)), sorted(set(saved.tensors) - set(live))
+            raise ShapeMismatchError(f"{path} does not hold adapter {name!r}'s tensors "
+                                     f"(missing: {_few(missing)}; unexpected: {_few(extra)})")
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(_checked(key, saved.tensors[key], tensor.shape))
+        return name
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """One adapter's tensors, keyed "<base module>.adapter.<parameter>", and its shared ones
         (``AdapterConfig.shared_tensors``) keyed "adapter.<name>" (the live tensors)."""
