@@ -17,7 +17,7 @@ import adapterkit as ak
 from adapterkit.serve import Server
 from conftest import randomise
 from test_lm_eval import ADAPTERS, TASK_TEMPLATE, TASKS, WORDS
-from test_serve_isolation import run_live
+from test_serve_isolation import serving
 from test_serve_scoring import eos_leaning_llama
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -47,12 +47,9 @@ def served(tmp_path_factory):
     (root / "tasks" / "tiny_choice.yaml").write_text(
         TASK_TEMPLATE.format(name="tiny_choice", data=root / "tasks" / "items.jsonl") + TASKS["tiny_choice"])
     server = Server(ak.AdapterModel(ak.load_base(root / "base")[0]), tokenizer, root / "adapters", "tiny-base")
-    runner, thread, sock, url = run_live(server)
-    yield {"url": url, "model": adapted, "tokenizer": tokenizer,
-           "manager": task_manager(["tiny_choice"], root / "tasks"), "items": items}
-    runner.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(server) as url:
+        yield {"url": url, "model": adapted, "tokenizer": tokenizer,
+               "manager": task_manager(["tiny_choice"], root / "tasks"), "items": items}
 
 
 def choice_scores(results: dict) -> list[float]:

@@ -3,6 +3,7 @@ queue, oversized bodies, a vanished adapters folder; and logprobs/echo through t
 Each case checks that the other clients' answers are unaffected."""
 
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import socket
@@ -46,6 +47,18 @@ def run_live(server: Server):
     while not runner.started and time.monotonic() < deadline:
         time.sleep(0.02)
     return runner, thread, sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def serving(server: Server):
+    """``server`` listening on a free port for the block (its address), stopped after it."""
+    runner, thread, sock, url = run_live(server)
+    try:
+        yield url
+    finally:
+        runner.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")

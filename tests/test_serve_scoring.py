@@ -9,7 +9,7 @@ from openai import OpenAI
 import adapterkit as ak
 from adapterkit.serve import Server
 from conftest import tiny_llama, tiny_tokenizer
-from test_serve_isolation import run_live
+from test_serve_isolation import serving
 
 EOS = 2
 TEXTS = [f"English: {word}\nGerman:" for word in ("cat", "dog", "house", "tree", "sun", "moon", "water", "bread")]
@@ -35,12 +35,9 @@ def scoring(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     (root / "adapters").mkdir()
     base, tokenizer = ak.load_base(root / "base")
-    runner, thread, sock, url = run_live(Server(ak.AdapterModel(base), tokenizer, root / "adapters", "tiny-base"))
-    yield {"client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), "base": base,
-           "tokenizer": tokenizer}
-    runner.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(Server(ak.AdapterModel(base), tokenizer, root / "adapters", "tiny-base")) as url:
+        yield {"client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), "base": base,
+               "tokenizer": tokenizer}
 
 
 def ending_prompts(scoring) -> list[list[int]]:

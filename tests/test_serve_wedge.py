@@ -19,7 +19,7 @@ import adapterkit as ak
 from adapterkit.compose import adapter_names, fusions
 from adapterkit.serve import create_app
 from test_serve import KEY, PROMPTS, complete, make_server, world  # noqa: F401
-from test_serve_isolation import run_live
+from test_serve_isolation import serving
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub" / "llama" / "fusion"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -57,13 +57,7 @@ def fused(world, tmp_path_factory):  # noqa: F811
 
 
 def live(world, **options):
-    return run_live(make_server(world, **options))
-
-
-def stop(runner, thread, sock):
-    runner.should_exit = True
-    thread.join(10)
-    sock.close()
+    return serving(make_server(world, **options))
 
 
 def ask(url, name, prompt, timeout=30, **fields):
@@ -89,16 +83,13 @@ def test_a_composition_nested_too_deep_is_refused_at_start(world):  # noqa: F811
 def test_compositions_requested_together_under_a_small_cache_all_answer(world):  # noqa: F811
     compositions = {"hp": ak.Stack("houlsby", "parallel"), "fl": ak.Stack("pfeiffer", "lora")}
     expected = {name: answer_of(world, block, PROMPTS[0]) for name, block in compositions.items()}
-    runner, thread, sock, url = live(world, max_loaded_adapters=2, compositions=compositions)
-    try:
+    with live(world, max_loaded_adapters=2, compositions=compositions) as url:
         names = ["hp", "fl"] * 3
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda name: ask(url, name, PROMPTS[0]), names))
         assert [a.json()["choices"][0]["text"] for a in answers] == [expected[n] for n in names]
         health = httpx.get(f"{url}/health").json()
         assert health["queued"] == 0 and len(health["loaded_adapters"]) <= 2
-    finally:
-        stop(runner, thread, sock)
 
 
 def test_a_member_that_fails_to_load_leaves_nothing_held(world):  # noqa: F811
@@ -138,8 +129,7 @@ def hub_fusion_without_width(world, tmp_path):  # noqa: F811
 
 
 def test_an_adapter_that_cannot_be_read_fails_its_request_and_frees_its_load(hub_fusion_without_width):
-    runner, thread, sock, url = live(hub_fusion_without_width)
-    try:
+    with live(hub_fusion_without_width) as url:
         failed = ask(url, "hubfusion", PROMPTS[0], timeout=20)
         assert failed.status_code == 400 and failed.json()["error"]["code"] == "adapter_load_failed"
         loaded = httpx.post(f"{url}/v1/adapters", json={"name": "hubfusion"}, headers=AUTH, timeout=20)
@@ -147,8 +137,6 @@ def test_an_adapter_that_cannot_be_read_fails_its_request_and_frees_its_load(hub
         assert (ask(url, "lora", PROMPTS[0]).json()["choices"][0]["text"]
                 == hub_fusion_without_width["answers"]["lora", PROMPTS[0]])
         assert httpx.get(f"{url}/health").json()["queued"] == 0
-    finally:
-        stop(runner, thread, sock)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -180,8 +168,7 @@ def test_a_client_that_leaves_while_its_adapter_loads_stops_waiting(world, monke
         return slow_read(*args, **kwargs)
 
     monkeypatch.setattr(pool_module, "read_adapter", read_slowly)
-    runner, thread, sock, url = live(world)
-    try:
+    with live(world) as url:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             patient = pool.submit(ask, url, "houlsby", PROMPTS[0])
             time.sleep(0.1)
@@ -190,8 +177,6 @@ def test_a_client_that_leaves_while_its_adapter_loads_stops_waiting(world, monke
             time.sleep(0.5)
             assert httpx.get(f"{url}/health").json()["queued"] == 1  # only the patient client still waits
             assert patient.result().json()["choices"][0]["text"] == world["answers"]["houlsby", PROMPTS[0]]
-    finally:
-        stop(runner, thread, sock)
 
 
 def test_scoring_answers_are_bounded_per_request(world):  # noqa: F811
@@ -214,8 +199,7 @@ def test_a_scoring_answer_is_built_off_the_event_loop(world, monkeypatch):  # no
         return built(*args)
 
     monkeypatch.setattr(app_module, "logprobs_block", build_slowly)
-    runner, thread, sock, url = live(world)
-    try:
+    with live(world) as url:
         scoring = threading.Thread(target=ask, args=(url, "lora", PROMPTS[0]), kwargs={"echo": True, "logprobs": 2})
         scoring.start()
         time.sleep(0.6)  # the answer is being built now
@@ -223,8 +207,6 @@ def test_a_scoring_answer_is_built_off_the_event_loop(world, monkeypatch):  # no
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert time.monotonic() - started < 0.5
         scoring.join(10)
-    finally:
-        stop(runner, thread, sock)
 
 
 def test_the_pool_never_holds_some_adapters_while_waiting_for_others(world):  # noqa: F811
@@ -248,8 +230,7 @@ def test_a_composition_the_model_refuses_fails_its_own_request_and_no_other(fuse
     compositions = {"swapped": ak.Fuse("parallel", "houlsby", name="fz"),
                     "fused_in_stack": ak.Stack("lora", ak.Fuse("houlsby", "parallel", name="fz"))}
     expected = answer_of(fused, compositions["fused_in_stack"], PROMPTS[0])
-    runner, thread, sock, url = live(fused, max_batch_size=32, compositions=compositions)
-    try:
+    with live(fused, max_batch_size=32, compositions=compositions) as url:
         jobs = [(["houlsby", "lora", "parallel", "pfeiffer"][i % 4], PROMPTS[i % 4]) for i in range(12)]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             swapped = pool.submit(ask, url, "swapped", PROMPTS[0])
@@ -261,5 +242,3 @@ def test_a_composition_the_model_refuses_fails_its_own_request_and_no_other(fuse
         assert [r.json()["choices"][0]["text"] for r in good] == [fused["answers"][job] for job in jobs]
         assert httpx.get(f"{url}/health").json()["queued"] == 0
         assert httpx.delete(f"{url}/v1/adapters/fz", headers=AUTH).status_code == 200  # nothing held it
-    finally:
-        stop(runner, thread, sock)

@@ -219,7 +219,7 @@ def create_app(server: Server) -> FastAPI:
             ids = await server.off_loop(lambda: tokenizer.encode(body.prompt, add_special_tokens=special))
         else:
             template = None if body.model is None else await asyncio.to_thread(server.template_of, body.model)
-            check_messages(tokenizer, body.messages, template, server.context)
+            check_messages(tokenizer, body.messages, template, server.context, None)
             ids = await server.off_loop(
                 lambda: encode_messages(tokenizer, body.messages, template, body.add_generation_prompt, special))
         strs = bool(body.return_token_strs)

@@ -23,7 +23,7 @@ from ..errors import AdapterkitError, ConfigError
 from ..generation import Engine, Generation, Sampling
 from ..model import AdapterModel
 from ..names import is_valid_name
-from ..templates import CHAT, render_prompt, shared_template
+from ..templates import shared_template
 from .config import ServeConfig
 from .metrics import Metrics
 from .pool import AdapterPool
@@ -36,10 +36,10 @@ from .protocol import (
     check_unicode,
     scored_logprobs,
 )
+from .tokenization import check_messages, check_text_length, encode_messages
 
 log = logging.getLogger(__name__)
 
-CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than context × this many characters is refused untokenised
 T = TypeVar("T")
 
 
@@ -166,15 +166,12 @@ class Server:
     async def encode(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
         """Token ids of each prompt: texts tokenised off the event loop after a cheap length check,
         token ids checked against the vocabulary."""
-        limit = self.context * CHARS_PER_TOKEN_LIMIT
         for prompt in prompts:
             if isinstance(prompt, list):
                 check_token_ids(prompt, self.vocabulary)
                 continue
             check_unicode(prompt, "the prompt")
-            if len(prompt) > limit:
-                raise ApiError(400, f"the prompt has {len(prompt)} characters, more than this model's context of "
-                                    f"{self.context} tokens can hold; shorten it", "context_length_exceeded")
+            check_text_length(len(prompt), self.context, "the prompt")
         tokenizer = self.engine.tokenizer
 
         def encode() -> list[list[int]]:
@@ -195,32 +192,11 @@ class Server:
         return shared_template([self.pool.template(name) for name in names])
 
     async def encode_chat(self, messages: list[ChatMessage], template: str | None = None) -> list[int]:
-        """The conversation's tokens: the one user message put into a text ``template``, else the
-        conversation rendered by the tokenizer's chat template."""
+        """The conversation's tokens, as /tokenize gives them: the one user message put into a text
+        ``template``, else the conversation rendered by the tokenizer's chat template."""
         tokenizer = self.engine.tokenizer
-        text_template = template is not None and template != CHAT
-        if text_template and [m.role for m in messages] != ["user"]:
-            raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: "
-                                "send one user message (or the filled-in prompt to /v1/completions)",
-                           "invalid_messages")
-        if not text_template and not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "this base model has no chat template; use /v1/completions", "no_chat_template")
-        for message in messages:
-            check_unicode(message.content, "a message")
-        # every message renders as at least its role and content, and at least one token
-        characters = sum(len(m.role) + len(m.content) for m in messages)
-        if len(messages) > self.context or characters > self.context * CHARS_PER_TOKEN_LIMIT:
-            raise ApiError(400, f"the messages are longer than this model's context of {self.context} tokens can hold",
-                           "context_length_exceeded")
-
-        def encode() -> list[int]:
-            if text_template:
-                return tokenizer.encode(render_prompt(template, messages[0].content), add_special_tokens=False)
-            chat = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
-                                                 tokenize=False)
-            return tokenizer.encode(chat, add_special_tokens=False)
-
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+        check_messages(tokenizer, messages, template, self.context, "/v1/completions")
+        return await self.off_loop(lambda: encode_messages(tokenizer, messages, template, True, False))
 
     def check_length(self, prompt: list[int], max_tokens: int) -> None:
         if not prompt:

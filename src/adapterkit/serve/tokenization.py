@@ -8,7 +8,8 @@ from typing import Any
 
 from ..templates import CHAT, render_prompt
 from .protocol import ApiError, ChatMessage, check_unicode
-from .server import CHARS_PER_TOKEN_LIMIT
+
+CHARS_PER_TOKEN_LIMIT = 32  # text longer than context × this many characters is refused untokenised
 
 # init_kwargs that name files or folders on the server, or how it loaded them: not the client's business
 _DROPPED = object()  # what _plain answers for a value JSON cannot hold
@@ -53,16 +54,24 @@ def check_text_length(characters: int, context: int, what: str) -> None:
                             "tokens can hold; shorten it", "context_length_exceeded")
 
 
-def check_messages(tokenizer, messages: list[ChatMessage], template: str | None, context: int) -> None:
-    """What /v1/chat/completions refuses in a conversation, refused here too."""
+def check_messages(tokenizer, messages: list[ChatMessage], template: str | None, context: int,
+                   prompt_route: str | None) -> None:
+    """Refuse, untokenised, a conversation that cannot be rendered or cannot fit the context;
+    ``prompt_route`` is where the client could send a plain prompt instead (None: /tokenize itself).
+    Every message renders as at least its role and content, and at least one token."""
     if template not in (None, CHAT) and [m.role for m in messages] != ["user"]:
-        raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: send one user message",
-                       "invalid_messages")
+        elsewhere = f" (or the filled-in prompt to {prompt_route})" if prompt_route else ""
+        raise ApiError(400, f"this adapter answers single prompts in the format {template!r}: send one user message"
+                            f"{elsewhere}", "invalid_messages")
     if template in (None, CHAT) and not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this base model has no chat template; tokenize a prompt instead", "no_chat_template")
+        instead = f"use {prompt_route}" if prompt_route else "tokenize a prompt instead"
+        raise ApiError(400, f"this base model has no chat template; {instead}", "no_chat_template")
     for message in messages:
         check_unicode(message.content, "a message")
-    check_text_length(sum(len(m.role) + len(m.content) for m in messages), context, "the conversation")
+    characters = sum(len(m.role) + len(m.content) for m in messages)
+    if len(messages) > context or characters > context * CHARS_PER_TOKEN_LIMIT:
+        raise ApiError(400, f"the messages are longer than this model's context of {context} tokens can hold",
+                       "context_length_exceeded")
 
 
 def encode_messages(tokenizer, messages: list[ChatMessage], template: str | None, add_generation_prompt: bool,
