@@ -131,6 +131,9 @@ def test_bodies_too_large_not_utf8_or_holding_lone_surrogates_get_openai_errors(
         lone = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "w1 \\ud800", "max_tokens": 2}',
                            headers={"content-type": "application/json"})
         assert lone.status_code == 400 and lone.json()["error"]["code"] == "invalid_text"
+        lone_stop = client.post("/v1/completions", content=b'{"model": "lora", "prompt": "w1", "stop": "\\ud800"}',
+                                headers={"content-type": "application/json"})
+        assert lone_stop.status_code == 400 and lone_stop.json()["error"]["code"] == "invalid_text"
         missing = client.get("/v1/nothing-here")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert (complete(client, "lora", PROMPTS[1]).json()["choices"][0]["text"]

@@ -103,6 +103,15 @@ def test_a_member_that_fails_to_load_leaves_nothing_held(world):  # noqa: F811
                 == world["answers"]["lora", PROMPTS[0]])
 
 
+def test_a_composition_whose_member_is_missing_is_a_400_naming_the_member(world):  # noqa: F811
+    with TestClient(create_app(make_server(world, compositions={"ghost": ak.Stack("lora", "nowhere")}))) as client:
+        failed = complete(client, "ghost", PROMPTS[0])
+        assert failed.status_code == 400 and failed.json()["error"]["code"] == "adapter_load_failed"
+        assert failed.json()["error"]["message"] == (
+            "composition 'ghost' cannot be loaded: the model 'nowhere' does not exist: no adapter folder of that name")
+        assert complete(client, "nowhere", PROMPTS[0]).status_code == 404
+
+
 def test_a_fusions_children_cannot_be_unloaded_or_reloaded_under_it(fused):
     compositions = {"fused": ak.Fuse("houlsby", "parallel", name="fz")}
     expected = answer_of(fused, compositions["fused"], PROMPTS[1])

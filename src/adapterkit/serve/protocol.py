@@ -50,6 +50,8 @@ class Sampled(BaseModel):
             check_stops(stops)
         except AdapterkitError as error:
             raise ApiError(400, str(error), "invalid_stop") from None
+        for stop in stops:
+            check_unicode(stop, "a stop string")
         return stops
 
     def refuse_unsupported(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from ..compose import Composition, adapter_names, check_nesting, fusions
-from ..errors import AdapterkitError, ConfigError
+from ..errors import AdapterkitError, AdapterLoadError, AdapterNotFoundError, ConfigError
 from ..generation import Engine, Generation, Sampling
 from ..model import AdapterModel
 from ..names import is_valid_name
@@ -248,9 +248,16 @@ class Server:
         return list(dict.fromkeys(adapter_names(block) + [fuse.name for fuse in reversed(fusions(block))]))
 
     def check_model(self, name: str) -> None:
+        """Refuse a model that does not exist (404); a composition whose member is missing from the
+        folder exists, but cannot load (400, naming the member)."""
         for adapter in self.adapters_of(name):
             if adapter not in self.pool.resident:
-                self.pool.path_of(adapter)
+                try:
+                    self.pool.path_of(adapter)
+                except AdapterNotFoundError as error:
+                    if name not in self.compositions:
+                        raise
+                    raise AdapterLoadError(f"composition {name!r} cannot be loaded: {error}") from None
 
     # ---- admin ---------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
