@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import BaseModelError, ConfigError
+from .quantization import bitsandbytes_config, check_quantize, prepare_quantized
 
 DEFAULT_BASE = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,16 +79,23 @@ def load_base(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = torch.float32,
     device: torch.device | str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for an embedded base name or a local Hugging Face model folder, its
     weights in ``dtype`` (float32, bfloat16 or float16; the name or the torch dtype) on ``device``
     (default cpu). Without a name, ``default_base()``.
 
+    ``quantize`` ("nf4", "fp4" or "int8") loads the linear layers of the blocks quantized by
+    bitsandbytes, each tensor as it is read, so the full-precision model is never in memory;
+    ``dtype`` is then what the 4-bit layers compute in and what the other weights are held in.
+
     The model class is the one the folder's config names (e.g. LlamaForCausalLM), in eval mode:
     a hand-written training loop calls ``model.train()`` (``train_adapter`` already puts the
     adapter itself in train mode).
     """
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    dtype, device, quantize = resolve_dtype(dtype), resolve_device(device), check_quantize(quantize)
+    if quantize is not None and device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"a {quantize} base runs on cpu or cuda (bitsandbytes), not {device.type}")
     name = str(name_or_path if name_or_path is not None else default_base())
     if name in _EMBEDDED:
         folder = embedded_base_folder(name)
@@ -99,10 +107,14 @@ def load_base(
                 f"{name!r} is neither an embedded base ({known}) nor a local model folder with a config.json"
             )
     model_class = _model_class(folder)
-    model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if quantize is None:
+        model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
+    else:
+        model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, device_map={"": device},
+                                            quantization_config=bitsandbytes_config(quantize, dtype))
+        prepare_quantized(model)
     if name in _EMBEDDED:
         model.config._name_or_path = name  # what adapters record as their base: a name load_base takes
-    model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdapterkitError, ConfigError
+from .quantization import QUANTIZATIONS
 from .templates import check_template
 
 DEFAULT_BASE = "smollm2-135m"  # unless $ADAPTERKIT_BASE names another (bases.default_base)
@@ -65,6 +66,9 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                                          "under torchrun, cuda means cuda:LOCAL_RANK")
     parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         help="the base's weights (default: float32); adapters stay float32")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS,
+                        help="load the base's block layers in 4 bits (nf4, fp4) or 8 bits (int8) through "
+                             "bitsandbytes, as QLoRA does; --dtype is then what they compute in")
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -262,7 +266,11 @@ def _train(args: argparse.Namespace) -> int:
     name = options.pop("name", None) or output.name
     method = options.pop("method", DEFAULT_METHOD)
     device, dtype = resolve_device(options.pop("device", None)), options.pop("dtype", None)
+    quantize = options.pop("quantize", None)
     checkpointing, fsdp = bool(options.pop("gradient_checkpointing", False)), bool(options.pop("fsdp", False))
+    if fsdp and quantize:
+        raise ConfigError(f"--fsdp cannot shard a --quantize {quantize} base (FSDP2 shards float parameters, not "
+                          "bitsandbytes' packed ones): drop one of them; a quantized base fits one device anyway")
     if fsdp and not distributed.launched():
         raise ConfigError("--fsdp shards the base across several processes: "
                           "launch with torchrun --nproc_per_node N -m adapterkit train ...")
@@ -283,7 +291,7 @@ def _train(args: argparse.Namespace) -> int:
     adapter_config = config_type.from_dict(adapter_options)
 
     device = distributed.start(device)  # under torchrun: join the ranks; cuda becomes cuda:LOCAL_RANK
-    base, tokenizer = load_base(base_name, dtype, "cpu" if fsdp else device)  # sharded from host memory
+    base, tokenizer = load_base(base_name, dtype, "cpu" if fsdp else device, quantize)  # fsdp: shards from host memory
     if earlier and args.overwrite and distributed.rank() == 0:
         clear_run(output)  # only once every option has been checked and the base loaded
     train_examples = apply_template(train_examples, template, tokenizer)
@@ -366,7 +374,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--include-path and --output-json go with --harness (JSONL scores are written with --json)")
     examples = read_jsonl(args.data)
     model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
-                                                      args.dtype)
+                                                      args.dtype, args.quantize)
     rows, report = [], {}
     for name, template in run_templates(args, adapters).items():
         model.set_active(name)
@@ -398,7 +406,8 @@ def run_harness(args: argparse.Namespace) -> int:
     tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
     manager = task_manager(tasks, args.include_path)  # unknown tasks are refused before the base loads
     base = args.base or default_base_name()
-    model, tokenizer, adapters = _model_with_adapters(base, args.adapter, args.device, args.dtype)
+    model, tokenizer, adapters = _model_with_adapters(base, args.adapter, args.device, args.dtype,
+                                                      args.quantize)
     results = evaluate_adapters(model, tokenizer, [None, *adapters], tasks, batch_size=args.batch_size,
                                 task_manager=manager, log_samples=False)
     print(format_table(harness_rows(results)))
@@ -480,7 +489,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .templates import CHAT, render_prompt
 
     model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
-                                                      args.dtype)
+                                                      args.dtype, args.quantize)
     answers = {}
     for name, template in run_templates(args, adapters).items():
         texts = [render_prompt(template, p, tokenizer) for p in args.prompts]
@@ -524,8 +533,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"base        {base['name_or_path'] or 'not recorded'}")
     if base.get("weights_sha256"):
         base_params = f"{base['num_parameters']:,}" if base.get("num_parameters") else "?"
+        quantized = f" (trained over its {base['quantized']} copy)" if base.get("quantized") else ""
         print(f"            {base.get('architecture')} ({base.get('model_type')}, {base_params} parameters, "
-              f"{base.get('dtype') or 'float32'}, "
+              f"{base.get('dtype') or 'float32'}{quantized}, "
               f"weights sha256 {base['weights_sha256'][:16]}…)")
     if base["pretrained_path"] and base["pretrained_path"] != base["name_or_path"]:
         print(f"            folder {base['pretrained_path']}{base_folder_note(base['name_or_path'])}")
@@ -655,15 +665,16 @@ def run_split(args: argparse.Namespace) -> int:
 
 
 # ---- shared --------------------------------------------------------------------------------------
-def _model_with_adapters(base_name: str, paths: Sequence[str], device: str | None = None, dtype: str | None = None):
+def _model_with_adapters(base_name: str, paths: Sequence[str], device: str | None = None, dtype: str | None = None,
+                         quantize: str | None = None):
     """(model, tokenizer, {adapter name: its prompt template}): the base (on ``device``, in
-    ``dtype``) with each adapter loaded under its saved name (made unique with a numeric suffix
+    ``dtype``, ``quantize``d or not) with each adapter loaded under its saved name (made unique with a numeric suffix
     when two share one)."""
     from .bases import load_base
     from .io import read_adapter_config
     from .model import AdapterModel
 
-    base, tokenizer = load_base(base_name, dtype, device)
+    base, tokenizer = load_base(base_name, dtype, device, quantize)
     model = AdapterModel(base)
     adapters: dict[str, str | None] = {}
     for path in paths:
@@ -729,7 +740,7 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
     compositions = read_compositions(args.compositions) if args.compositions else None
     serve(args.base or default_base_name(), args.adapters, args.host, args.port, api_key, config, compositions,
-          device=args.device, dtype=args.dtype)
+          device=args.device, dtype=args.dtype, quantize=args.quantize)
     return 0
 
 

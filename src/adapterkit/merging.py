@@ -19,6 +19,7 @@ from .hooks import HookLayer
 from .inject import Site
 from .io import base_fingerprint
 from .methods import AdapterConfig, AdapterModule, get_method
+from .quantization import quantization_of
 
 
 class MergedWeights:
@@ -36,6 +37,12 @@ class MergedWeights:
         rows or columns. Its hooks come off the layers it changed, and it becomes active."""
         if self.name is not None:
             raise MergeError(f"adapter {self.name!r} is already merged into the base weights; unmerge() it first")
+        quantized = quantization_of(self.hooks.base)
+        if quantized is not None:
+            raise MergeError(
+                f"the base is quantized ({quantized}): adapter {name!r}'s update, folded into {quantized} weights, "
+                "would be rounded away or requantized into another model. Merge over the full-precision base "
+                "(load_base without quantize), then quantize the merged model if you need to")
         routing = self.hooks.routing
         if routing.tree is not None:
             raise MergeError("a composition is active; set_active(None) or a plain adapter list before merging")

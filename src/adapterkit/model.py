@@ -29,6 +29,7 @@ from .io import CONFIG_FILE, adapter_files, check_base, forget_base_fingerprint,
 from .merging import MergedWeights, combine_adapters
 from .methods import AdapterConfig, AdapterModule, MethodTraining, get_method, shared_key, shared_name
 from .names import check_adapter_name
+from .quantization import prepare_quantized
 from .resolve import check_fusion, check_known, mixed_rows, resolve
 
 SHARED = "~shared"  # an adapter's shared tensors among its modules; no module name gives this key
@@ -106,6 +107,7 @@ class AdapterModel(nn.Module):
         self.hooks = HookLayer(base, self)
         self.base = base
         base.requires_grad_(False)
+        prepare_quantized(base)
         self.adapter_layers = AdapterLayers()
         self._configs: dict[str, AdapterConfig] = {}
         self._compositions: dict[str, Block] = {}  # named compositions, usable wherever an adapter name is

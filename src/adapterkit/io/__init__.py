@@ -122,7 +122,8 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         "parameters": sum(t.numel() for t in saved.tensors.values()),
         "dtype": str(next(iter(saved.tensors.values())).dtype).removeprefix("torch.") if saved.tensors else None,
         "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()),
-        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "dtype", "weights_sha256")}
+        "base": {k: base.get(k) for k in ("architecture", "model_type", "num_parameters", "dtype", "weights_sha256",
+                                            "quantized")}
         | {"name_or_path": saved.base_name},
         "prompt_template": saved.prompt_template,
     }

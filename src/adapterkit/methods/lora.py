@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import AdapterkitError, ConfigError
 from ..inject import Site, find_sites, query_and_value
+from ..quantization import dense_weight
 from .base import (
     AdapterConfig,
     AdapterModule,
@@ -184,8 +185,8 @@ class DoraAdapter(LoraAdapter):
         return layer
 
     def base_weight(self) -> torch.Tensor:
-        """The layer's weight as [out, in]."""
-        weight = self.base_layer().weight
+        """The layer's weight as [out, in] (dequantized where the base is quantized)."""
+        weight = dense_weight(self.base_layer())
         return weight.T if self.transposed else weight
 
     @torch.no_grad()

@@ -30,10 +30,11 @@ def serve(
     compositions: dict[str, Composition] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> None:
-    """Load ``base`` (on ``device``, in ``dtype``) and serve the adapters in ``adapters_dir`` (and
-    ``compositions`` of them) until interrupted. The port is taken before the base loads, so a busy
-    one fails at once with our error."""
+    """Load ``base`` (on ``device``, in ``dtype``, ``quantize``d or not) and serve the adapters in
+    ``adapters_dir`` (and ``compositions`` of them) until interrupted. The port is taken before the
+    base loads, so a busy one fails at once with our error."""
     import uvicorn
 
     folder = Path(adapters_dir)
@@ -44,7 +45,7 @@ def serve(
                     "served until one is added", folder, CONFIG_FILE, RUN_ADAPTER, CONFIG_FILE)
     listener = listen(host, port)
     try:
-        base_model, tokenizer = load_base(base, dtype, device)
+        base_model, tokenizer = load_base(base, dtype, device, quantize)
         base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
         server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, config, compositions)
         log.info(startup_line(base, base_name, folder, listener))
