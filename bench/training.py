@@ -23,18 +23,20 @@ import torch
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate
+from adapterkit.methods import AdapterConfig
 from adapterkit.train import training_loss
 from harness import print_table, time_interleaved
 
 ADAPTER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64)
 
 
-def make_step(dtype: str, device: str, checkpointing: bool, batch: int, length: int):
+def make_step(dtype: str, device: str, checkpointing: bool, batch: int, length: int,
+              adapter: AdapterConfig = ADAPTER, quantize: str | None = None):
     """A model and a function that runs one optimizer step on a fixed random batch."""
-    base, _ = ak.load_base(dtype=dtype, device=device)
+    base, _ = ak.load_base(dtype=dtype, device=device, quantize=quantize)
     model = ak.AdapterModel(base)
     torch.manual_seed(0)
-    model.add_adapter("a", ADAPTER)
+    model.add_adapter("a", adapter)
     model.train_adapter("a")
     if checkpointing:
         model.gradient_checkpointing_enable()

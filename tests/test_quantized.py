@@ -20,7 +20,7 @@ from adapterkit.errors import BaseMismatchError, ConfigError, MergeError
 from adapterkit.io import base_fingerprint
 from adapterkit.methods import registered_methods
 from adapterkit.quantization import dense_weight, quantization_of
-from conftest import VOCAB, batch, logits, rows_alone, tiny_tokenizer
+from conftest import VOCAB, batch, logits, randomise, rows_alone, tiny_tokenizer
 from test_methods_conformance import add, first_row
 
 pytest.importorskip("bitsandbytes")
@@ -332,3 +332,29 @@ def test_the_cli_refuses_a_quantization_it_cannot_run_before_writing_anything(ba
         main([*common, "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_server_answers_over_a_quantized_base_as_the_model_does(base_folder, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from adapterkit.serve import Server, create_app
+
+    adapters = tmp_path / "adapters"
+    trained = ak.AdapterModel(load(base_folder, "nf4"))
+    torch.manual_seed(0)
+    trained.add_adapter("de", ak.LoraConfig(r=4))
+    randomise(trained, "de", seed=1)
+    trained.save_adapter("de", adapters / "de")
+    model = ak.AdapterModel(load(base_folder, "nf4"))
+    server = Server(model, tiny_tokenizer(), adapters, "tiny-nf4")
+    with TestClient(create_app(server)) as client:
+        answer = client.post("/v1/completions", json={"model": "de", "prompt": "cat", "max_tokens": 6,
+                                                      "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    trained.set_active("de")
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer("cat", return_tensors="pt")
+    with torch.no_grad():
+        ids = trained.generate(**prompt, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert expected and answer.json()["choices"][0]["text"] == expected

@@ -113,11 +113,28 @@ def load_base(
         model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, device_map={"": device},
                                             quantization_config=bitsandbytes_config(quantize, dtype))
         prepare_quantized(model)
+        _copy_out_of_file(model)
     if name in _EMBEDDED:
         model.config._name_or_path = name  # what adapters record as their base: a name load_base takes
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
+
+
+@torch.no_grad()
+def _copy_out_of_file(model: PreTrainedModel) -> None:
+    """Give the weights left in full precision (embeddings, norms, head) memory of their own.
+
+    transformers maps the safetensors file and leaves these tensors as views of the mapping, which
+    keeps the whole file mapped, and every page that quantizing read stays resident: the nf4
+    default base held 582 MiB instead of 255 MiB (measured), more than its float32 copy's 538 MiB
+    file. Copied out, the mapping is released."""
+    seen = set()
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point() and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensor.data = tensor.data.clone()
 
 
 def _model_class(folder: Path) -> type[PreTrainedModel]:

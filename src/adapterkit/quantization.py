@@ -39,6 +39,8 @@ def check_quantize(quantize: str | None) -> str | None:
                           f"got {quantize!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"a {quantize} base needs bitsandbytes, which is not installed: {PIP_COMMAND}")
+    # on import, bitsandbytes warns when it cannot fetch its CPU inference kernel, which adapterkit keeps off
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return quantize
 
 
