@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import shutil
 import socket
+import sys
 import time
 
 import httpx
@@ -16,10 +17,11 @@ from fastapi.testclient import TestClient
 from ray import serve
 
 import adapterkit as ak
+from adapterkit.errors import ConfigError
 from adapterkit.serve import ServeConfig, Server, create_app
-from adapterkit.serve.ray import APP_NAME, REPLICA_HEADER, application
+from adapterkit.serve.ray import APP_NAME, REPLICA_HEADER, application, build
 from conftest import randomise
-from test_serve import KEY, tiny_llama, tiny_tokenizer
+from test_serve import KEY, sample, tiny_llama, tiny_tokenizer
 
 ADAPTERS = {
     "houlsby": ak.BottleneckConfig(bottleneck_size=8),
@@ -161,6 +163,27 @@ def replicas_running() -> int:
     return serve.status().applications[APP_NAME].deployments["Replica"].replica_states.get("RUNNING", 0)
 
 
+def test_the_ray_options_are_checked_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """(First in the file: Ray is not started yet.)"""
+    from adapterkit.cli import main
+
+    assert main(["serve", "--adapters", str(tmp_path), "--replicas", "2"]) == 2
+    assert capsys.readouterr().err == "adapterkit: error: --replicas applies to --ray: add --ray\n"
+    assert main(["serve", "--adapters", str(tmp_path), "--ray", "--replicas", "0"]) == 2
+    assert "--replicas must be a whole number of at least 1, got 0" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--adapters", str(tmp_path), "--ray", "--port", str(port)]) == 2
+    assert "Address already in use" in capsys.readouterr().err and not ray.is_initialized()
+    with pytest.raises(ConfigError, match="unknown argument.*replica\\b"):
+        build({"adapters": str(tmp_path), "replica": 2})
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["serve", "--adapters", str(tmp_path), "--ray"]) == 2
+    assert capsys.readouterr().err == "adapterkit: error: --ray needs Ray Serve: pip install 'adapterkit[ray]'\n"
+
+
 def test_answers_equal_the_single_servers(cluster, world):
     for (route, body), expected in zip(cases(), world["answers"]):
         response = httpx.post(f"{cluster}{route}", json=body, timeout=60)
@@ -249,3 +272,18 @@ def test_a_killed_replica_loses_no_other_replicas_requests_and_comes_back(cluste
     assert replicas_running() == 2
     assert victim not in loaded_by_replica(cluster)
     assert {name: answer(name).json()["choices"] for name in ADAPTERS} == alone
+
+
+def test_a_client_that_leaves_frees_its_row_on_the_replica(cluster):
+    home = homes(cluster, ["pfeiffer"])["pfeiffer"]
+    body = {"model": "pfeiffer", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{cluster}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers[REPLICA_HEADER] == home
+        next(response.iter_lines())
+    deadline = time.monotonic() + 30
+    cancelled = 0.0
+    while not cancelled and time.monotonic() < deadline:
+        metrics = httpx.get(f"{cluster}/metrics")
+        if metrics.headers[REPLICA_HEADER] == home:
+            cancelled = sample(metrics.text, "adapterkit_requests_total", adapter="pfeiffer", outcome="cancelled")
+    assert cancelled == 1
