@@ -159,6 +159,17 @@ def loaded_by_replica(url: str) -> dict[str, set[str]]:
     return found
 
 
+def adapter_loads(url: str) -> dict[str, float]:
+    """{replica: adapters it has read from the folder so far}."""
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while len(found) < 2 and time.monotonic() < deadline:
+        response = httpx.get(f"{url}/metrics")
+        found[response.headers[REPLICA_HEADER]] = sample(response.text, "adapterkit_adapter_loads_total")
+    assert len(found) == 2, f"only {sorted(found)} answered /metrics"
+    return found
+
+
 def replicas_running() -> int:
     return serve.status().applications[APP_NAME].deployments["Replica"].replica_states.get("RUNNING", 0)
 
@@ -195,8 +206,10 @@ def test_answers_equal_the_single_servers(cluster, world):
 def test_requests_for_an_adapter_stay_on_the_replica_that_loaded_it(cluster):
     first = homes(cluster, list(ADAPTERS))
     time.sleep(1)  # Ray's routers learn which replica serves what within a fraction of a second
+    loads = adapter_loads(cluster)
     for _ in range(3):
         assert homes(cluster, list(ADAPTERS)) == first
+    assert adapter_loads(cluster) == loads  # no adapter was read again
     assert len(set(first.values())) == 2  # a cold adapter goes to the replica serving fewest
     for replica, loaded in loaded_by_replica(cluster).items():
         assert {name for name, home in first.items() if home == replica} <= loaded
