@@ -101,7 +101,7 @@ def managed_adapter(request: Forwarded) -> str | None:
     return name if is_valid_name(name) else None
 
 
-async def asgi_answer(app, request: Forwarded) -> AsyncIterator[dict[str, Any]]:
+async def asgi_answer(app: FastAPI, request: Forwarded) -> AsyncIterator[dict[str, Any]]:
     """The messages ``app`` sends in answer to ``request``, run as uvicorn runs it: the body once,
     then a disconnect when the caller stops listening, which cancels the request's rows."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
