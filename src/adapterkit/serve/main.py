@@ -1,4 +1,5 @@
-"""``adapterkit serve`` as a function: take the port, load the base, run the app under uvicorn."""
+"""``adapterkit serve`` as a function: take the port, load the base, run the app under uvicorn; and the
+steps ``serve --ray`` (``ray``) shares with it."""
 
 from __future__ import annotations
 
