@@ -20,6 +20,16 @@ each rate runs about --duration seconds of arrivals. Per rate it prints throughp
 first token, p50/p95 time per output token and the share of requests meeting the SLO (TTFT <=
 --slo-ttft and TPOT <= --slo-tpot), then the goodput: the highest rate at which 90% meet it.
 
+With --ray the same adapters are also served by the Ray Serve application (``serve --ray``) with
+--replicas replicas on a local Ray cluster, and two things are measured. Placement: the same
+--requests requests (each to one of the adapters, uniform or --zipf) are sent straight to the
+replicas, once placed by their model through Ray's multiplexing and once anywhere (Ray's default
+routing), and the adapters the replicas read from disk are counted (their
+adapterkit_adapter_loads_total): cold loads per 1,000 requests, after a warm-up pass that asks for
+each adapter once. Overhead: --overhead-requests lone requests (one at a time, alternating rounds)
+to the single server and through Ray's proxy, ingress and replica: p50 end-to-end latency of each,
+both servers with one torch thread (Ray gives each replica one CPU).
+
 Full-size figures (on a quiet machine):
 
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --clients 32 --adapters-count 8 \\
@@ -29,10 +39,13 @@ Full-size figures (on a quiet machine):
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --adapters-count 8
     flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --arrivals poisson --on-disk 1000 \\
         --max-loaded 16 --zipf 1.1
+    flock /tmp/adapterkit-heavy.lock .venv/bin/python bench/serve_load.py --ray --replicas 2 --on-disk 16 \\
+        --max-loaded 8 --requests 1000 --max-tokens 4 --clients 8
 """
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import random
 import socket
@@ -78,16 +91,21 @@ def write_adapters(model: ak.AdapterModel, folder: Path, names: list[str], small
         model.delete_adapter(name)
 
 
+def limits(args):
+    from adapterkit.serve import ServeConfig
+
+    return ServeConfig(max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
+                       max_queue=max(256, args.requests), max_prefill_tokens=args.max_prefill_tokens)
+
+
 def start_server(base, tokenizer, folder: Path, names: list[str], args) -> str:
     import uvicorn
 
-    from adapterkit.serve import ServeConfig, Server, create_app
+    from adapterkit.serve import Server, create_app
 
     model = ak.AdapterModel(base).eval()
     write_adapters(model, folder, names, small=bool(args.on_disk))
-    limits = ServeConfig(max_batch_size=args.max_batch_size, max_loaded_adapters=args.max_loaded,
-                         max_queue=max(256, args.requests), max_prefill_tokens=args.max_prefill_tokens)
-    server = Server(model, tokenizer, folder, "smollm2-135m", config=limits)
+    server = Server(model, tokenizer, folder, "smollm2-135m", config=limits(args))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     runner = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
@@ -189,6 +207,99 @@ def open_loop(args, url: str, client: httpx.Client, names: list[str]) -> None:
           f"capacity ({goodput * capacity:.2f} req/s)")
 
 
+# ---- --ray: placement by Ray's multiplexing against anywhere, and the Ray path's overhead -----------
+def start_ray(folder: Path, args):
+    """The Ray Serve application over ``folder`` on a local Ray cluster: (its URL, a handle on its replicas)."""
+    import ray
+    from ray import serve
+
+    from adapterkit.bases import default_base
+    from adapterkit.serve.ray import APP_NAME, application
+
+    ray.init(address="local", num_cpus=args.replicas, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(default_base(), folder, args.replicas, config=limits(args)), name=APP_NAME)
+    return f"http://127.0.0.1:{port}", serve.get_deployment_handle("Replica", APP_NAME)
+
+
+def send_placed(replicas, request: dict, multiplexed: bool) -> None:
+    """One completions request straight to the replicas: placed by its model, or anywhere."""
+    from adapterkit.serve.ray import Forwarded
+
+    forwarded = Forwarded("POST", "/v1/completions", b"", [(b"content-type", b"application/json")],
+                          json.dumps(request).encode())
+    handle = replicas.options(stream=True, multiplexed_model_id=request["model"] if multiplexed else "")
+    messages = list(handle.answer.remote(forwarded))
+    if messages[0]["status"] != 200:
+        raise RuntimeError(b"".join(m.get("body", b"") for m in messages[1:]).decode())
+
+
+def adapter_loads(client: httpx.Client, url: str, replicas: int) -> float:
+    """Adapters read from disk so far by all replicas, from each one's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adapterkit.serve.ray import REPLICA_HEADER
+
+    found: dict[str, float] = {}
+    while len(found) < replicas:
+        response = client.get(f"{url}/metrics")
+        families = text_string_to_metric_families(response.text)
+        found[response.headers[REPLICA_HEADER]] = next(
+            s.value for f in families for s in f.samples if s.name == "adapterkit_adapter_loads_total")
+    return sum(found.values())
+
+
+def placement(args, client: httpx.Client, url: str, replicas, names: list[str]) -> None:
+    chooser = random.Random(1)
+    pick = adapter_chooser(names, args.zipf, chooser)
+    requests = [{"model": pick(), "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
+                for text in prompts(args.requests, chooser)]
+    warm_up = [{"model": name, "prompt": "English: Log out\nGerman:", "max_tokens": 1, "temperature": 0}
+               for name in names]
+    spread = f"Zipf {args.zipf}" if args.zipf else "uniform"
+    print(f"{args.requests} requests over {len(names)} adapters ({spread}), at most {args.max_loaded} idle resident "
+          f"per replica, {args.replicas} replicas, {args.clients} clients")
+    print(f"{'placement':<14}{'cold loads':>11}{'per 1,000 requests':>20}")
+    for label, multiplexed in (("multiplexed", True), ("anywhere", False)):
+        place = functools.partial(send_placed, replicas, multiplexed=multiplexed)
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(place, warm_up))
+            before = adapter_loads(client, url, args.replicas)
+            list(pool.map(place, requests))
+        loads = adapter_loads(client, url, args.replicas) - before
+        print(f"{label:<14}{loads:>11.0f}{1000 * loads / len(requests):>20.1f}")
+
+
+def overhead(args, client: httpx.Client, direct: str, through_ray: str, names: list[str]) -> None:
+    chooser = random.Random(2)
+    requests = [{"model": chooser.choice(names), "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
+                for text in prompts(args.overhead_requests, chooser)]
+    results: dict[str, list] = {"direct": [], "Ray": []}
+    variants = {label: (lambda label=label, url=url: results[label].append(send_all(client, url, requests, 1)))
+                for label, url in (("direct", direct), ("Ray", through_ray))}
+    time_interleaved(variants, args.rounds)
+    p50 = {label: median([percentile([r[0] for r in samples], 0.5) for samples in rounds[1:]])
+           for label, rounds in results.items()}
+    print(f"{len(requests)} lone requests, {args.max_tokens} tokens each, {args.rounds} alternating rounds: p50 "
+          f"end-to-end direct {p50['direct']:.3f} s, through Ray {p50['Ray']:.3f} s: Ray / direct "
+          f"{p50['Ray'] / p50['direct']:.3f}, {1000 * (p50['Ray'] - p50['direct']):+.0f} ms per request")
+
+
+def ray_figures(args) -> None:
+    torch.set_num_threads(1)  # as each replica has (one CPU each)
+    names = [f"ad{i:04d}" for i in range(args.on_disk or args.adapters_count)]
+    base, tokenizer = ak.load_base()
+    with tempfile.TemporaryDirectory() as folder:
+        direct = start_server(base, tokenizer, Path(folder), names, args)
+        through_ray, replicas = start_ray(Path(folder), args)
+        with httpx.Client(limits=httpx.Limits(max_connections=args.clients + 4), timeout=600) as client:
+            placement(args, client, through_ray, replicas, names)
+            overhead(args, client, direct, through_ray, names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -211,7 +322,14 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity skew (0: uniform)")
     parser.add_argument("--slo-ttft", type=float, default=1.0)
     parser.add_argument("--slo-tpot", type=float, default=0.2)
+    parser.add_argument("--ray", action="store_true",
+                        help="also serve through Ray Serve: cold loads by placement, and the Ray path's overhead")
+    parser.add_argument("--replicas", type=int, default=2, help="with --ray")
+    parser.add_argument("--overhead-requests", type=int, default=16, help="with --ray: lone requests per round")
     args = parser.parse_args()
+    if args.ray:
+        ray_figures(args)
+        return
     torch.set_num_threads(2)
     if args.arrivals == "poisson":
         names = [f"ad{i:04d}" for i in range(args.on_disk or args.adapters_count)]

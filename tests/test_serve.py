@@ -234,7 +234,9 @@ def test_least_recently_used_adapters_are_evicted_under_the_cap(world):
             assert (complete(test_client, name, PROMPTS[0]).json()["choices"][0]["text"]
                     == world["answers"][name, PROMPTS[0]])
         assert test_client.get("/health").json()["loaded_adapters"] == ["parallel", "pfeiffer"]
-        assert sample(test_client.get("/metrics").text, "adapterkit_adapters_resident") == 2
+        metrics = test_client.get("/metrics").text
+        assert sample(metrics, "adapterkit_adapters_resident") == 2
+        assert sample(metrics, "adapterkit_adapter_loads_total") == 4  # houlsby's second request found it loaded
 
 
 def test_a_held_adapter_is_never_evicted_and_a_cold_one_never_waits_for_room(world):

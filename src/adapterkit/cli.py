@@ -730,17 +730,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compositions", type=Path,
                         help='JSON file naming compositions, e.g. {"de-legal": {"stack": ["de", "legal"]}}; '
                              'a request\'s model may name one')
+    parser.add_argument("--ray", action="store_true", help=(
+        "serve as a Ray Serve application: --replicas servers behind one ingress that sends each request to a "
+        "replica already serving its adapter (pip install 'adapterkit[ray]'; docs/serving.md)"))
+    parser.add_argument("--replicas", type=int, help="with --ray: how many servers (default: 1)")
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
+    from .serve.main import require_ray
 
+    if args.replicas is not None and not args.ray:
+        raise ConfigError("--replicas applies to --ray: add --ray")
+    if args.ray:
+        require_ray()
     config = ServeConfig(**{name: getattr(args, name) for name in ServeConfig.names()})
     api_key = args.api_key or os.environ.get("ADAPTERKIT_API_KEY") or None
     compositions = read_compositions(args.compositions) if args.compositions else None
-    serve(args.base or default_base_name(), args.adapters, args.host, args.port, api_key, config, compositions,
-          device=args.device, dtype=args.dtype, quantize=args.quantize)
+    base = args.base or default_base_name()
+    if args.ray:
+        from .serve.ray import run
+
+        run(base, args.adapters, args.host, args.port, 1 if args.replicas is None else args.replicas, api_key,
+            config, compositions, args.device, args.dtype, args.quantize)
+        return 0
+    serve(base, args.adapters, args.host, args.port, api_key, config, compositions, device=args.device,
+          dtype=args.dtype, quantize=args.quantize)
     return 0
 
 

@@ -62,3 +62,7 @@ class AdapterInUseError(AdapterkitError):
 
 class AdapterLoadError(AdapterFileError):
     """A served adapter could not be loaded; the message names no server path."""
+
+
+class ReplicaUnavailableError(AdapterkitError):
+    """The replica answering a request stopped before it answered (``serve --ray``); others go on."""

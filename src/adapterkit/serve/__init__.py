@@ -18,6 +18,8 @@ The parts, as a request meets them: ``protocol`` (the OpenAI request and answer 
 (the routes; the one place errors become statuses), ``middleware`` (body limit, unexpected errors),
 ``server`` (requests into engine rows, the engine's thread), ``pool`` (adapters loaded on demand),
 ``metrics`` (Prometheus), ``config`` (the limits, one ``serve`` flag each) and ``main`` (``serve()``).
+``ray`` (``serve --ray``, with the ``ray`` extra; not imported here) runs replicas of this server
+behind Ray Serve.
 """
 
 from .app import create_app

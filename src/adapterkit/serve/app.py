@@ -18,7 +18,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
+from ..errors import (
+    AdapterInUseError,
+    AdapterkitError,
+    AdapterLoadError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    ReplicaUnavailableError,
+)
 from ..generation import TokenLogprob
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
@@ -45,6 +52,7 @@ STATUSES: list[tuple[type[AdapterkitError], int, str]] = [
     (AdapterInUseError, 409, "adapter_in_use"),
     (AdapterNameError, 400, "invalid_model_name"),
     (AdapterLoadError, 400, "adapter_load_failed"),
+    (ReplicaUnavailableError, 503, "replica_unavailable"),
     (AdapterkitError, 400, "invalid_request"),
 ]
 

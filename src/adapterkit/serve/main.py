@@ -1,4 +1,5 @@
-"""``adapterkit serve`` as a function: take the port, load the base, run the app under uvicorn."""
+"""``adapterkit serve`` as a function: take the port, load the base, run the app under uvicorn; and the
+steps ``serve --ray`` (``ray``) shares with it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..bases import load_base, pretrained_path
 from ..compose import Composition
-from ..errors import AdapterkitError
+from ..errors import AdapterkitError, ConfigError
 from ..io import CONFIG_FILE
 from ..model import AdapterModel
 from .app import create_app
@@ -18,6 +19,8 @@ from .pool import RUN_ADAPTER, find_adapters
 from .server import Server
 
 log = logging.getLogger(__name__)
+
+RAY_MISSING = "--ray needs Ray Serve: pip install 'adapterkit[ray]'"
 
 
 def serve(
@@ -37,21 +40,55 @@ def serve(
     base loads, so a busy one fails at once with our error."""
     import uvicorn
 
+    folder = adapters_folder(adapters_dir)
+    listener = listen(host, port)
+    try:
+        server = load_server(base, folder, api_key, config, compositions, device, dtype, quantize)
+        log.info(startup_line(base, server.base_name, folder, listener))
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def require_ray() -> None:
+    """Raise ConfigError with the pip command when Ray Serve is not installed, before anything loads."""
+    try:
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+
+
+def adapters_folder(adapters_dir: str | Path) -> Path:
+    """The adapters folder, refused at once when it is missing (a warning when it holds no adapter)."""
     folder = Path(adapters_dir)
     if not folder.is_dir():
         raise AdapterkitError(f"no adapters folder at {folder}")
     if not find_adapters(folder):
         log.warning("%s holds no adapter yet (neither <name>/%s nor a training run's <name>/%s/%s): only the base is "
                     "served until one is added", folder, CONFIG_FILE, RUN_ADAPTER, CONFIG_FILE)
-    listener = listen(host, port)
-    try:
-        base_model, tokenizer = load_base(base, dtype, device, quantize)
-        base_name = base if not Path(base).expanduser().is_dir() else Path(base).expanduser().resolve().name
-        server = Server(AdapterModel(base_model), tokenizer, folder, base_name, api_key, config, compositions)
-        log.info(startup_line(base, base_name, folder, listener))
-        uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[listener])
-    finally:
-        listener.close()
+    return folder
+
+
+def load_server(
+    base: str,
+    folder: Path,
+    api_key: str | None,
+    config: ServeConfig | None,
+    compositions: dict[str, Composition] | None,
+    device: str | None,
+    dtype: str | None,
+    quantize: str | None,
+) -> Server:
+    """A Server over ``base`` (loaded now) and the adapters in ``folder``, named as requests name the
+    base: its embedded name, or its folder's name."""
+    base_model, tokenizer = load_base(base, dtype, device, quantize)
+    return Server(AdapterModel(base_model), tokenizer, folder, base_name_of(base), api_key, config, compositions)
+
+
+def base_name_of(base: str) -> str:
+    """The ``model`` that names the bare base in requests: an embedded name as given, a folder's name."""
+    path = Path(base).expanduser()
+    return path.resolve().name if path.is_dir() else base
 
 
 def startup_line(base: str, base_name: str, adapters_dir: Path, listener: socket.socket) -> str:

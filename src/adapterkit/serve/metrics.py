@@ -41,6 +41,9 @@ class Metrics:
         self.errors = PromCounter("adapterkit_http_errors", "Requests refused or failed, by HTTP status.", ["status"],
                                   registry=registry)
         self.steps = PromCounter("adapterkit_engine_steps", "Engine steps run.", registry=registry)
+        self.adapter_loads = PromCounter("adapterkit_adapter_loads",
+                                         "Adapters read from the folder: loads on first use, after eviction, "
+                                         "and reloads.", registry=registry)
         self.step_rows = Histogram("adapterkit_engine_step_rows",
                                    "Rows that generated a token in an engine step (sum / count: the mean batch).",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)

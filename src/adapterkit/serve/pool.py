@@ -61,10 +61,13 @@ class AdapterPool:
     Only folders directly inside the folder are read, by names that cannot hold a path. Files are
     read and checked off the engine's lock; only attaching and detaching tensors take it."""
 
-    def __init__(self, engine: Engine, folder: Path, capacity: int) -> None:
+    def __init__(self, engine: Engine, folder: Path, capacity: int,
+                 on_load: Callable[[], None] = lambda: None) -> None:
+        """``on_load`` is called after each adapter read from the folder (the metrics count them)."""
         self.engine, self.model = engine, engine.model
         self.folder = folder.resolve()
         self.capacity = capacity
+        self.on_load = on_load
         self.resident: OrderedDict[str, None] = OrderedDict((name, None) for name in self.model.adapters)
         self.holds: Counter[str] = Counter()
         self.templates: dict[str, str | None] = {}  # of the adapters loaded from the folder
@@ -199,6 +202,7 @@ class AdapterPool:
             await self.changed.acquire()
             if not loading.cancelled() and loading.exception() is None:
                 self.resident[name] = None
+                self.on_load()
 
     def _load(self, name: str, path: Path) -> None:
         """Read, check and attach one adapter (on a worker thread). Every failure becomes an

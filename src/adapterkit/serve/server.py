@@ -66,7 +66,8 @@ class Server:
         self.vocabulary = len(tokenizer)
         self.base_name, self.api_key = base_name, api_key
         self.engine = Engine(model, tokenizer, config.max_batch_size, config.max_prefill_tokens)
-        self.pool = AdapterPool(self.engine, Path(adapters_dir), config.max_loaded_adapters)
+        self.pool = AdapterPool(self.engine, Path(adapters_dir), config.max_loaded_adapters,
+                                on_load=lambda: self.metrics.adapter_loads.inc())
         self.compositions = dict(compositions or {})
         self._check_compositions()
         self.metrics = Metrics(self)
