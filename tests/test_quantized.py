@@ -358,3 +358,25 @@ def test_the_server_answers_over_a_quantized_base_as_the_model_does(base_folder,
         ids = trained.generate(**prompt, max_new_tokens=6, do_sample=False)
     expected = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert expected and answer.json()["choices"][0]["text"] == expected
+
+
+def test_two_ranks_over_an_nf4_base_train_the_adapter_one_process_trains(base_folder, tmp_path):
+    """DDP all-reduces the adapter's gradients only; the frozen nf4 weights are never synchronised.
+    The two ranks' halves of the batch sum in another order than one process's batch: 1e-6."""
+    from test_distributed import torchrun
+
+    data = tmp_path / "de.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
+                            for e, g in [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum")]))
+    argv = ["train", "--train", str(data), "--base", str(base_folder), "--quantize", "nf4", "--method", "lora",
+            "--steps", "3", "--batch-size", "4", "--no-progress", "--set", "dropout=0.0", "--set", "r=4"]
+    assert main([*argv, "-o", str(tmp_path / "one")]) == 0
+    process = torchrun(["-m", "adapterkit", *argv, "-o", str(tmp_path / "two")], cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-2000:]
+    one, two = (ak.AdapterModel(load(base_folder, "nf4")) for _ in range(2))
+    one.load_adapter(tmp_path / "one" / "adapter", name="de")
+    two.load_adapter(tmp_path / "two" / "adapter", name="de")
+    first, second = one.adapter_state_dict("de"), two.adapter_state_dict("de")
+    assert any(t.abs().sum() > 0 for k, t in first.items() if "lora_B" in k)
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=1e-6)
