@@ -21,20 +21,12 @@ from adapterkit.io import base_fingerprint
 from adapterkit.methods import registered_methods
 from adapterkit.quantization import dense_weight, quantization_of
 from conftest import VOCAB, batch, logits, randomise, rows_alone, tiny_tokenizer
-from test_methods_conformance import add, first_row
+from test_methods_conformance import add, first_row, one_thread  # noqa: F401  (one thread: the tiny tensors run faster)
 
 pytest.importorskip("bitsandbytes")
 
 QUANTIZED = ["nf4", "int8"]
 METHODS = [pytest.param(method, id=method.name) for method in registered_methods() if first_row(method)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quantizable_llama(seed: int = 0) -> LlamaForCausalLM:
