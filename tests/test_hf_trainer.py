@@ -4,8 +4,10 @@ the dataset columns the forward names (the base's), trains only the adapter, and
 
 import inspect
 import shutil
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
@@ -107,3 +109,15 @@ def test_checkpoints_hold_only_the_adapter_and_resume_bit_for_bit(tmp_path):
     checkpoint_4 = ak.AdapterModel(tiny_llama())
     checkpoint_4.load_adapter(tmp_path / "whole" / "checkpoint-4")
     assert any(not torch.equal(final[k], v) for k, v in checkpoint_4.adapter_state_dict("de").items())
+
+
+def test_the_eval_mode_warning_is_said_once_and_the_trained_adapter_stays_known():
+    model = make_model()
+    model.eval()
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
+    with pytest.warns(UserWarning, match="trainable but in eval mode"):
+        model(**inputs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trainable but in eval mode")
+        model(**inputs)
+    assert model.trained_adapter == "de"  # save_pretrained still writes it alone
