@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate, tokenize_all
-from adapterkit.errors import AdapterFileError
+from adapterkit.errors import AdapterFileError, ConfigError
 from adapterkit.integrations.hf import TRAINING_STATE_FILE, AdapterTrainer
 from adapterkit.io import read_tensors
 from conftest import tiny_llama, tiny_tokenizer
@@ -229,3 +229,25 @@ def test_the_eval_mode_warning_is_said_once_and_the_trained_adapter_stays_known(
         warnings.filterwarnings("error", message=".*trainable but in eval mode")
         model(**inputs)
     assert model.trained_adapter == "de"  # save_pretrained still writes it alone
+
+
+def test_the_trainers_gradient_checkpointing_is_the_adapter_models(tmp_path):
+    """TrainingArguments(activation_checkpointing=True) (gradient_checkpointing, TRL's default) goes
+    through AdapterModel's checkpointing: the same adapter as without it (to float32 rounding of the
+    recomputation), and the reentrant kind, which gives adapters in blocks with frozen inputs no
+    gradients, refused."""
+    rows, collator = rows_and_collator()
+    adapters = []
+    for checkpointing in (False, True):
+        model = make_model()
+        args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), max_steps=2,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", report_to=[],
+                                 use_cpu=True, activation_checkpointing=checkpointing)
+        AdapterTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+        assert model.base.is_activation_checkpointing == checkpointing
+        adapters.append(model.adapter_state_dict("de"))
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], rtol=0, atol=1e-6) for k in adapters[0])
+    args = TrainingArguments(output_dir=str(tmp_path / "reentrant"), max_steps=2, report_to=[], use_cpu=True,
+                             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ConfigError, match="reentrant"):
+        AdapterTrainer(model=make_model(), args=args, train_dataset=rows, data_collator=collator).train()

@@ -245,6 +245,16 @@ class AdapterModel(nn.Module):
             {**kwargs, "use_reentrant": False, "context_fn": self._recompute_contexts})
         self.base.disable_input_require_grads()  # non-reentrant checkpoints need no grad on the embeddings
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' newer name for ``gradient_checkpointing_enable``, the one its Trainer calls
+        (``gradient_checkpointing=True``, TRL's default), so that the Trainer's checkpointing is ours,
+        not the base's (which would take ``use_reentrant=True``). Every block, kept in memory."""
+        if every_n_layers != 1 or offload:
+            raise ConfigError(f"adapterkit checkpoints every block and keeps its input in memory; drop "
+                              f"every_n_layers={every_n_layers!r} and offload={offload!r}")
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """(for the forward, for its recomputation): the second restores this forward's routing."""
         routing = self.hooks.routing
