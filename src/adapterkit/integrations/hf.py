@@ -23,7 +23,6 @@ Any other model goes to the Trainer's own code.
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import find_labels
 
 from ..errors import AdapterFileError
 from ..io import CONFIG_FILE, read_tensors, tensors_to_bytes
@@ -50,9 +50,9 @@ class AdapterTrainerMixin:
         self.add_callback(_MethodStep())
         model = self._adapter_model()
         if model is not None and self.args.label_names is None:
-            # the Trainer looks for them in the class's forward, where AdapterModel cannot name the
-            # base's parameters; without them evaluation computes no loss (no eval_loss, no best model)
-            self.label_names = [name for name in inspect.signature(model.forward).parameters if "label" in name]
+            # the Trainer looks for them in the model class's forward, where AdapterModel cannot name
+            # the base's; without them evaluation computes no loss (no eval_loss, no best model)
+            self.label_names = find_labels(type(model.base))
 
     def _adapter_model(self) -> AdapterModel | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -85,6 +85,7 @@ class AdapterTrainerMixin:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter alone (the Trainer would write the whole state_dict, base included)."""
         model = self._adapter_model()
         if model is None:
             return super()._save(output_dir, state_dict)
@@ -109,6 +110,7 @@ class AdapterTrainerMixin:
             Path(output_dir, TRAINING_STATE_FILE).write_bytes(tensors_to_bytes(state))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """In place, so that the optimizer the Trainer restores next holds the same parameters."""
         adapter_model = self._adapter_model() if model is None else model
         if not isinstance(adapter_model, AdapterModel) or not (Path(resume_from_checkpoint) / CONFIG_FILE).exists():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -116,6 +118,7 @@ class AdapterTrainerMixin:
         return None
 
     def _load_best_model(self) -> None:
+        """The best checkpoint's adapter (the Trainer looks for a whole model.safetensors there)."""
         model = self._adapter_model()
         folder = Path(self.state.best_model_checkpoint)
         if model is None or not (folder / CONFIG_FILE).exists():
