@@ -5,7 +5,7 @@ resumes, best-model loading and per-step method work of ``integrations.hf.Adapte
 prompt/completion data, its collator). Its loss does not call the model's forward: TRL patches
 ``model.forward`` with a "fused LM head" that runs the backbone and multiplies the hidden states by
 ``lm_head.weight`` itself, so the adapter's regularization is added by the mixin, and an adapter on
-the output embeddings (which would neither run nor train there) is refused.
+the output embeddings (which would neither run nor train there) is refused when the trainer is made.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ class AdapterSFTTrainer(AdapterTrainerMixin, SFTTrainer):
 
 
 def _check_output_embeddings(model: AdapterModel) -> None:
-    """TRL computes the log-probabilities from ``lm_head.weight`` directly: no adapter may act there."""
+    """TRL computes the log-probabilities from ``lm_head.weight`` directly: no active adapter may act there."""
     head = model.base.get_output_embeddings()
-    for name in model.adapters:
+    for name in model.active:
         for site in model.adapter_sites(name):
             if model.base.get_submodule(site.module_name) is head:
                 raise ConfigError(
