@@ -10,6 +10,7 @@ from the method registry; this module never names a method.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -113,6 +114,8 @@ class AdapterModel(nn.Module):
         self._compositions: dict[str, Block] = {}  # named compositions, usable wherever an adapter name is
         self._training: dict[str, MethodTraining] = {}  # per adapter, for methods that carry training state
         self._trained: str | None = None  # what train_adapter / train_fusion made trainable
+        self._warned_eval_mode = False
+        self._adds_regularization = True  # forward adds regularization_loss() to the loss (see task_loss_only)
         self._merging = MergedWeights(self.hooks)
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
@@ -127,10 +130,10 @@ class AdapterModel(nn.Module):
         training = self._in_training()
         for state in training:
             state.before_forward()
-        if self._trained is not None and torch.is_grad_enabled():
+        if self._trained is not None and not self._warned_eval_mode and torch.is_grad_enabled():
             self._warn_if_training_in_eval_mode()
         outputs = self.base(*args, **kwargs)
-        if training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+        if training and self._adds_regularization and isinstance(getattr(outputs, "loss", None), torch.Tensor):
             outputs.loss = outputs.loss + _regularization(training)
         return outputs
 
@@ -139,6 +142,18 @@ class AdapterModel(nn.Module):
         adapters being trained, 0 otherwise. ``forward`` adds it to the loss it returns; a loss
         computed from the logits must add it itself."""
         return _regularization(self._in_training())
+
+    @contextlib.contextmanager
+    def task_loss_only(self) -> Iterator[None]:
+        """Inside the block ``forward``'s loss is the base's alone, without ``regularization_loss()``:
+        for a trainer that rescales the model's loss (by its token count across gradient-accumulation
+        steps and processes) and must add the regularization once per optimizer step itself."""
+        saved = self._adds_regularization
+        self._adds_regularization = False
+        try:
+            yield
+        finally:
+            self._adds_regularization = saved
 
     def _in_training(self) -> list[MethodTraining]:
         if not self._training:
@@ -156,7 +171,7 @@ class AdapterModel(nn.Module):
                 "model.train() in a training loop (model.eval() for evaluation, inside torch.no_grad())",
                 stacklevel=3,
             )
-            self._trained = None
+            self._warned_eval_mode = True
 
     def step(self, global_step: int) -> None:
         """Call after every optimizer step (before zero_grad): runs the training-time work of the
@@ -166,6 +181,11 @@ class AdapterModel(nn.Module):
                 changed = state.after_step(global_step)
                 if changed is not None:
                     self._configs[name] = changed
+
+    @property
+    def trained_adapter(self) -> str | None:
+        """The adapter ``train_adapter`` (or ``train_fusion``) made trainable, None before either."""
+        return self._trained if self._trained in self._configs else None
 
     def _trains(self, name: str) -> bool:
         return any(p.requires_grad for p in self.adapter_layers[name].parameters())
@@ -226,6 +246,16 @@ class AdapterModel(nn.Module):
         self.base.activation_checkpointing_enable(
             {**kwargs, "use_reentrant": False, "context_fn": self._recompute_contexts})
         self.base.disable_input_require_grads()  # non-reentrant checkpoints need no grad on the embeddings
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' newer name for ``gradient_checkpointing_enable``, the one its Trainer calls
+        (``gradient_checkpointing=True``, TRL's default), so that the Trainer's checkpointing is ours,
+        not the base's (which would take ``use_reentrant=True``). Every block, kept in memory."""
+        if every_n_layers != 1 or offload:
+            raise ConfigError(f"adapterkit checkpoints every block and keeps its input in memory; drop "
+                              f"every_n_layers={every_n_layers!r} and offload={offload!r}")
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
 
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """(for the forward, for its recomputation): the second restores this forward's routing."""
@@ -447,7 +477,7 @@ class AdapterModel(nn.Module):
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == fuse.name)
         self.adapter_layers[fuse.name].train()
-        self._trained = fuse.name
+        self._trained, self._warned_eval_mode = fuse.name, False
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -479,7 +509,7 @@ class AdapterModel(nn.Module):
         for other, modules in self.adapter_layers.items():
             modules.requires_grad_(other == name)
         self.adapter_layers[name].train()  # dropout and training-time work on, whatever mode the base is in
-        self._trained = name
+        self._trained, self._warned_eval_mode = name, False
         if name not in self.active:
             self.set_active(name)
 
@@ -614,23 +644,38 @@ class AdapterModel(nn.Module):
             for file_name, data in self.adapter_files(name).items():  # the config, which marks it whole, last
                 (target / file_name).write_bytes(data)
 
-    def load_adapter_weights(self, path: str | Path, name: str | None = None) -> str:
-        """Copy a saved adapter's tensors into the existing adapter ``name`` (default: the name it
-        was saved with) in place, so an optimizer holding its parameters keeps them (resuming a
-        ``save_pretrained`` checkpoint); returns the name."""
+    def load_adapter_weights(
+        self, path: str | Path, name: str | None = None, training_state: dict[str, torch.Tensor] | None = None
+    ) -> str:
+        """Put the existing adapter ``name`` (default: the name it was saved with) back as the saved
+        folder holds it, in place, so that an optimizer holding its parameters keeps them: its tensors
+        and the config fields training sets (AdaLoRA's rank_pattern). With ``training_state``, what
+        ``training_state(name)`` gave when the folder was written, what its method carries between
+        steps comes back too (AdaLoRA's importance averages, and the pruned triplets a folder leaves
+        out), as an exact resume needs. Resumes a ``save_pretrained`` checkpoint; returns the name."""
         saved = read_adapter(path, self.base)
         name = name if name is not None else saved.name
         if name is None:
             raise AdapterNameError(f"{path} carries no adapter name; pass name=")
         self._check_known(name)
+        config = self._configs[name]
+        if saved.config.method != config.method:
+            raise ShapeMismatchError(f"{path} holds a {saved.config.method} adapter; "
+                                     f"{name!r} is a {config.method} one")
+        config = dataclasses.replace(config, **{f: getattr(saved.config, f) for f in config.set_by_training})
+        tensors, training = saved.tensors, self._training.get(name)
+        if training is not None and training_state is not None:
+            tensors, fixed = training.load_state_dict(training_state, tensors)
+            config = fixed or config
         live = self.adapter_state_dict(name)
-        if set(saved.tensors) != set(live):
-            missing, extra = sorted(set(live) - set(saved.tensors)), sorted(set(saved.tensors) - set(live))
+        if set(tensors) != set(live):
+            missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
             raise ShapeMismatchError(f"{path} does not hold adapter {name!r}'s tensors "
                                      f"(missing: {_few(missing)}; unexpected: {_few(extra)})")
         with torch.no_grad():
             for key, tensor in live.items():
-                tensor.copy_(_checked(key, saved.tensors[key], tensor.shape))
+                tensor.copy_(_checked(key, tensors[key], tensor.shape))
+        self._configs[name] = config
         return name
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
