@@ -372,3 +372,23 @@ def test_two_ranks_over_an_nf4_base_train_the_adapter_one_process_trains(base_fo
     assert any(t.abs().sum() > 0 for k, t in first.items() if "lora_B" in k)
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=1e-6)
+
+
+def test_adapter_trainer_trains_over_an_nf4_base_with_default_arguments(base_folder, tmp_path):
+    """The HF Trainer refuses a "purely quantized" model; an AdapterModel with an adapter is not one."""
+    from transformers import TrainingArguments
+
+    from adapterkit.integrations.hf import AdapterTrainer
+    from test_hf_trainer import rows_and_collator
+
+    model = ak.AdapterModel(load(base_folder, "nf4"))
+    model.add_adapter("de", ak.LoraConfig(r=4))
+    model.train_adapter("de")
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    rows, collator = rows_and_collator()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=1, report_to=[], use_cpu=True)
+    AdapterTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+    saved = sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir() if "safetensors" in p.name)
+    assert saved == ["adapter_model.safetensors"]
+    assert any(t.abs().sum() > 0 for k, t in model.adapter_state_dict("de").items() if "lora_B" in k)
+    assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())

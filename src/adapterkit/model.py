@@ -187,6 +187,12 @@ class AdapterModel(nn.Module):
         """The adapter ``train_adapter`` (or ``train_fusion``) made trainable, None before either."""
         return self._trained if self._trained in self._configs else None
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "adapters are attached": its Trainer refuses to train a quantized
+        model (``is_quantized``, read from the base) unless it is set or the model is peft's."""
+        return bool(self._configs)
+
     def _trains(self, name: str) -> bool:
         return any(p.requires_grad for p in self.adapter_layers[name].parameters())
 
