@@ -11,6 +11,7 @@
   the nf4 base, held-out chrF and training seconds of each.
 
     .venv/bin/python bench/quantized.py [--batch 8] [--length 128] [--repeats 5] [--quality]
+    .venv/bin/python bench/quantized.py --memory-only --checkpointing   # activations small: the base's share shows
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def training_memory(args: argparse.Namespace, quantize: str | None, adapter: str
     """In this process: the peak resident bytes over ``args.steps`` training steps, the loaded base
     included (loading's own peak is the base table's), above the process's size before loading."""
     before = resident_kib("VmRSS")
-    _, _, step = make_step("float32", "cpu", False, args.batch, args.length, ADAPTERS[adapter], quantize)
+    _, _, step = make_step("float32", "cpu", args.checkpointing, args.batch, args.length, ADAPTERS[adapter],
+                           quantize)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
     for _ in range(args.steps):
         step()
@@ -72,10 +74,13 @@ def memory_tables(args: argparse.Namespace) -> None:
     for name, row in rows.items():
         print(f"{name:<10}{row['resident'] / 2**20:>14.0f}{row['peak'] / 2**20:>18.0f}"
               f"{row['resident'] / rows['float32']['resident']:>11.3f}")
-    print(f"\ntraining, peak resident size of the process over {args.steps} steps, batch {args.batch} x {args.length}")
+    checkpointed = ", gradient checkpointing" if args.checkpointing else ""
+    print(f"\ntraining, peak resident size of the process over {args.steps} steps, batch {args.batch} x {args.length}"
+          f"{checkpointed}")
     print(f"{'adapter':<10}" + "".join(f"{name + ' MiB':>14}" for name in BASES) + f"{'nf4 / float32':>15}")
     for adapter in ADAPTERS:
-        peaks = {name: child(args, "--child-train", name, "--adapter", adapter)["peak"] for name in BASES}
+        flags = ["--checkpointing"] if args.checkpointing else []
+        peaks = {name: child(args, "--child-train", name, "--adapter", adapter, *flags)["peak"] for name in BASES}
         print(f"{adapter:<10}" + "".join(f"{peak / 2**20:>14.0f}" for peak in peaks.values())
               + f"{peaks['nf4'] / peaks['float32']:>15.3f}")
 
@@ -133,6 +138,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the timing tables")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--quality", action="store_true", help="also train the demo's German recipe over both bases")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="train with gradient checkpointing in the memory table (activations shrink, the base "
+                             "weighs more)")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory tables")
     parser.add_argument("--child-base", choices=BASES, help=argparse.SUPPRESS)
     parser.add_argument("--child-train", choices=BASES, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", choices=ADAPTERS, help=argparse.SUPPRESS)
@@ -147,6 +156,8 @@ def main() -> None:
         print(json.dumps(training_memory(args, BASES[args.child_train], args.adapter)))
         return
     memory_tables(args)
+    if args.memory_only:
+        return
     step_table(args)
     decode_table(args)
     if args.quality:

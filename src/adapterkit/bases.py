@@ -7,6 +7,8 @@ safetensors copy in the cache, so later loads take about a second.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.metadata
 import json
 import os
@@ -114,6 +116,7 @@ def load_base(
                                             quantization_config=bitsandbytes_config(quantize, dtype))
         prepare_quantized(model)
         _copy_out_of_file(model)
+        _release_freed_memory()
     if name in _EMBEDDED:
         model.config._name_or_path = name  # what adapters record as their base: a name load_base takes
     model.eval()
@@ -135,6 +138,16 @@ def _copy_out_of_file(model: PreTrainedModel) -> None:
             if tensor.is_floating_point() and id(tensor) not in seen:
                 seen.add(id(tensor))
                 tensor.data = tensor.data.clone()
+
+
+def _release_freed_memory() -> None:
+    """Hand the system back what quantizing freed. glibc's malloc keeps most of the float32 tensors
+    read while quantizing: the nf4 default base was 309 to 606 MiB resident over three loads, 280
+    MiB once released (measured). Elsewhere than glibc there is nothing to do."""
+    library = ctypes.util.find_library("c")
+    malloc_trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _model_class(folder: Path) -> type[PreTrainedModel]:
