@@ -318,3 +318,8 @@ def test_a_client_that_leaves_frees_its_row_on_the_replica(cluster):
         assert time.monotonic() < deadline, "the row was not cancelled"
         time.sleep(0.1)
     assert cancelled[replica] == before[replica] + 1
+
+
+def test_a_method_no_route_takes_is_refused_in_openais_shape(cluster):
+    answer = httpx.request("TRACE", f"{cluster}/v1/models")
+    assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"

@@ -62,6 +62,12 @@ def as_api_error(error: AdapterkitError) -> ApiError:
     return ApiError(status, str(error), code)
 
 
+def http_api_error(error: StarletteHTTPException) -> ApiError:
+    """Starlette's own refusals (no such route, a method the route does not take) in OpenAI's shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
+    return ApiError(error.status_code, str(error.detail), code)
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application for ``server``; run it with uvicorn (``adapterkit serve`` does)."""
 
@@ -97,8 +103,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
-        return await api_error(request, ApiError(error.status_code, str(error.detail), code))
+        return await api_error(request, http_api_error(error))
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

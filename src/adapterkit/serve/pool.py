@@ -161,7 +161,7 @@ class AdapterPool:
                 await self.changed.wait()
             reloaded = name in self.resident
             if reloaded:
-                self._refuse_if_used(name)
+                self.refuse_if_used(name)
                 await self._detach(name)
             self.loading.add(name)
             try:
@@ -176,11 +176,13 @@ class AdapterPool:
         async with self.changed:
             if name not in self.resident:
                 raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
-            self._refuse_if_used(name)
+            self.refuse_if_used(name)
             await self._detach(name)
             self.changed.notify_all()
 
-    def _refuse_if_used(self, name: str) -> None:
+    def refuse_if_used(self, name: str) -> None:
+        """AdapterInUseError when a request or a loaded fusion uses ``name``: what reloading or
+        unloading it would break."""
         if self.holds[name]:
             raise AdapterInUseError(f"adapter {name!r} is serving {self.holds[name]} request(s); "
                                     "retry when they finish")

@@ -31,13 +31,14 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bases import default_base
 from ..compose import Composition, compositions_from_json
-from ..errors import AdapterkitError, ConfigError, ReplicaUnavailableError
+from ..errors import AdapterInUseError, AdapterkitError, ConfigError, ReplicaUnavailableError
 from ..names import is_valid_name
 from ..quantization import check_quantize
-from .app import MAX_BODY_BYTES, as_api_error, create_app
+from .app import MAX_BODY_BYTES, as_api_error, create_app, http_api_error
 from .config import ServeConfig
 from .main import adapters_folder, base_name_of, listen, load_server
 from .middleware import AnswerUnexpected, BodyLimit
@@ -162,6 +163,16 @@ class Replica:
             return None
         return [message async for message in self.run(request)]
 
+    def refusal(self, name: str) -> str | None:
+        """Why reloading or unloading ``name`` here would be refused now (it is in use), if it would."""
+        if name not in self.server.pool.resident:
+            return None
+        try:
+            self.server.pool.refuse_if_used(name)
+        except AdapterInUseError as error:
+            return str(error)
+        return None
+
     def exists(self, model: str) -> bool:
         try:
             self.server.check_model(model)
@@ -218,6 +229,12 @@ async def adapterkit_error(request: Request, error: AdapterkitError) -> Response
     return as_api_error(error).response()
 
 
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+    """A method the catch-all route does not take (TRACE, say): 405 in OpenAI's shape, as the replicas answer."""
+    return http_api_error(error).response()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -250,12 +267,21 @@ class Ingress:
         return Relayed([start], messages)
 
     async def manage(self, request: Forwarded, name: str) -> list[dict[str, Any]] | None:
-        """The answer of the replicas that hold ``name`` to loading or unloading it: a refusal if one
-        refused (the adapter is in use there, say), else the first one's; None when none holds it."""
+        """The answer of the replicas that hold ``name`` to loading or unloading it, all or none: if
+        any holder would refuse (the adapter is in use there), none acts and that refusal is the
+        answer. None when no replica holds it. A request that takes the adapter between the asking
+        and the acting leaves some holders changed and others not: the answer then says so."""
+        reasons = await self.replicas.broadcast("refusal", name).results_async(return_exceptions=True)
+        refused = [reason for reason in reasons if isinstance(reason, str)]
+        if refused:
+            raise AdapterInUseError(refused[0])
         answers = await self.replicas.broadcast("manage", request, name).results_async(return_exceptions=True)
         held = [answer for answer in answers if isinstance(answer, list)]
-        refused = [answer for answer in held if answer[0]["status"] >= 400]
-        return (refused or held or [None])[0]
+        refusals = [answer for answer in held if answer[0]["status"] >= 400]
+        if refusals and len(refusals) < len(held):
+            raise AdapterInUseError(f"adapter {name!r} came into use on {len(refusals)} of the {len(held)} replicas "
+                                    "holding it while the others acted; retry to finish")
+        return (refusals or held or [None])[0]
 
 
 def application(
