@@ -62,6 +62,13 @@ def model_with(folder, method, quantize: str | None, seed: int = 0) -> tuple[ak.
     return model, add(model, method, first_row(method), seed=seed)
 
 
+def write_pairs(path, pairs: list[tuple[str, str]]):
+    """A training JSONL of English -> German prompt/completion pairs; its path."""
+    path.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
+                            for e, g in pairs))
+    return path
+
+
 def training_loss(model: ak.AdapterModel, inputs: dict) -> torch.Tensor:
     return model(**inputs, labels=inputs["input_ids"]).loss
 
@@ -292,9 +299,7 @@ def test_a_peft_qlora_adapter_gives_peft_logits_over_our_nf4_base(base_folder, p
 
 
 def test_the_cli_trains_evaluates_and_generates_over_a_quantized_base(base_folder, tmp_path, capsys):
-    data = tmp_path / "de.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
-                            for e, g in [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus")]))
+    data = write_pairs(tmp_path / "de.jsonl", [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus")])
     out = tmp_path / "run"
     assert main(["train", "--train", str(data), "-o", str(out), "--base", str(base_folder), "--quantize", "nf4",
                  "--method", "lora", "--r", "4", "--steps", "2", "--batch-size", "3", "--no-progress"]) == 0
@@ -314,8 +319,7 @@ def test_the_cli_trains_evaluates_and_generates_over_a_quantized_base(base_folde
 
 
 def test_the_cli_refuses_a_quantization_it_cannot_run_before_writing_anything(base_folder, tmp_path, capsys):
-    data = tmp_path / "de.jsonl"
-    data.write_text(json.dumps({"prompt": "English: cat\nGerman:", "completion": " Katze"}) + "\n")
+    data = write_pairs(tmp_path / "de.jsonl", [("cat", "Katze")])
     out = tmp_path / "run"
     common = ["train", "--train", str(data), "-o", str(out), "--base", str(base_folder)]
     assert main([*common, "--quantize", "nf4", "--fsdp"]) == 2
@@ -357,9 +361,7 @@ def test_two_ranks_over_an_nf4_base_train_the_adapter_one_process_trains(base_fo
     The two ranks' halves of the batch sum in another order than one process's batch: 1e-6."""
     from test_distributed import torchrun
 
-    data = tmp_path / "de.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"English: {e}\nGerman:", "completion": f" {g}"}) + "\n"
-                            for e, g in [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum")]))
+    data = write_pairs(tmp_path / "de.jsonl", [("cat", "Katze"), ("dog", "Hund"), ("house", "Haus"), ("tree", "Baum")])
     argv = ["train", "--train", str(data), "--base", str(base_folder), "--quantize", "nf4", "--method", "lora",
             "--steps", "3", "--batch-size", "4", "--no-progress", "--set", "dropout=0.0", "--set", "r=4"]
     assert main([*argv, "-o", str(tmp_path / "one")]) == 0

@@ -39,8 +39,6 @@ def check_quantize(quantize: str | None) -> str | None:
                           f"got {quantize!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"a {quantize} base needs bitsandbytes, which is not installed: {PIP_COMMAND}")
-    # on import, bitsandbytes warns when it cannot fetch its CPU inference kernel, which adapterkit keeps off
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return quantize
 
 
@@ -48,7 +46,10 @@ def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``quantize``; 4-bit layers compute in ``compute_dtype``."""
     from transformers import BitsAndBytesConfig
 
-    if check_quantize(quantize) == "int8":
+    check_quantize(quantize)
+    # on import, bitsandbytes warns when it cannot fetch its CPU inference kernel, which adapterkit keeps off
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype)
 
@@ -76,14 +77,15 @@ def layer_quantization(module: nn.Module) -> str | None:
 def prepare_quantized(model: nn.Module) -> None:
     """Keep every 4-bit layer on the path that has a backward (see the module docstring), and let
     bitsandbytes say once, not at every int8 layer of every forward, that it casts inputs to float16."""
+    kinds = set()
     for module in model.modules():
         kind = layer_quantization(module)
+        kinds.add(kind)
         if kind in ("nf4", "fp4"):
             module.support_avx512bf16_for_cpu = False
-        elif kind == "int8":
-            logger = logging.getLogger("bitsandbytes.autograd._functions")
-            if not any(isinstance(f, OnceFilter) for f in logger.filters):
-                logger.addFilter(OnceFilter())
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if "int8" in kinds and not any(isinstance(f, OnceFilter) for f in logger.filters):
+        logger.addFilter(OnceFilter())
 
 
 class OnceFilter(logging.Filter):
