@@ -4,7 +4,9 @@
   process of its own (its RSS after loading minus before), with the peak while loading;
 - training: the peak resident size of a whole training process (base, adapter, optimizer,
   activations) over a few steps of a Houlsby (r=64) and a LoRA (r=8, q/v) adapter over each base,
-  each in a child process; then the optimizer step time of all six, interleaved in one process
+  each in a child process, and the peak bytes of tensors alive in one step (what the bits change;
+  the resident peak also holds freed memory that glibc's malloc keeps, 100-400 MiB here, more where
+  int8's loading left its heap in pieces); then the optimizer step time of all six, interleaved in one process
   by bench/harness.py;
 - decode: one request's greedy decode (our generation loop) over each base, interleaved;
 - quality (--quality): the demo's German recipe (examples/demo.py) trained over the float32 and
@@ -31,7 +33,7 @@ from adapterkit.data import pairs_from_catalogs, split_held_out
 from adapterkit.evaluate import generate_batched, score_generations
 from adapterkit.train import TrainConfig, Trainer
 from harness import print_table, time_interleaved
-from training import make_step, resident_kib
+from training import make_step, resident_kib, tensor_peak
 
 BASES = {"float32": None, "int8": "int8", "nf4": "nf4"}
 ADAPTERS = {"houlsby": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64),
@@ -57,14 +59,15 @@ def base_memory(quantize: str | None) -> dict:
 
 def training_memory(args: argparse.Namespace, quantize: str | None, adapter: str) -> dict:
     """In this process: the peak resident bytes over ``args.steps`` training steps, the loaded base
-    included (loading's own peak is the base table's), above the process's size before loading."""
+    included (loading's own peak is the base table's), above the process's size before loading; then
+    the peak bytes of tensors alive during one more step."""
     before = resident_kib("VmRSS")
-    _, _, step = make_step("float32", "cpu", args.checkpointing, args.batch, args.length, ADAPTERS[adapter],
-                           quantize)
+    model, _, step = make_step("float32", "cpu", args.checkpointing, args.batch, args.length, ADAPTERS[adapter],
+                               quantize)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
     for _ in range(args.steps):
         step()
-    return {"peak": (resident_kib("VmHWM") - before) * 1024}
+    return {"peak": (resident_kib("VmHWM") - before) * 1024, "tensors": tensor_peak(model, step)}
 
 
 def memory_tables(args: argparse.Namespace) -> None:
@@ -77,12 +80,18 @@ def memory_tables(args: argparse.Namespace) -> None:
     checkpointed = ", gradient checkpointing" if args.checkpointing else ""
     print(f"\ntraining, peak resident size of the process over {args.steps} steps, batch {args.batch} x {args.length}"
           f"{checkpointed}")
-    print(f"{'adapter':<10}" + "".join(f"{name + ' MiB':>14}" for name in BASES) + f"{'nf4 / float32':>15}")
+    print("(tensors: the most bytes of tensors alive at once, weights and optimizer state included; resident: the "
+          "process, with the freed memory malloc keeps)")
+    print(f"{'adapter':<10}{'peak':<10}" + "".join(f"{name + ' MiB':>14}" for name in BASES)
+          + f"{'int8 / float32':>16}{'nf4 / float32':>15}")
     for adapter in ADAPTERS:
         flags = ["--checkpointing"] if args.checkpointing else []
-        peaks = {name: child(args, "--child-train", name, "--adapter", adapter, *flags)["peak"] for name in BASES}
-        print(f"{adapter:<10}" + "".join(f"{peak / 2**20:>14.0f}" for peak in peaks.values())
-              + f"{peaks['nf4'] / peaks['float32']:>15.3f}")
+        rows = {name: child(args, "--child-train", name, "--adapter", adapter, *flags) for name in BASES}
+        for peak in ("tensors", "peak"):
+            sizes = {name: row[peak] for name, row in rows.items()}
+            print(f"{adapter:<10}{'resident' if peak == 'peak' else peak:<10}"
+                  + "".join(f"{size / 2**20:>14.0f}" for size in sizes.values())
+                  + f"{sizes['int8'] / sizes['float32']:>16.3f}{sizes['nf4'] / sizes['float32']:>15.3f}")
 
 
 def step_table(args: argparse.Namespace) -> None:

@@ -7,8 +7,10 @@ wider than conftest's (64): bitsandbytes quantizes in blocks of 64 weights.
 
 from __future__ import annotations
 
+import gc
 import json
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -171,6 +173,34 @@ def test_a_training_step_after_an_evaluation_gets_the_same_gradients(base_folder
 
     plain, after_evaluation = gradients(False), gradients(True)
     assert all(torch.equal(plain[k], after_evaluation[k]) for k in plain)
+
+
+def test_an_int8_base_trains_with_bitsandbytes_numbers_but_keeps_no_layer_input_for_backward(base_folder):
+    """bitsandbytes' int8 training forward keeps each layer's input for a backward pass that the
+    frozen weight does not need; ours does the same arithmetic and keeps nothing."""
+    def run(bitsandbytes_forward: bool) -> tuple[bool, dict[str, torch.Tensor]]:
+        model = ak.AdapterModel(load(base_folder, "int8"))
+        if bitsandbytes_forward:
+            for module in model.modules():
+                if "forward" in vars(module):
+                    del module.forward
+        torch.manual_seed(1)
+        model.add_adapter("bn", ak.BottleneckConfig(bottleneck_size=8, init="bert", dropout=0.0))
+        model.train_adapter("bn")
+        model.train()
+        down_proj = model.base.model.layers[-1].mlp.down_proj
+        seen = []
+        down_proj.register_forward_pre_hook(lambda module, args: seen.append(weakref.ref(args[0])))
+        loss = training_loss(model, batch(rows=2, length=8))
+        gc.collect()
+        kept = seen[0]() is not None
+        loss.backward()
+        return kept, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (ours_kept, ours), (theirs_kept, theirs) = run(False), run(True)
+    assert theirs_kept and not ours_kept
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(gradient.abs().sum() > 0 for gradient in ours.values())
 
 
 @pytest.mark.parametrize("quantize", QUANTIZED)
