@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -61,3 +62,12 @@ def print_table(samples: Mapping[str, Sequence[float]], reference: str, title: s
     print(f"{'variant':<{width}}{'median s':>10}  {ratio}")
     for name, seconds in medians.items():
         print(f"{name:<{width}}{seconds:>10.3f}  {seconds / medians[reference]:>{len(ratio)}.3f}")
+
+
+def resident_kib(field: str) -> int:
+    """A size from /proc/self/status in KiB: VmRSS (resident now) or VmHWM (its peak since the last
+    ``/proc/self/clear_refs`` reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -32,8 +32,8 @@ import adapterkit as ak
 from adapterkit.data import pairs_from_catalogs, split_held_out
 from adapterkit.evaluate import generate_batched, score_generations
 from adapterkit.train import TrainConfig, Trainer
-from harness import print_table, time_interleaved
-from training import make_step, resident_kib, tensor_peak
+from harness import print_table, resident_kib, time_interleaved
+from training import make_step, tensor_peak
 
 BASES = {"float32": None, "int8": "int8", "nf4": "nf4"}
 ADAPTERS = {"houlsby": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64),

@@ -26,7 +26,7 @@ import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate
 from adapterkit.methods import AdapterConfig
 from adapterkit.train import training_loss
-from harness import print_table, time_interleaved
+from harness import print_table, resident_kib, time_interleaved
 
 ADAPTER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64)
 
@@ -56,13 +56,6 @@ def make_step(dtype: str, device: str, checkpointing: bool, batch: int, length: 
             torch.cuda.synchronize()
 
     return model, inputs, step
-
-
-def resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def tensor_peak(model: torch.nn.Module, step: Callable[[], None]) -> int:
