@@ -106,6 +106,36 @@ def test_beam_rows_and_greedy_rows_of_different_adapters_decode_together_as_they
                                    "b").tokens  # the adapters change the answers
 
 
+@pytest.mark.parametrize("max_prefill_tokens, most_rows", [(4096, 7), (3, 5)])
+def test_beam_rows_joining_and_leaving_mid_decode_keep_their_solo_answers(max_prefill_tokens, most_rows):
+    """Three waves of beam and greedy rows, 15 batch rows' worth under a cap of 7: a beam row waits
+    until all its beams fit, newcomers (prefilled whole or 3 tokens a step) are spliced beside
+    running beams, and every answer is HF's for its prompt alone."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    waves = [[("a", 3, 4), ("The quick brown fox", 10, 1)],
+             [("xyz: 12 and then some more words", 8, 3), ("b c", 10, 2)],
+             [("hello there", 6, 4), ("qq", 7, 1)]]
+    engine = Engine(model, tokenizer, max_batch_size=7, max_prefill_tokens=max_prefill_tokens)
+    submitted, in_flight = [], []
+    for wave in waves:
+        for prompt, tokens, beams in wave:
+            generation = Generation(encode(tokenizer, prompt), Sampling(max_tokens=tokens, num_beams=beams))
+            submitted.append((engine.submit(generation), prompt, tokens, beams))
+        for _ in range(2):
+            engine.step()
+            in_flight.append(engine.in_flight)
+    while engine.has_work():
+        engine.step()
+        in_flight.append(engine.in_flight)
+    expected = []
+    for _, prompt, tokens, beams in submitted:
+        ids = torch.tensor([encode(tokenizer, prompt)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                             do_sample=False, num_beams=beams, pad_token_id=0)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    assert [g.tokens for g, *_ in submitted] == expected and max(in_flight) == most_rows
+
+
 def test_a_stop_string_cuts_the_best_hypothesis_as_it_cuts_a_greedy_answer():
     """The search runs to its end as HF's does; then the best hypothesis is taken token by token,
     so the text ends before the stop string, the token that completed it is the last one counted,
