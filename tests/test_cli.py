@@ -380,3 +380,35 @@ def test_info_names_the_folder_to_give_transformers_for_the_base(tmp_path, monke
     assert (base["name_or_path"], base["pretrained_path"]) == ("smollm2-135m", str(embedded))
     assert main(["info", "x"]) == 0
     assert capsys.readouterr().out.splitlines()[5] == f"            folder {embedded}"
+
+
+def test_generate_and_eval_take_num_beams(tmp_path, base_dir, data, capsys):
+    from adapterkit import load_base
+    from adapterkit.data import read_jsonl
+    from adapterkit.evaluate import generate_batched
+
+    base, tokenizer = load_base(base_dir)
+    assert main(["generate", "cat", "--template", r"English: {prompt}\nGerman:", "--base", str(base_dir),
+                 "--max-new-tokens", "5", "--num-beams", "3", "--length-penalty", "0.5", "--no-progress"]) == 0
+    [answer] = generate_batched(base, tokenizer, ["English: cat\nGerman:"], 5, num_beams=3, length_penalty=0.5)
+    assert capsys.readouterr().out.splitlines() == ["> cat", f"  [base] {answer}"]
+
+    report = tmp_path / "scores.json"
+    assert main(["eval", str(data), "--base", str(base_dir), "--max-new-tokens", "4", "--num-beams", "2",
+                 "--metric", "exact", "--json", str(report), "--no-progress"]) == 0
+    prompts = [example["prompt"] for example in read_jsonl(data)]
+    predictions = json.loads(report.read_text())["base"]["predictions"]
+    assert predictions == generate_batched(base, tokenizer, prompts, 4, num_beams=2)
+
+
+@pytest.mark.parametrize("command, message", [
+    (["generate", "x", "--num-beams", "4", "--repetition-penalty", "1.2"],
+     "beam search (num_beams = 4) is deterministic and scores whole hypotheses; it is not implemented with "
+     "repetition_penalty"),
+    (["generate", "x", "--length-penalty", "2"],
+     "length_penalty ranks beam-search hypotheses: it needs num_beams > 1"),
+    (["eval", "data.jsonl", "--num-beams", "17"], "num_beams must be an integer from 1 (greedy) to 16, got 17"),
+])
+def test_beam_options_that_do_not_go_together_fail_before_the_base_loads(tmp_path, command, message, capsys):
+    assert main([*command, "--base", str(tmp_path / "no-such-base")]) == 2
+    assert capsys.readouterr().err.startswith(f"adapterkit: error: {message}")

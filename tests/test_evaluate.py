@@ -3,7 +3,8 @@ from collections import Counter
 import pytest
 import torch
 
-from adapterkit.evaluate import generate_batched
+from adapterkit.errors import ConfigError
+from adapterkit.evaluate import evaluate, generate_batched, score_generations
 from conftest import TOKENIZER_CHARS, make_base, tiny_tokenizer
 
 PROMPTS = ["a", "hello there", "xyz:", "The quick brown fox", "12", "Q?", "mmm", "Zebra crossing"]
@@ -74,3 +75,33 @@ def test_waiting_prompts_take_the_places_of_finished_rows(case):
     by_length = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
     fixed_batches = sum(max(forwards_needed[i] for i in by_length[k : k + 3]) for k in range(0, len(PROMPTS), 3))
     assert len(rows_per_forward) < fixed_batches
+
+
+def hf_beam_answer(model, tokenizer, prompt: str, num_beams: int, length_penalty: float) -> str:
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                         do_sample=False, num_beams=num_beams, length_penalty=length_penalty, pad_token_id=0)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_beam_search_answers_equal_hf_beam_search_one_prompt_at_a_time():
+    """Eight prompts, three in flight at a time (nine batch rows): each answer is HF's beam search
+    answer to that prompt alone."""
+    model, tokenizer = make_base("llama"), tiny_tokenizer()
+    answers = generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=3, stop=None, num_beams=3,
+                               length_penalty=0.5)
+    assert answers == [hf_beam_answer(model, tokenizer, p, 3, 0.5) for p in PROMPTS]
+    assert answers != generate_batched(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=3, stop=None)
+
+
+def test_scoring_answers_with_beams_and_refuses_bad_beams_before_the_loss_pass():
+    model, tokenizer = make_base("llama"), tiny_tokenizer()
+    examples = [{"prompt": p, "completion": " x"} for p in PROMPTS]
+    beams = generate_batched(model, tokenizer, PROMPTS, 4, batch_size=4, stop="\n", num_beams=2)
+    assert evaluate(model, tokenizer, examples, "exact", batch_size=4, max_new_tokens=4, num_beams=2)["predictions"] \
+        == beams == score_generations(model, tokenizer, examples, "exact", 4, 4, num_beams=2)[1]
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    with pytest.raises(ConfigError, match="num_beams must be an integer from 1"):
+        evaluate(model, tokenizer, examples, "exact", max_new_tokens=4, num_beams=40)
+    assert forwards == []

@@ -260,3 +260,11 @@ def test_eval_needs_a_jsonl_file_or_harness_tasks(capsys):
     assert main(["eval"]) == 2
     err = capsys.readouterr().err
     assert err == "adapterkit: error: give a JSONL file to score, or --harness TASKS to run lm-eval tasks\n"
+
+
+def test_harness_tasks_refuse_num_beams_before_the_base_loads(tmp_path, capsys):
+    command = ["eval", "--harness", "tiny_choice", "--num-beams", "2", "--base", str(tmp_path / "no-such-base")]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err == ("adapterkit: error: --num-beams applies to JSONL scoring; lm-eval's tasks set their own generation "
+                   "options\n")

@@ -197,6 +197,29 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, world, 
             == world["answers"]["pfeiffer", PROMPTS[3]])
 
 
+@pytest.mark.parametrize("route, fields, field", [
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"num_beams": 4}, "num_beams"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"length_penalty": 0.5, "stream": True}, "length_penalty"),
+    ("/v1/chat/completions", {"num_beams": 4}, "num_beams"),
+    ("/v1/chat/completions", {"use_beam_search": True, "logit_bias": {"5": 1}}, "use_beam_search"),
+])
+def test_beam_search_fields_are_refused_with_where_beam_search_runs(client, world, route, fields, field):
+    """Answers stream token by token; a beam search knows its answer only at its end. The 400 names
+    the field (also as OpenAI's ``param``) and the commands that do run beam search."""
+    prompt = {"messages": [{"role": "user", "content": "w1"}]} if "chat" in route else {"prompt": PROMPTS[0]}
+    response = client.post(route, json={"model": "houlsby", "max_tokens": 8, **prompt, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (field, "unsupported_field", "invalid_request_error")
+    assert error["message"].startswith(field) and error["message"].endswith(
+        "beam search is not served (answers stream token by token, and a beam search knows its answer only when it "
+        "ends); use `adapterkit generate --num-beams N` or `adapterkit eval --num-beams N`")
+    assert (complete(client, "houlsby", PROMPTS[0], best_of=1).json()["choices"][0]["text"]
+            == world["answers"]["houlsby", PROMPTS[0]])
+
+
 def test_corrupt_and_foreign_adapters_are_refused_with_the_reason(client, world):
     broken = complete(client, "broken", "w1")
     assert broken.status_code == 400 and "corrupt" in broken.json()["error"]["message"]

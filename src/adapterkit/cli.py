@@ -351,6 +351,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score of the generated answers")
     parser.add_argument("--batch-size", type=int, default=32, help="examples scored together")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generated answer")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="HF's beam search with this many beams (1: greedy); each answer decodes as many rows")
     parser.add_argument("--json", type=Path, help="also write the scores (and predictions) to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     harness = parser.add_argument_group("lm-eval tasks", "instead of a JSONL file (pip install 'adapterkit[eval]')")
@@ -372,6 +374,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("give a JSONL file to score, or --harness TASKS to run lm-eval tasks")
     if args.include_path or args.output_json:
         raise ConfigError("--include-path and --output-json go with --harness (JSONL scores are written with --json)")
+    if args.metric != "none":
+        check_decoding(args.max_new_tokens, num_beams=args.num_beams)
     examples = read_jsonl(args.data)
     model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
                                                       args.dtype, args.quantize)
@@ -381,7 +385,7 @@ def run_eval(args: argparse.Namespace) -> int:
         label = name or "base"
         with progress_bar(args, label, len(examples) if args.metric != "none" else 0) as bar:
             result = evaluate(model, tokenizer, apply_template(examples, template, tokenizer), args.metric,
-                              args.batch_size, args.max_new_tokens, progress=bar.update)
+                              args.batch_size, args.max_new_tokens, progress=bar.update, num_beams=args.num_beams)
         rows.append(_row(label, result, args.metric))
         report[label] = result
     print(format_table(rows))
@@ -399,6 +403,8 @@ def run_harness(args: argparse.Namespace) -> int:
     if args.data or args.json or args.template is not None or args.no_template:
         raise ConfigError("--harness runs lm-eval's tasks, which write their own prompts: drop the JSONL file, --json "
                           "(use --output-json) and --template")
+    if args.num_beams != 1:
+        raise ConfigError("--num-beams applies to JSONL scoring; lm-eval's tasks set their own generation options")
     from lm_eval.utils import handle_non_serializable
 
     from .integrations.lm_eval import evaluate_adapters, task_manager
@@ -480,6 +486,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI's: subtracted per earlier use of a token")
     parser.add_argument("--presence-penalty", type=float, default=0.0,
                         help="OpenAI's: subtracted once from every token already used")
+    parser.add_argument("--num-beams", type=int, default=1, help="HF's beam search with this many beams (1: greedy)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="HF's, with --num-beams: hypotheses ranked by log-probability / length ** this "
+                             "(>1 favours longer answers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_generate)
 
@@ -488,6 +498,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from .evaluate import generate_batched
     from .templates import CHAT, render_prompt
 
+    check_decoding(args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                   frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                   num_beams=args.num_beams, length_penalty=args.length_penalty)
     model, tokenizer, adapters = _model_with_adapters(args.base or default_base_name(), args.adapter, args.device,
                                                       args.dtype, args.quantize)
     answers = {}
@@ -501,12 +514,20 @@ def run_generate(args: argparse.Namespace) -> int:
             answers[name or "base"] = generate_batched(
                 model, tokenizer, texts, args.max_new_tokens, stop=None if chat else "\n",
                 repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                presence_penalty=args.presence_penalty, progress=bar.update)
+                presence_penalty=args.presence_penalty, progress=bar.update, num_beams=args.num_beams,
+                length_penalty=args.length_penalty)
     for i, prompt in enumerate(args.prompts):
         print(f"> {prompt}")
         for label, outputs in answers.items():
             print(f"  [{label}] {outputs[i]}")
     return 0
+
+
+def check_decoding(max_new_tokens: int, **options: Any) -> None:
+    """Decoding options (``Sampling``'s fields) that do not go together fail before the base loads, not after."""
+    from .generation import Sampling
+
+    Sampling(max_tokens=max_new_tokens, **options).check()
 
 
 # ---- info ----------------------------------------------------------------------------------------

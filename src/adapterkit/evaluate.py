@@ -1,5 +1,5 @@
 """Scoring a model (with or without adapters) on JSONL examples: loss on the completions, and chrF
-or exact match of batched greedy generations."""
+or exact match of batched greedy (or beam-search) generations."""
 
 from __future__ import annotations
 
@@ -85,16 +85,20 @@ def generate_batched(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     progress: Callable[[], Any] | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[str]:
-    """Greedy answers to ``prompts``, in order, through the active adapters, at most ``batch_size``
-    of them in flight (the generation engine: finished rows leave, waiting prompts take their
-    places). An answer ends at end-of-text or at ``stop``; penalties as in ``Sampling``.
+    """Greedy answers to ``prompts`` (HF's beam search with ``num_beams`` > 1), in order, through
+    the active adapters, at most ``batch_size`` of them in flight (the generation engine: finished
+    rows leave, waiting prompts take their places; each prompt decodes ``num_beams`` rows). An
+    answer ends at end-of-text or at ``stop``; penalties and beams as in ``Sampling``.
     ``progress`` is called once per finished answer."""
+    sampling = Sampling(max_tokens=max_new_tokens, stop=[stop] if stop else [], repetition_penalty=repetition_penalty,
+                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, num_beams=num_beams,
+                        length_penalty=length_penalty).check()
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths prefill together
-    sampling = Sampling(max_tokens=max_new_tokens, stop=[stop] if stop else [], repetition_penalty=repetition_penalty,
-                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    done = generate(model, tokenizer, [encoded[i] for i in order], sampling, max_batch_size=batch_size,
+    done = generate(model, tokenizer, [encoded[i] for i in order], sampling, max_batch_size=batch_size * num_beams,
                     on_done=(lambda _: progress()) if progress else None)
     answers: list[str] = [""] * len(prompts)
     for i, generation in zip(order, done):
@@ -111,35 +115,41 @@ def evaluate(
     max_new_tokens: int = 48,
     max_length: int = 256,
     progress: Callable[[], Any] | None = None,
+    num_beams: int = 1,
 ) -> dict:
     """{"examples", "loss", "perplexity", metric, "predictions", "seconds"}; the model is left in
-    the mode it was in. ``progress`` is called once per example answered."""
+    the mode it was in. ``progress`` is called once per example answered; answers are greedy, or
+    beam-searched with ``num_beams`` > 1."""
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {list(METRICS)}")
+    if metric != "none":  # bad generation settings fail before the loss pass, not after it
+        Sampling(max_tokens=max_new_tokens, num_beams=num_beams).check()
     started = time.perf_counter()
     with _eval_mode(model):
         loss = completion_loss(model, tokenizer, examples, batch_size, max_length)
     result: dict = {"examples": len(examples), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if metric != "none":
         result[metric], result["predictions"] = score_generations(model, tokenizer, examples, metric, batch_size,
-                                                                  max_new_tokens, progress)
+                                                                  max_new_tokens, progress, num_beams)
     result["seconds"] = time.perf_counter() - started
     return result
 
 
 def score_generations(
     model: nn.Module, tokenizer, examples: list[dict], metric: str = "chrf", batch_size: int = 32,
-    max_new_tokens: int = 48, progress: Callable[[], Any] | None = None,
+    max_new_tokens: int = 48, progress: Callable[[], Any] | None = None, num_beams: int = 1,
 ) -> tuple[float, list[str]]:
-    """(chrF or exact match, predictions) of greedy answers to the examples' prompts. Without the
-    loss pass of ``evaluate``, which costs as much as a third of the scoring on CPU."""
+    """(chrF or exact match, predictions) of greedy (``num_beams`` > 1: beam-search) answers to the
+    examples' prompts. Without the loss pass of ``evaluate``, which costs as much as a third of
+    the scoring on CPU."""
     if metric not in ("chrf", "exact"):
         raise ConfigError(f"metric {metric!r} is not one of ['chrf', 'exact']")
     prompts = [prompt_and_completion(e, tokenizer)[0] for e in examples]
     references = [reference_of(e) for e in examples]
     stop = None if any("messages" in e for e in examples) else "\n"
     with _eval_mode(model):
-        predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop, progress=progress)
+        predictions = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, stop, progress=progress,
+                                       num_beams=num_beams)
     return (chrf if metric == "chrf" else exact_match)(predictions, references), predictions
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..compose import Composition
 from ..errors import ConfigError, GenerationError
+from .beams import BeamSearch
 from .detokenizer import Detokenizer, silent_ids
 from .kv import RoomyLayer, pad_left, roomy_cache
 from .sampling import Sampling, TokenLogprob, logprob_of, pick
@@ -37,7 +38,9 @@ class Generation:
     """One prompt's way through the engine. ``on_token(generation, text, logprob)`` is called on
     the engine's thread for every generated token with the text it released (possibly ""), and
     ``on_done(generation)`` once at the end, whatever the outcome. The end-of-text token that
-    stops a row is in ``tokens`` and ``logprobs`` (as OpenAI counts and scores it), not in ``text``."""
+    stops a row is in ``tokens`` and ``logprobs`` (as OpenAI counts and scores it), not in ``text``.
+    A beam-search row (``sampling.num_beams`` > 1) knows its answer only when the search ends: its
+    tokens are then taken one by one, ``on_token`` called for each, as a greedy row's would be."""
 
     prompt: list[int]
     sampling: Sampling = field(default_factory=Sampling)
@@ -66,13 +69,18 @@ class Generation:
 
 
 class _Row:
-    """A generation's per-row state inside the engine."""
+    """A generation's per-row state inside the engine. A beam-search row holds one batch row per
+    beam, all of them this same object."""
 
-    def __init__(self, generation: Generation, tokenizer, device: torch.device, silent: frozenset[int]) -> None:
+    def __init__(self, generation: Generation, tokenizer, device: torch.device, silent: frozenset[int],
+                 eos_ids: set[int]) -> None:
         self.generation = generation
-        self.text = Detokenizer(tokenizer, generation.sampling.stop, silent)
-        seed = generation.sampling.seed
+        sampling = generation.sampling
+        self.text = Detokenizer(tokenizer, sampling.stop, silent)
+        seed = sampling.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.beams = (BeamSearch(sampling.num_beams, sampling.length_penalty, sampling.max_tokens, eos_ids, device)
+                      if sampling.num_beams > 1 else None)
 
 
 class _Batch:
@@ -111,16 +119,18 @@ class _Batch:
         layers = getattr(self.cache, "layers", None)
         return bool(layers) and all(isinstance(layer, RoomyLayer) for layer in layers)
 
-    def select(self, keep: list[int], tokens: torch.Tensor) -> _Batch | None:
-        """The kept rows, ready to decode ``tokens`` next; None when no row is left."""
+    def select(self, keep: list[int], tokens: list[int]) -> _Batch | None:
+        """The rows at ``keep``, in that order, ready to decode ``tokens`` (one each) next; None
+        when no row is left. A row may be kept twice: two beams that extend one hypothesis."""
         if not keep:
             return None
-        if len(keep) < self.size:
-            index = torch.tensor(keep, device=tokens.device)
+        device = self.mask.device
+        if keep != list(range(self.size)):
+            index = torch.tensor(keep, device=device)
             self.cache.batch_select_indices(index)
             self.rows = [self.rows[i] for i in keep]
-            tokens, self.mask, self.positions = tokens[index], self.mask[index], self.positions[index]
-        self.inputs = tokens.unsqueeze(1)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        self.inputs = torch.tensor(tokens, device=device).unsqueeze(1)
         self.positions = self.positions[:, -1:] + 1
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
         self._drop_empty_columns()
@@ -144,6 +154,14 @@ class _Batch:
             self.mask = self.mask[:, empty:]
             for layer in self.cache.layers:
                 layer.drop_left(empty)
+
+
+def _lanes(rows: list[_Row]) -> dict[_Row, list[int]]:
+    """Each row's places in the batch, in order: one, or one per beam."""
+    lanes: dict[_Row, list[int]] = {}
+    for i, row in enumerate(rows):
+        lanes.setdefault(row, []).append(i)
+    return lanes
 
 
 def pad_token_id(tokenizer) -> int:
@@ -180,6 +198,9 @@ class Engine:
         generation.sampling.check()
         if not generation.prompt:
             raise ConfigError("the prompt is empty")
+        if generation.sampling.num_beams > self.max_batch_size:
+            raise ConfigError(f"num_beams = {generation.sampling.num_beams} needs as many rows of the batch; "
+                              f"this engine's max_batch_size is {self.max_batch_size}")
         self._check_adapter(generation.adapter)
         generation.submitted = time.perf_counter()
         with self._work:
@@ -200,7 +221,7 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Rows being prefilled or decoded."""
+        """Rows being prefilled or decoded (a beam-search row counts once per beam once decoding)."""
         return sum(batch.size for batch in (self.prefilling, self.running) if batch is not None)
 
     def has_work(self) -> bool:
@@ -242,28 +263,30 @@ class Engine:
         those whose prompt lengths are closest to it, while the left-padded block fits the prefill
         budget and each one adds fewer padding tokens than a forward pass of its own would cost.
         Padding is computed like real tokens, so mixing a 10-token prompt into a 250-token block
-        wastes 240 tokens of work; a separate forward costs about ``PADDING_WORTH_A_FORWARD``."""
+        wastes 240 tokens of work; a separate forward costs about ``PADDING_WORTH_A_FORWARD``.
+        A beam-search row is prefilled once but decodes ``num_beams`` rows: it needs that much room."""
         if self.running is not None and not self.running.joinable:
             return
         room = self.max_batch_size - (self.running.size if self.running else 0)
-        if room < 1 or not self.waiting:
+        if not self.waiting or self.waiting[0].sampling.num_beams > room:
             return
         oldest = self.waiting[0]
-        chosen, width = [oldest], len(oldest.prompt)
+        chosen, width, used = [oldest], len(oldest.prompt), oldest.sampling.num_beams
         for generation in sorted(list(self.waiting)[1:], key=lambda g: abs(len(g.prompt) - len(oldest.prompt))):
-            if len(chosen) >= room:
+            if used >= room:
                 break
             wider = max(width, len(generation.prompt))
             padding = (wider - width) * len(chosen) + wider - len(generation.prompt)
-            if wider * (len(chosen) + 1) <= self.max_prefill_tokens and padding <= PADDING_WORTH_A_FORWARD:
+            if (used + generation.sampling.num_beams <= room and wider * (len(chosen) + 1) <= self.max_prefill_tokens
+                    and padding <= PADDING_WORTH_A_FORWARD):
                 chosen.append(generation)
-                width = wider
+                width, used = wider, used + generation.sampling.num_beams
         for generation in chosen:
             self.waiting.remove(generation)
         now = time.perf_counter()
         for generation in chosen:
             generation.started = now
-        rows = [_Row(g, self.tokenizer, self.device, self.silent) for g in chosen]
+        rows = [_Row(g, self.tokenizer, self.device, self.silent, self.eos_ids) for g in chosen]
         self.prefilling = _Batch.from_prompts(rows, self.pad_id, self.device)
         self.prefilling.cache = roomy_cache(self.model)
 
@@ -291,7 +314,7 @@ class Engine:
             if not batch.rows[i].generation.done:
                 self._finish(batch.rows[i].generation, "length")
         made = batch.size - len(ended)
-        tokens, keep = self._advance(batch.rows, logits[:, -1], skip=ended)
+        keep, tokens = self._advance(batch.rows, logits[:, -1], skip=ended)
         batch = batch.select(keep, tokens)
         if batch is not None:
             self.running = batch if self.running is None else self.running.join(batch)
@@ -306,7 +329,7 @@ class Engine:
             self._fail_all(batch.rows, error)
             return 0
         made = batch.size
-        tokens, keep = self._advance(batch.rows, logits[:, -1])
+        keep, tokens = self._advance(batch.rows, logits[:, -1])
         self.running = batch.select(keep, tokens)
         return made
 
@@ -326,36 +349,58 @@ class Engine:
 
     # ---- per row -------------------------------------------------------------------------------
     def _advance(self, rows: list[_Row], logits: torch.Tensor,
-                 skip: set[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
-        """Pick each row's next token and apply it; (tokens, indices of the rows that go on)."""
+                 skip: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+        """Pick each row's next token (each beam's, for a beam-search row) and apply it; (the batch
+        rows that go on, one entry per beam that extends them, and the token each decodes next)."""
         best, tokens = logits.max(-1)  # NaN and +inf win the max, so checking the best logit finds them
         finite = torch.isfinite(best).tolist()
         greedy = tokens.tolist()
-        keep = []
-        for i, row in enumerate(rows):
+        keep, chosen = [], []
+        for row, lanes in _lanes(rows).items():
             generation = row.generation
-            if i in skip:
+            if lanes[0] in skip:
                 continue
             if generation.cancelled:
                 self._finish(generation, "cancelled")
                 continue
             try:
-                if not finite[i]:
+                if not all(finite[i] for i in lanes):
                     raise FloatingPointError("the model produced non-finite logits for this row")
-                sampling = generation.sampling
-                token = greedy[i]
-                if sampling.temperature != 0 or sampling.penalised:
-                    token = pick(logits[i], sampling, generation.prompt, generation.tokens, row.generator)
-                if self._take(row, token, logits[i]):
-                    keep.append(i)
-                    tokens[i] = token
+                going_on = (self._search(row, lanes, logits) if row.beams is not None
+                            else self._pick(row, lanes[0], logits[lanes[0]], greedy[lanes[0]]))
             except Exception as error:  # this row alone fails; the others go on
                 generation.error = f"{type(error).__name__}: {error}"
                 self._finish(generation, "error")
-        return tokens, keep
+                continue
+            for lane, token in going_on:
+                keep.append(lane)
+                chosen.append(token)
+        return keep, chosen
 
-    def _take(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
-        """Apply ``token`` to the row; whether the row goes on."""
+    def _pick(self, row: _Row, lane: int, logits: torch.Tensor, greedy: int) -> list[tuple[int, int]]:
+        """A sampled or greedy row's next token, taken: [(lane, token)] while the row goes on."""
+        generation = row.generation
+        sampling = generation.sampling
+        token = greedy
+        if sampling.temperature != 0 or sampling.penalised:
+            token = pick(logits, sampling, generation.prompt, generation.tokens, row.generator)
+        return [(lane, token)] if self._take(row, token, logits) else []
+
+    def _search(self, row: _Row, lanes: list[int], logits: torch.Tensor) -> list[tuple[int, int]]:
+        """One step of a beam-search row: the lane of the beam each new beam extends and its token
+        (before the first step one lane stands for every beam). When the search ends, its best
+        hypothesis is taken token by token, so that stop strings cut it as they cut a greedy answer."""
+        beams = row.beams
+        going_on = beams.step(logits[lanes])
+        if beams.done:
+            for token in beams.best:
+                if not self._take(row, token, None):
+                    break
+        return [(lanes[beam] if len(lanes) > 1 else lanes[0], token) for beam, token in going_on]
+
+    def _take(self, row: _Row, token: int, logits: torch.Tensor | None) -> bool:
+        """Apply ``token`` to the row (``logits`` scored it, when the row asks for logprobs);
+        whether the row goes on."""
         generation = row.generation
         if generation.first_token is None:
             generation.first_token = time.perf_counter()

@@ -13,7 +13,9 @@ class RoomyLayer(DynamicLayer):
     column in place. The stock layer concatenates, copying every row's whole history at every
     layer and step: on a CPU that copy took most of a 32-row decode step once prompts were a few
     hundred tokens long. Rows leaving (``batch_select_indices``) or joining (``splice``) cost one
-    copy into a new buffer; dropping columns on the left (``drop_left``) costs none."""
+    copy into a new buffer (a row may be selected several times: beam search copies a hypothesis's
+    history into each beam that extends it); rows only moving among themselves (beams re-ranked)
+    are copied in place, the moved ones alone; dropping columns on the left (``drop_left``) costs none."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -37,12 +39,21 @@ class RoomyLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         length = self.get_seq_length()
-        if length:
-            rooms = tuple(_room_like(states[: len(indices)], length) for states in (self.keys, self.values))
+        if length and len(indices) == self.keys.shape[0]:
+            self._reorder(indices)
+        elif length:
+            rooms = tuple(_room_like(states, length, rows=len(indices)) for states in (self.keys, self.values))
             for room, states in zip(rooms, (self.keys, self.values)):
                 torch.index_select(states, 0, indices, out=room[..., :length, :])
             self._rooms, self._start = rooms, 0
             self._view(length)
+
+    def _reorder(self, indices: torch.Tensor) -> None:
+        """As many rows as before, moved among themselves (beams re-ranked): only the rows that
+        change are copied, in place, so the other rows keep writing into the same buffers."""
+        moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(1)
+        for states in (self.keys, self.values):
+            states[moved] = states[indices[moved]]
 
     def drop_left(self, columns: int) -> None:
         """Forget the first ``columns`` columns (no row attends to them any more)."""
@@ -79,8 +90,10 @@ class RoomyLayer(DynamicLayer):
         self.values = values[..., self._start : self._start + length, :]
 
 
-def _room_like(states: torch.Tensor, columns: int) -> torch.Tensor:
-    return states.new_empty((*states.shape[:2], _roomy(columns), states.shape[-1]))
+def _room_like(states: torch.Tensor, columns: int, rows: int | None = None) -> torch.Tensor:
+    """A buffer for ``rows`` rows (default: as many as ``states``) of ``columns`` columns and room to spare."""
+    return states.new_empty((states.shape[0] if rows is None else rows, states.shape[1], _roomy(columns),
+                             states.shape[-1]))
 
 
 def _roomy(columns: int) -> int:

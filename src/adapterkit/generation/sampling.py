@@ -17,13 +17,18 @@ MIN_REPETITION_PENALTY = 1e-2  # dividing logits by less overflows them
 MAX_STOPS, MAX_STOP_CHARS = 4, 128
 MAX_LOGPROBS = 20
 SEED_LIMIT = 2**63  # torch generators take seeds below this (and negative ones, which we refuse)
+MAX_BEAMS = 16  # each beam is a row of the batch, with its own KV cache
+MAX_LENGTH_PENALTY = 10.0  # length ** penalty stays a float for any answer length
 
 
 @dataclass
 class Sampling:
     """How one row picks its tokens. Temperature 0 is greedy. Penalties follow OpenAI
     (``frequency_penalty``, ``presence_penalty``: over the tokens generated so far) and HF
-    (``repetition_penalty``: over prompt and generated tokens, dividing positive logits)."""
+    (``repetition_penalty``: over prompt and generated tokens, dividing positive logits).
+    ``num_beams`` > 1 is HF's beam search (``do_sample=False``, ``early_stopping=False``), its
+    hypotheses ranked by summed log-probability / ``generated_length ** length_penalty``; stop
+    strings then cut the best hypothesis, they do not steer the search."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -35,6 +40,8 @@ class Sampling:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many alternatives to report per token (0: the chosen one only)
     prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def check(self) -> Sampling:
         """Itself, or a ConfigError naming the first bad field."""
@@ -57,7 +64,31 @@ class Sampling:
         check_stops(self.stop)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
+        self._check_beams()
         return self
+
+    def _check_beams(self) -> None:
+        """Beam search here is HF's deterministic one: what it would have to combine with
+        (sampling, penalties, per-token log-probabilities) is refused rather than ignored."""
+        if type(self.num_beams) is not int or not 1 <= self.num_beams <= MAX_BEAMS:  # True is no count
+            raise ConfigError(f"num_beams must be an integer from 1 (greedy) to {MAX_BEAMS}, got {self.num_beams!r}")
+        if (type(self.length_penalty) not in (int, float)
+                or not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY):
+            raise ConfigError(f"length_penalty must be a number from {-MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY}, "
+                              f"got {self.length_penalty!r}")
+        if self.num_beams == 1:
+            if self.length_penalty != 1.0:
+                raise ConfigError("length_penalty ranks beam-search hypotheses: it needs num_beams > 1")
+            return
+        unsupported = [name for name, used in (
+            ("temperature", self.temperature != 0), ("top_p", self.top_p != 1.0),
+            ("frequency_penalty", self.frequency_penalty != 0), ("presence_penalty", self.presence_penalty != 0),
+            ("repetition_penalty", self.repetition_penalty != 1.0), ("logprobs", self.logprobs is not None),
+            ("prompt_logprobs", self.prompt_logprobs)) if used]
+        if unsupported:
+            raise ConfigError(f"beam search (num_beams = {self.num_beams}) is deterministic and scores whole "
+                              f"hypotheses; it is not implemented with {', '.join(unsupported)}: use greedy or "
+                              "sampled decoding (num_beams = 1) for those")
 
     @property
     def penalised(self) -> bool:

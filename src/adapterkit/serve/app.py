@@ -30,12 +30,14 @@ from ..generation import TokenLogprob
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
 from .protocol import (
+    BEAM_FIELDS,
     ApiError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     LoadRequest,
     TokenizeRequest,
+    beam_search_refused,
     check_token_ids,
     check_unicode,
     logprobs_block,
@@ -95,6 +97,9 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         unsupported = [str(e["loc"][-1]) for e in error.errors() if e["type"] == "extra_forbidden"]
+        beams = [name for name in unsupported if name in BEAM_FIELDS]
+        if beams:
+            return await api_error(request, beam_search_refused(beams[0]))
         if unsupported:
             message = f"unsupported field(s): {', '.join(unsupported)}; adapterkit does not implement them"
             return await api_error(request, ApiError(400, message, "unsupported_field"))

@@ -13,18 +13,33 @@ from ..generation import Generation, TokenLogprob, check_stops
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with a status."""
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with a
+    status; ``param`` names the request field at fault, when one is."""
 
-    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
+        self.status, self.message, self.code, self.headers, self.param = status, message, code, headers, param
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# fields that ask for beam search (vLLM's and HF's names): refused with a pointer to where it runs
+BEAM_FIELDS = ("use_beam_search", "num_beams", "length_penalty", "early_stopping")
+
+
+def beam_search_refused(field: str, value: Any = None) -> ApiError:
+    """Beam search is not served: an answer streams token by token as it is picked, and a beam
+    search knows its tokens only when it ends. ``adapterkit generate`` and ``eval`` run it."""
+    asked = field if value is None else f"{field} = {value}"
+    return ApiError(400, f"{asked}: beam search is not served (answers stream token by token, and a beam search "
+                         "knows its answer only when it ends); use `adapterkit generate --num-beams N` or "
+                         "`adapterkit eval --num-beams N`", "unsupported_field", param=field)
 
 
 class Sampled(BaseModel):
@@ -55,11 +70,12 @@ class Sampled(BaseModel):
         return stops
 
     def refuse_unsupported(self) -> None:
-        for name in ("n", "best_of"):
-            value = getattr(self, name, None)
-            if value is not None and value != 1:
-                raise ApiError(400, f"{name} = {value} is not supported: one choice per prompt "
-                                    "(send the prompt again, with seeds)", "unsupported_field")
+        if self.n is not None and self.n != 1:
+            raise ApiError(400, f"n = {self.n} is not supported: one choice per prompt (send the prompt again, "
+                                "with seeds)", "unsupported_field", param="n")
+        best_of = getattr(self, "best_of", None)
+        if best_of is not None and best_of != 1:
+            raise beam_search_refused("best_of", best_of)
 
 
 class CompletionRequest(Sampled):
