@@ -192,9 +192,16 @@ def main() -> int:
 
 
 def showcase_pairs(pairs: list[dict]) -> list[dict]:
-    """The first ``SHOWCASE_PER_LANGUAGE`` pairs of a few words (a sentence, not a label or a help text)."""
-    sentences = [pair for pair in pairs if 5 <= len(pair["prompt"].splitlines()[0].split()) - 1 <= 12]
-    return sentences[:SHOWCASE_PER_LANGUAGE]
+    """The first ``SHOWCASE_PER_LANGUAGE`` pairs that read as a sentence: a few words (not a label
+    or a help text), no context note or placeholder such as ``%(value)s``, and each with a
+    reference of its own (catalogs hold singular and plural forms of one message)."""
+    chosen: dict[str, dict] = {}
+    for pair in pairs:
+        english = pair["prompt"].splitlines()[0]
+        if (english.startswith("English: ") and 6 <= len(english.split()) <= 13 and "%" not in english
+                and "{" not in english):
+            chosen.setdefault(pair["completion"], pair)
+    return list(chosen.values())[:SHOWCASE_PER_LANGUAGE]
 
 
 def trainer_losses(metrics_path: Path) -> tuple[float, float]:
