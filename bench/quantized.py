@@ -127,7 +127,7 @@ def quality(args: argparse.Namespace) -> None:
         base, tokenizer = ak.load_base(quantize=BASES[name])
         model = ak.AdapterModel(base)
         torch.manual_seed(0)
-        model.add_adapter("de", ak.BottleneckConfig(**ADAPTER))
+        model.add_adapter("de", ak.LoraConfig(**ADAPTER))
         model.train_adapter("de")
         with tempfile.TemporaryDirectory() as out:
             trainer = Trainer(model, tokenizer, short_enough(train, tokenizer), TrainConfig(**TRAIN, metric="none"),
