@@ -8,7 +8,7 @@ packages' catalogs, out of Django's domain), saves the adapters, reloads them in
 and shows held-out sentences with their reference translations and chrF, switching adapters on
 the same frozen base.
 
-    python examples/demo.py            # the full run (about 6 minutes on 2 quiet cores, 20+ on shared ones)
+    python examples/demo.py            # the full run (about 11 minutes on 2 quiet cores)
     python examples/demo.py --quick    # a smoke run of a minute or two
 """
 
