@@ -135,15 +135,14 @@ def frozen_int8_matmul() -> type:
     scratch = threading.local()
 
     def dequantized(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """Into one buffer per weight shape and thread: a fresh weight-sized tensor twice per layer
+        and step left glibc's heap in pieces and the process larger."""
         weight = layer.weight
-        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
         buffers = vars(scratch).setdefault("buffers", {})
         key = (weight.shape, dtype, weight.device)
         if key not in buffers:
             buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-        out = buffers[key]
-        out.copy_(weight.data)
-        return out.mul_(scales.unsqueeze(1).mul(1.0 / 127.0))
+        return int8_dequantized_into(buffers[key], layer)
 
     class FrozenInt8Matmul(torch.autograd.Function):
         @staticmethod
@@ -158,17 +157,23 @@ def frozen_int8_matmul() -> type:
     return FrozenInt8Matmul
 
 
-def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The layer's weight as floating-point numbers (float32 unless ``dtype`` says), dequantized
-    from 4 or 8 bits where it is quantized (a copy without gradient)."""
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as float32 numbers, dequantized from 4 or 8 bits where it is quantized
+    (a copy without gradient)."""
     kind = layer_quantization(layer)
     if kind is None:
         return layer.weight
     import bitsandbytes.functional as bnb_functional
     import torch
 
+    if kind == "int8":
+        return int8_dequantized_into(torch.empty(layer.weight.shape, device=layer.weight.device), layer)
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def int8_dequantized_into(out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``out`` filled with an int8 layer's weight in ``out``'s dtype, by bitsandbytes' arithmetic."""
     weight = layer.weight
-    if kind == "int8":  # bitsandbytes' arithmetic; the row scales move to the layer's state on its first forward
-        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
-        return weight.data.to(dtype or torch.float32).mul_(scales.unsqueeze(1).mul(1.0 / 127.0))
-    return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    scales = weight.SCB if weight.SCB is not None else layer.state.SCB  # they move to the state on a first forward
+    out.copy_(weight.data)
+    return out.mul_(scales.unsqueeze(1).mul(1.0 / 127.0))
