@@ -40,6 +40,7 @@ from adapterkit.io import base_fingerprint, forget_base_fingerprint
 from adapterkit.io.tensors import crc32
 from adapterkit.methods import AdapterModule, Method, registered_methods
 from adapterkit.methods.bottleneck import PLACEMENTS
+from adapterkit.mixed import SEGMENT_MIN_TOKENS
 from conftest import batch, biased_base, logits, rows_alone
 
 ARCHS = ["gpt2", "llama", "bert"]
@@ -413,14 +414,15 @@ def test_merging_matches_and_unmerging_restores_the_base_bit_for_bit(method, row
     assert torch.equal(logits(model), unmerged)
 
 
+@pytest.mark.parametrize("length", [8, SEGMENT_MIN_TOKENS])  # padded batched products; adapter by adapter
 @pytest.mark.parametrize("method, row, arch", cases("mixed_rows"))
-def test_mixed_batch_rows_equal_each_row_alone(method, row, arch):
+def test_mixed_batch_rows_equal_each_row_alone(method, row, arch, length):
     case = subject(method, row, arch)
     model = case.model
     others = bystanders(model, method)
     second = add(model, method, next_row(method, row), "second", seed=2)
     names = [case.run, None, *others, second.run, case.run, "base"]
-    inputs = batch(seed=4, rows=len(names))
+    inputs = batch(seed=4, rows=len(names), length=length)
     if not all(runs_per_row(module) for module in case.modules.values()):
         with pytest.raises(ak.AdapterkitError, match="cannot run in a mixed-adapter batch"):
             model(**inputs, adapter_names=names)

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.mixed import SEGMENT_MIN_TOKENS
 from conftest import VOCAB, batch, logits, make_base, rows_alone
 
 PLACEMENTS = ["houlsby", "pfeiffer", "attention", "parallel"]
 TOLERANCE = 1e-5
+# short rows (decoding) run as padded batched products, long rows (prefill) adapter by adapter
+LENGTHS = [8, SEGMENT_MIN_TOKENS]
 
 
 def _model(arch: str, configs: dict[str, ak.BottleneckConfig]) -> ak.AdapterModel:
@@ -32,9 +35,10 @@ def _assert_rows_match(model, inputs, names):
     return mixed
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_each_row_matches_its_adapterrows_alone(arch, placement):
+def test_each_row_matches_its_adapterrows_alone(arch, placement, length):
     model = _model(arch, {
         "wide": ak.BottleneckConfig(placement=placement, bottleneck_size=8, init="bert"),
         "narrow": ak.BottleneckConfig(placement=placement, bottleneck_size=3, activation="relu", init="bert",
@@ -44,27 +48,29 @@ def test_each_row_matches_its_adapterrows_alone(arch, placement):
         "top": ak.BottleneckConfig(placement=placement, bottleneck_size=4, activation="tanh", init="bert", layers=[1]),
     })
     names = ["wide", "narrow", "base", "plain", "wide", None, "top", "narrow"]
-    inputs = batch(seed=1, rows=len(names))
+    inputs = batch(seed=1, rows=len(names), length=length)
     mixed = _assert_rows_match(model, inputs, names)
     assert not torch.allclose(mixed[0], mixed[1])  # the adapters really differ
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
-def test_placements_mix_in_one_batch(arch):
+def test_placements_mix_in_one_batch(arch, length):
     model = _model(arch, {
         placement: ak.BottleneckConfig(placement=placement, bottleneck_size=4 + i, init="bert")
         for i, placement in enumerate(PLACEMENTS)
     } | {"named": ak.BottleneckConfig(placement="parallel", bottleneck_size=4, init="bert",
                                       target_modules=r".*\.0\..*(c_fc|up_proj|intermediate\.dense)")})
     names = ["parallel", "houlsby", "named", "base", "pfeiffer", "attention", "houlsby"]
-    _assert_rows_match(model, batch(seed=2, rows=len(names)), names)
+    _assert_rows_match(model, batch(seed=2, rows=len(names), length=length), names)
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("names", [["a"] * 5 + ["b"], ["a", "b", "a", "a", "c", "a", "b"], ["b"] * 3,
                                    ["base", "base"]])
-def test_uneven_and_degenerate_mixes(names):
+def test_uneven_and_degenerate_mixes(names, length):
     model = _model("llama", {n: ak.BottleneckConfig(bottleneck_size=6, init="bert") for n in "abc"})
-    _assert_rows_match(model, batch(seed=3, rows=len(names)), names)
+    _assert_rows_match(model, batch(seed=3, rows=len(names), length=length), names)
 
 
 def test_all_rows_on_one_adapter_equal_set_active_exactly():
@@ -216,11 +222,12 @@ def _low_rank_model(arch: str) -> ak.AdapterModel:
     return model
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_lora_and_adalora_rows_match_alone_beside_bottlenecks(arch):
+def test_lora_and_adalora_rows_match_alone_beside_bottlenecks(arch, length):
     model = _low_rank_model(arch)
     names = ["lora8", "bottleneck", "lora2", "base", "adalora", "parallel", "lora_top", "lora8", "adalora"]
-    mixed = _assert_rows_match(model, batch(seed=10, rows=len(names)), names)
+    mixed = _assert_rows_match(model, batch(seed=10, rows=len(names), length=length), names)
     assert not torch.allclose(mixed[0], mixed[2])
 
 

@@ -187,6 +187,20 @@ class SiteHooks:
             self.clear_taps()
         return y.to(output.dtype)
 
+    def output_on_rows(self, name: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Batch ``rows`` of this module's output ``y`` (input ``x``) changed by output adapter
+        ``name``, gathering only what the adapter reads."""
+        adapter, reader = self.outputs[name]
+        dtype = compute_dtype(adapter)
+        y_rows = y.index_select(0, rows)
+        if reader is not None:
+            source = reader(y_rows, rows)
+        elif adapter.reads == "output":
+            source = y_rows  # what it reads: passed as its input too, which it ignores
+        else:
+            source = x.index_select(0, rows)
+        return adapter(source.to(dtype), y_rows.to(dtype)).to(y.dtype)
+
     # ---- compositions ------------------------------------------------------------------------
     def acts(self, block: Block) -> bool:
         """Whether any adapter of ``block`` is attached here."""

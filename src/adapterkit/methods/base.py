@@ -230,7 +230,8 @@ class AdapterModule(nn.Module):
 
     Mixed batches: ``mixed_kind()`` says which modules of a site compute together (same maths, same
     input); ``mixed = "delta"`` modules supply ``stack``/``grouped_delta`` (a delta added to the
-    output, computed with batched products over stacked weights), ``mixed = "scale"`` modules
+    output, computed with batched products over stacked weights for short rows; long rows run
+    ``forward`` on each adapter's rows), ``mixed = "scale"`` modules
     supply ``scale_vector()`` (each row's input or output multiplied by its adapter's vector).
     """
 
