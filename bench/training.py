@@ -11,6 +11,9 @@ Step time: one optimizer step (forward, backward, AdamW) of a float32 Houlsby ad
 float32 base and over its bfloat16 copy, alternated in one process by bench/harness.py.
 
     .venv/bin/python bench/training.py [--batch 8] [--length 128] [--steps 3] [--repeats 7] [--device cpu]
+
+``--layer-cost`` prints only the step time of the lesson's adapter layer (LayerNorm, dropout,
+gelu) against AdapterHub's default layer (none of them, silu), interleaved in one process.
 """
 
 import argparse
@@ -138,6 +141,22 @@ def step_time_table(args: argparse.Namespace) -> None:
                 f"optimizer step on {args.device}, batch {args.batch} x {args.length}, Houlsby r=64 (float32 adapter)")
 
 
+HUB_LAYER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64, layer_norm=False, dropout=0.0,
+                                activation="silu")
+
+
+def layer_cost_table(args: argparse.Namespace) -> None:
+    """The lesson's adapter layer (LayerNorm, dropout 0.1, gelu) against AdapterHub's default one
+    (none of them, silu), same sites and width: what the extras cost as a share of a step."""
+    steps = {
+        "AdapterHub's layer": make_step("float32", args.device, False, args.batch, args.length, adapter=HUB_LAYER)[2],
+        "the lesson's layer": make_step("float32", args.device, False, args.batch, args.length)[2],
+    }
+    times = time_interleaved(steps, args.repeats)
+    print_table(times, "AdapterHub's layer",
+                f"optimizer step on {args.device}, batch {args.batch} x {args.length}, Houlsby r=64")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -146,11 +165,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the step-time table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="the base's dtype in the memory table")
+    parser.add_argument("--layer-cost", action="store_true",
+                        help="only the table of the lesson's adapter layer against AdapterHub's")
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         print(json.dumps(measure_memory(args, args.checkpointing)))
+        return
+    if args.layer_cost:
+        layer_cost_table(args)
         return
     memory_table(args)
     print()

@@ -25,8 +25,9 @@ def autograds_delta(adapter: BottleneckAdapter, h: torch.Tensor, activation: str
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "tanh"])
 @pytest.mark.parametrize("layer_norm, dropout", [(True, 0.1), (False, 0.0), (True, 0.0)])
 @pytest.mark.parametrize("input_needs_grad, adapter_trains", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("offset", [0.0, 4.0])  # the down-projection's gradient subtracts the mean's share
 def test_the_training_path_gives_autograds_outputs_and_gradients(activation, layer_norm, dropout, input_needs_grad,
-                                                                 adapter_trains):
+                                                                 adapter_trains, offset):
     config = ak.BottleneckConfig(bottleneck_size=8, activation=activation, layer_norm=layer_norm, dropout=dropout,
                                  init="bert")
     adapter = BottleneckAdapter(32, 32, config).train()
@@ -37,7 +38,7 @@ def test_the_training_path_gives_autograds_outputs_and_gradients(activation, lay
         adapter.up_bias.normal_(0.0, 0.1)
     adapter.requires_grad_(adapter_trains)
     torch.manual_seed(0)
-    h = torch.randn(3, 5, 32)
+    h = torch.randn(3, 5, 32) + offset
     upstream = torch.randn(3, 5, 32)
 
     def run(delta) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
