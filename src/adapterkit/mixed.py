@@ -37,8 +37,10 @@ class RowLayout:
     are. Otherwise (one adapter has many more rows than the others) the group size is
     ceil(rows / adapters) and a busy adapter takes several groups, so the padding never exceeds
     one group per adapter. Either way an uneven mix costs at most twice the adapter FLOPs of an
-    even one, and an even one costs the same as a single adapter. The layout depends on the rows'
-    adapters alone, so one serves every module of a plan."""
+    even one, and an even one costs the same as a single adapter. For long rows, which run
+    adapter by adapter, it also lists each adapter's batch rows (``adapter_rows``) and the rows of
+    no adapter of this kind (``other_rows``). The layout depends on the rows' adapters alone, so
+    one serves every module of a plan."""
 
     def __init__(self, row_adapter: tuple[int, ...], device: torch.device) -> None:
         members = [row for row, adapter in enumerate(row_adapter) if adapter >= 0]
