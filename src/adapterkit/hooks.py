@@ -191,15 +191,9 @@ class SiteHooks:
         """Batch ``rows`` of this module's output ``y`` (input ``x``) changed by output adapter
         ``name``, gathering only what the adapter reads."""
         adapter, reader = self.outputs[name]
-        dtype = compute_dtype(adapter)
         y_rows = y.index_select(0, rows)
-        if reader is not None:
-            source = reader(y_rows, rows)
-        elif adapter.reads == "output":
-            source = y_rows  # what it reads: passed as its input too, which it ignores
-        else:
-            source = x.index_select(0, rows)
-        return adapter(source.to(dtype), y_rows.to(dtype)).to(y.dtype)
+        reads_x = reader is None and adapter.reads != "output"
+        return self.run(name, x.index_select(0, rows) if reads_x else y_rows, y_rows, rows)  # y_rows: x unread
 
     # ---- compositions ------------------------------------------------------------------------
     def acts(self, block: Block) -> bool:
