@@ -3,12 +3,14 @@ started here. The answers are the single server's, requests for an adapter stay 
 loaded it, a killed replica loses no other replica's requests and comes back, and a bad request
 fails alone."""
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,13 +18,14 @@ import ray
 import torch
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.exceptions import RayActorError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapterkit as ak
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, ReplicaUnavailableError
 from adapterkit.serve import ServeConfig, Server, create_app
 from adapterkit.serve.app import MAX_BODY_BYTES
-from adapterkit.serve.ray import APP_NAME, REPLICA_HEADER, application, build
+from adapterkit.serve.ray import APP_NAME, REPLICA_HEADER, application, build, relayed
 from conftest import randomise
 from test_serve import KEY, WORDS, sample, tiny_tokenizer
 
@@ -211,6 +214,41 @@ def test_the_ray_options_are_checked_before_anything_starts(tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["serve", "--adapters", str(tmp_path), "--ray"]) == 2
     assert capsys.readouterr().err == "adapterkit: error: --ray needs Ray Serve: pip install 'adapterkit[ray]'\n"
+
+
+def replica_stopping_after(*messages: dict) -> AsyncIterator[dict]:
+    """A replica's answer that stops (its actor dies) after sending ``messages``."""
+    async def answer() -> AsyncIterator[dict]:
+        for message in messages:
+            yield message
+        raise RayActorError()
+    return answer()
+
+
+def test_a_replica_stopping_between_its_headers_and_body_is_answered_with_a_whole_503():
+    start = {"type": "http.response.start", "status": 200,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"365")]}
+    with pytest.raises(ReplicaUnavailableError, match="retry it"):
+        asyncio.run(relayed(replica_stopping_after(start)))
+
+
+def test_an_event_stream_whose_replica_stops_ends_with_an_error_event():
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    first = {"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True}
+    sent = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def send_all() -> None:
+        answer = await relayed(replica_stopping_after(start, first))
+        await answer({}, None, send)
+
+    asyncio.run(send_all())
+    assert sent[:2] == [start, first] and sent[2]["more_body"] is False
+    events = sent[2]["body"].decode().split("\n\n")
+    assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "replica_unavailable"
+    assert events[1:] == ["data: [DONE]", ""]
 
 
 def test_answers_equal_the_single_servers(cluster, world):

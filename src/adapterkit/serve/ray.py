@@ -187,9 +187,31 @@ class Replica:
             yield message
 
 
+def streams_events(start: dict[str, Any]) -> bool:
+    """Whether the answer ``start`` begins is an event stream (sent on as it comes)."""
+    return dict(start["headers"]).get(b"content-type", b"").startswith(b"text/event-stream")
+
+
+async def relayed(messages: AsyncIterator[dict[str, Any]]) -> "Relayed":
+    """A replica's answer, to send on. Any answer but an event stream is taken whole first (the app
+    sends it in one body), so that a replica stopping between its headers and its body is still
+    answered with a whole 503 rather than a response cut after its headers."""
+    try:
+        start = await anext(messages)
+        if not streams_events(start):
+            return Relayed([start, *[message async for message in messages]])
+    except BackPressureError:
+        raise ApiError(429, "every replica is busy and the queue in front of them is full; retry shortly",
+                       "rate_limit_exceeded", {"Retry-After": "1"}) from None
+    except RayActorError:
+        raise ReplicaUnavailableError(STOPPED) from None
+    return Relayed([start], messages)
+
+
 class Relayed(Response):
     """A replica's answer, sent on message by message as it comes (a stream stays a stream). If the
-    replica stops mid-way, an event stream ends with an error event, as the app's streams do."""
+    replica stops mid-way through an event stream, the stream ends with an error event, as the
+    app's streams do."""
 
     def __init__(self, messages: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]] | None = None) -> None:
         self.messages, self.rest, self.background = messages, rest, None
@@ -203,15 +225,9 @@ class Relayed(Response):
             async for message in self.rest:
                 await send(message)
         except RayActorError:
-            if not self.streams_events():
-                raise ReplicaUnavailableError(STOPPED) from None
             error = json.dumps(as_api_error(ReplicaUnavailableError(STOPPED)).body())
             await send({"type": "http.response.body", "body": f"data: {error}\n\ndata: [DONE]\n\n".encode(),
                         "more_body": False})
-
-    def streams_events(self) -> bool:
-        headers = dict(self.messages[0]["headers"])
-        return headers.get(b"content-type", b"").startswith(b"text/event-stream")
 
 
 api = FastAPI(title="adapterkit on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -256,15 +272,8 @@ class Ingress:
 
     async def relay(self, request: Forwarded, model: str | None) -> Response:
         """The answer of the replica Ray places ``request`` on (by ``model``; any, for None)."""
-        messages = self.replicas.options(stream=True, multiplexed_model_id=model or "").answer.remote(request)
-        try:
-            start = await anext(messages)
-        except BackPressureError:
-            raise ApiError(429, "every replica is busy and the queue in front of them is full; retry shortly",
-                           "rate_limit_exceeded", {"Retry-After": "1"}) from None
-        except RayActorError:
-            raise ReplicaUnavailableError(STOPPED) from None
-        return Relayed([start], messages)
+        handle = self.replicas.options(stream=True, multiplexed_model_id=model or "")
+        return await relayed(handle.answer.remote(request))
 
     async def manage(self, request: Forwarded, name: str) -> list[dict[str, Any]] | None:
         """The answer of the replicas that hold ``name`` to loading or unloading it, all or none: if
