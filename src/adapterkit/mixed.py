@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
@@ -75,13 +76,17 @@ class Group:
     def __init__(self, kind: tuple, module_class, reads: str, reader, names: list[str],
                  stacked: dict[str, torch.Tensor], layout: RowLayout) -> None:
         self.kind, self.module_class, self.reads, self.reader = kind, module_class, reads, reader
-        self.names = names
-        self.layout = layout
+        self.names, self.stacked, self.layout = names, stacked, layout
+
+    @cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Each group's adapter weights, made at the first short-row call: a plan whose rows are all
+        long (prefill, scoring) never needs them."""
+        stacked, layout = self.stacked, self.layout
         if layout.group_adapter == list(range(len(next(iter(stacked.values()))))):
-            self.weights = stacked
-        else:
-            index = torch.tensor(layout.group_adapter, device=layout.slot_rows.device)
-            self.weights = {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
+            return stacked
+        index = torch.tensor(layout.group_adapter, device=layout.slot_rows.device)
+        return {key: tensor.index_select(0, index) for key, tensor in stacked.items()}
 
     def apply(self, hooks, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if y.numel() // (y.shape[0] * y.shape[-1]) >= SEGMENT_MIN_TOKENS:
