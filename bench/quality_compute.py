@@ -11,13 +11,15 @@ and 150 out-of-domain strings (other packages' catalogs; German only: examples/d
     .venv/bin/python bench/quality_compute.py --method "Houlsby r=64" --epochs 1 3 --plot docs/quality_compute.png
 
 Each row is printed as it finishes and appended to ``--results`` (JSONL), so a long study can be
-stopped and resumed: rows already there are not run again.
+stopped and resumed: rows already there are not run again. The plot draws every row of the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,17 @@ METHODS = {  # name -> (adapter config, or None for full fine-tuning; learning r
     "LoRA r=64, all linear": (ak.LoraConfig(r=64, alpha=128, target_modules=ALL_LINEAR), 1e-3),
     "full fine-tuning": (None, 5e-5),
 }
+LANGUAGE_NAMES = {"de": "German", "fr": "French", "es": "Spanish"}
+
+
+def machine() -> str:
+    """The CPU a row is timed on: training minutes compare only between rows of one machine."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(re.findall(r"^(model name|cpu family|model|flags)\s*:\s*(.*)$", info, re.MULTILINE))
+    if not fields:
+        return platform.processor() or platform.machine()
+    vectors = "avx512" if "avx512f" in fields["flags"].split() else "avx2" if "avx2" in fields["flags"].split() else ""
+    return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']}, {vectors})"
 
 
 def run_one(method: str, epochs: float, language: str) -> dict:
@@ -66,7 +79,7 @@ def run_one(method: str, epochs: float, language: str) -> dict:
         tic = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - tic
-    row = {"method": method, "epochs": epochs, "language": language, "train_seconds": seconds,
+    row = {"method": method, "epochs": epochs, "language": language, "machine": machine(), "train_seconds": seconds,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     sets = {"held_out": held_out, "trained": examples[:MEMORISED]}
     if language == "de":
@@ -77,20 +90,29 @@ def run_one(method: str, epochs: float, language: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One panel per language: held-out chrF against training minutes, one line per method (one
+    colour per method; dashed for rows of a machine not recorded)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(row["method"] for row in rows):
-        points = sorted((row["train_seconds"] / 60, row["held_out"]) for row in rows if row["method"] == method)
-        axis.plot(*zip(*points), marker="o", label=method)
-    axis.set_xlabel("training minutes (2 CPU cores)")
-    axis.set_ylabel("held-out chrF")
-    axis.set_title("Quality against compute: German UI strings, SmolLM2-135M")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    languages = list(dict.fromkeys(row["language"] for row in rows))
+    figure, axes = plt.subplots(1, len(languages), figsize=(6 * len(languages), 4.5), sharey=True, squeeze=False)
+    for axis, language in zip(axes[0], languages):
+        ours = [row for row in rows if row["language"] == language]
+        machines = {row.get("machine") for row in ours}
+        for method, cpu in dict.fromkeys((row["method"], row.get("machine")) for row in ours):
+            points = sorted((row["train_seconds"] / 60, row["held_out"]) for row in ours
+                            if (row["method"], row.get("machine")) == (method, cpu))
+            label = method if len(machines) == 1 else f"{method} ({cpu or 'an earlier machine'})"
+            axis.plot(*zip(*points), marker="o", label=label, color=f"C{list(METHODS).index(method)}",
+                      linestyle="-" if cpu else "--")
+        axis.set_xlabel("training minutes (2 CPU cores; compare rows of one machine)")
+        axis.set_title(f"{LANGUAGE_NAMES[language]} UI strings, SmolLM2-135M")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize="small")
+    axes[0][0].set_ylabel("held-out chrF")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -100,7 +122,8 @@ def main() -> None:
     parser.add_argument("--language", default="de", choices=["de", "fr", "es"])
     parser.add_argument("--method", action="append", choices=list(METHODS), help="default: every method")
     parser.add_argument("--epochs", type=float, nargs="+", default=[1, 3, 6])
-    parser.add_argument("--results", type=Path, default=Path("runs/quality_compute.jsonl"))
+    parser.add_argument("--results", type=Path, default=Path("docs/quality_compute.jsonl"),
+                        help="the study's rows, committed so that the table and the plot can be rebuilt")
     parser.add_argument("--plot", type=Path, help="write the chart of held-out chrF against training minutes here")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,7 +147,7 @@ def main() -> None:
             print(f"{method:<24}{epochs:>7g}{row['train_seconds'] / 60:>10.1f}{row['held_out']:>10.1f}"
                   f"{row['trained']:>9.1f}{row.get('out_of_domain', float('nan')):>15.1f}", flush=True)
     if args.plot:
-        plot([r for r in done if r["language"] == args.language], args.plot)
+        plot(done, args.plot)
 
 
 if __name__ == "__main__":
