@@ -34,7 +34,16 @@ from adapterkit.evaluate import score_generations
 from adapterkit.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from demo import MAX_NEW_TOKENS, MEMORISED, OUT_OF_DOMAIN, TRAIN, django_catalogs, out_of_domain_pairs, short_enough  # noqa: E402
+from demo import (  # noqa: E402
+    LANGUAGES,
+    MAX_NEW_TOKENS,
+    MEMORISED,
+    OUT_OF_DOMAIN,
+    TRAIN,
+    django_catalogs,
+    out_of_domain_pairs,
+    short_enough,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {  # name -> (adapter config, or None for full fine-tuning; learning rate)
@@ -44,7 +53,6 @@ METHODS = {  # name -> (adapter config, or None for full fine-tuning; learning r
     "LoRA r=64, all linear": (ak.LoraConfig(r=64, alpha=128, target_modules=ALL_LINEAR), 1e-3),
     "full fine-tuning": (None, 5e-5),
 }
-LANGUAGE_NAMES = {"de": "German", "fr": "French", "es": "Spanish"}
 
 
 def machine() -> str:
@@ -53,7 +61,8 @@ def machine() -> str:
     fields = dict(re.findall(r"^(model name|cpu family|model|flags)\s*:\s*(.*)$", info, re.MULTILINE))
     if not fields:
         return platform.processor() or platform.machine()
-    vectors = "avx512" if "avx512f" in fields["flags"].split() else "avx2" if "avx2" in fields["flags"].split() else ""
+    flags = fields["flags"].split()
+    vectors = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
     return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']}, {vectors})"
 
 
@@ -109,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
             axis.plot(*zip(*points), marker="o", label=label, color=f"C{list(METHODS).index(method)}",
                       linestyle="-" if cpu else "--")
         axis.set_xlabel("training minutes (2 CPU cores; compare rows of one machine)")
-        axis.set_title(f"{LANGUAGE_NAMES[language]} UI strings, SmolLM2-135M")
+        axis.set_title(f"{LANGUAGES[language]} UI strings, SmolLM2-135M")
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right", fontsize="small")
     axes[0][0].set_ylabel("held-out chrF")
