@@ -323,8 +323,9 @@ def layer_norm_weight_gradients(scaled: torch.Tensor, grad_pre_sum: torch.Tensor
     normalising h again. All three come from grad_pre^T x_hat = (rstd grad_pre)^T (h - mean), a
     bottleneck-by-model matrix C: the down-projection's is C * g + (sum_t grad_pre_t)^T b, the
     scale's sum_k W_k * C_k and the shift's (sum_t grad_pre_t) W. ``scaled`` is rstd * grad_pre.
-    C is taken as (rstd grad_pre)^T h minus the mean's share, unless ``centre_first`` (rows whose mean
-    is far from zero, where that difference would cancel most digits)."""
+    C is taken as (rstd grad_pre)^T h minus the mean's share where the LayerNorm was folded (rows
+    near zero mean); elsewhere (``centre_first``) h - mean is formed first, because for rows far
+    from zero mean that difference would cancel most digits."""
     needs_scale, needs_shift, needs_down = needs
     centred = None
     if (needs_scale or needs_down) and centre_first:
