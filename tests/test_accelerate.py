@@ -7,9 +7,12 @@ averaged across processes, where one process sums all rows at once. The scalings
 (the loss times 2 processes, the all-reduce's mean over 2), so only the order of the float32
 additions differs: gradients agree to a relative ~1e-7, and AdamW, whose update is the gradient
 over its own running magnitude, passes that on as a relative error of the same order on updates of
-at most lr = 1e-2 a step. The largest difference measured after 6 steps is 1.2e-7 (one float32 step
-at 1.0, on a LayerNorm weight), so atol=1e-6; a wrong share of the batch moves weights by far more, and
-AdaLoRA's penalty counted twice (per process, or per micro-batch) by 2.7e-4."""
+at most lr = 1e-2 a step, and six steps through two blocks compound it. The largest difference
+measured after 6 steps is 1.2e-7 with torch's LayerNorm (one float32 step at 1.0, on a LayerNorm
+weight); with the bottleneck's LayerNorm folded into its down-projection (the CPU's training path)
+it is 2.1e-6 at this seed (one LayerNorm bias in block 1) and below 4e-7 at seeds 1 to 3, so
+atol=1e-5. A wrong share of the batch moves weights by far more, and AdaLoRA's penalty counted twice
+(per process, or per micro-batch) by 2.7e-4."""
 
 import json
 import os
@@ -52,7 +55,7 @@ def test_two_processes_under_accelerate_launch_give_the_adapter_of_one(tmp_path)
         assert records[0]["config"] == records[1]["config"] == one.adapters[name].to_dict()  # AdaLoRA's ranks too
         for key in expected:
             assert torch.equal(ranks[0][key], ranks[1][key]), (method, key)  # every process holds one adapter
-            assert torch.allclose(ranks[0][key], expected[key], rtol=0, atol=1e-6), (method, key)
+            assert torch.allclose(ranks[0][key], expected[key], rtol=0, atol=1e-5), (method, key)
         checkpoint = tmp_path / "two" / method / "checkpoint-3"  # written once, adapter-only
         assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt"} <= {
             p.name for p in checkpoint.iterdir()}
