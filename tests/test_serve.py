@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -407,6 +408,27 @@ def test_a_request_may_name_a_composition(world):
             assert "choices" in body, body
             answer = body["choices"][0]["text"]
             assert answer == (expected[name] if name in expected else world["answers"][name, PROMPTS[1]])
+
+
+def test_a_folder_named_like_the_base_or_a_composition_is_neither_listed_nor_loaded(world, tmp_path):
+    """Requests for such a name get the base or the composition, so the folder is shadowed: listing
+    it would name one model twice, and loading it would only take a resident slot."""
+    folder = tmp_path / "adapters"
+    shutil.copytree(world["adapters_dir"] / "lora", folder / "lora")
+    base, tokenizer = ak.load_base(world["base_dir"])
+    server = Server(ak.AdapterModel(base), tokenizer, folder, "tiny-base", api_key=KEY,
+                    compositions={"stacked": ak.Stack("lora")})
+    with TestClient(create_app(server)) as client:
+        for name in ("tiny-base", "stacked"):  # appearing while the server runs
+            shutil.copytree(world["adapters_dir"] / "houlsby", folder / name)
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-base", "lora", "stacked"]
+        for name in ("tiny-base", "stacked"):
+            refused = client.post("/v1/adapters", json={"name": name}, headers={"Authorization": f"Bearer {KEY}"})
+            assert refused.status_code == 409 and refused.json()["error"]["code"] == "name_collision"
+            assert "rename the folder" in refused.json()["error"]["message"]
+        assert client.get("/health").json()["loaded_adapters"] == []
+        answer = complete(client, "tiny-base", PROMPTS[1]).json()["choices"][0]["text"]
+    assert answer == world["answers"]["tiny-base", PROMPTS[1]]
 
 
 def test_run_folders_are_served_and_chat_fills_the_adapters_template(world, tmp_path):

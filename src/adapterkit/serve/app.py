@@ -126,7 +126,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         try:
-            adapters = server.pool.available()
+            adapters = server.adapters_on_disk()
         except OSError:
             raise ApiError(503, "the adapters folder cannot be read; only the base model is served",
                            "adapters_unavailable") from None
@@ -253,6 +253,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/adapters")
     async def load(body: LoadRequest, request: Request) -> dict[str, Any]:
         server.authorize(request)
+        server.refuse_shadowed(body.name)
         return await server.pool.reload(body.name)
 
     @app.delete("/v1/adapters/{name}")

@@ -76,6 +76,22 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def adapters_on_disk(self) -> list[str]:
+        """The folder's adapters a request can name. A folder named like the base or a composition
+        is shadowed by it (requests for that name get the base or the composition), so it is not
+        listed. OSError when the folder cannot be read."""
+        return [name for name in self.pool.available() if not self.is_shadowed(name)]
+
+    def is_shadowed(self, name: str) -> bool:
+        return name == self.base_name or name in self.compositions
+
+    def refuse_shadowed(self, name: str) -> None:
+        """Loading a folder that no request can reach would only take a resident slot."""
+        if self.is_shadowed(name):
+            what = "the base model" if name == self.base_name else "a composition"
+            raise ApiError(409, f"{name!r} is the name of {what}, which answers every request for it: an adapter "
+                                "folder of that name is never served; rename the folder", "name_collision")
+
     def _check_compositions(self) -> None:
         """Refuse at start-up what would fail every request for a composition."""
         on_disk = set(self.pool.available())
