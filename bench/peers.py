@@ -21,7 +21,9 @@ The variants: full fine-tuning in each library; AdapterHub's Houlsby (``double_s
 factor 9: r=64; its defaults: no LayerNorm, no dropout, swish); adapterkit's Houlsby with the
 lesson's full layer (LayerNorm, dropout 0.1, gelu), with AdapterHub's layer, and over the upper
 20 blocks only (AdapterDrop: the backward pass stops at block 10); LoRA r=8 on q and v in peft and
-in adapterkit. The run refuses to start while the machine's load average is above its
+in adapterkit; and adapterkit's "frozen base", one trainable scale on the embeddings' output, which
+makes every block compute its input gradient and trains nothing else: the floor under any adapter
+placed in every block. The run refuses to start while the machine's load average is above its
 core count (busy machines make such ratios meaningless): it waits up to ``--wait`` seconds, then
 exits.
 """
@@ -41,7 +43,7 @@ from pathlib import Path
 from harness import resident_kib
 
 VARIANTS = {
-    "adapterkit": ["full", "houlsby", "houlsby, AdapterHub's layer", "houlsby, layers 10-29", "lora"],
+    "adapterkit": ["full", "frozen base", "houlsby", "houlsby, AdapterHub's layer", "houlsby, layers 10-29", "lora"],
     "AdapterHub": ["full", "houlsby"],
     "peft": ["full", "lora"],
 }
@@ -55,10 +57,14 @@ def build(library: str, variant: str, base: str):
 
     if library == "adapterkit":
         import adapterkit as ak
-        from adapterkit.train import training_loss
+        from adapterkit.loss import training_loss
 
         model, _ = ak.load_base(base)
-        if variant != "full":
+        if variant == "frozen base":  # the floor: every block's input gradient, one number trained
+            model.requires_grad_(False)
+            model.register_parameter("scale", torch.nn.Parameter(torch.ones(())))
+            model.get_input_embeddings().register_forward_hook(lambda module, args, out: out * model.scale)
+        elif variant != "full":
             configs = {
                 "houlsby": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64),
                 "houlsby, AdapterHub's layer": ak.BottleneckConfig(placement="houlsby", bottleneck_size=64,

@@ -34,8 +34,9 @@ from adapterkit.data import (
     tokenize_example,
 )
 from adapterkit.evaluate import score_generations
+from adapterkit.loss import training_loss
 from adapterkit.methods import AdapterConfig
-from adapterkit.train import TrainConfig, Trainer, training_loss
+from adapterkit.train import TrainConfig, Trainer
 from harness import median, time_interleaved
 
 LANGUAGE = "de"

@@ -27,8 +27,8 @@ import torch
 
 import adapterkit as ak
 from adapterkit.data import TokenizedExample, collate
+from adapterkit.loss import training_loss
 from adapterkit.methods import AdapterConfig
-from adapterkit.train import training_loss
 from harness import print_table, resident_kib, time_interleaved
 
 ADAPTER = ak.BottleneckConfig(placement="houlsby", bottleneck_size=64)

@@ -74,15 +74,16 @@ class Killed(Exception):
 
 
 def run_until_killed(folder, model, forward: int, **options) -> None:
-    """Train until the ``forward``-th forward pass of the base, where a simulated crash stops it."""
+    """Train until the ``forward``-th forward pass of the base over a batch (the loss's one-token
+    look at the head not counted), where a simulated crash stops it."""
     calls = {"n": 0}
 
-    def die(module, args):
-        calls["n"] += 1
+    def die(module, args, kwargs):
+        calls["n"] += kwargs["input_ids"].shape[1] > 1
         if calls["n"] == forward:
             raise Killed
 
-    handle = model.base.register_forward_pre_hook(die)
+    handle = model.base.register_forward_pre_hook(die, with_kwargs=True)
     with pytest.raises(Killed):
         run(folder, model=model, **options)
     handle.remove()
@@ -126,7 +127,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 
     def poison(module, args, output):
-        calls["n"] += 1
+        calls["n"] += output.shape[1] > 1  # steps, not the loss's one-token look at the head
         if calls["n"] == 5:
             return output * float("nan")
 
@@ -145,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_completion_only_logits_give_the_models_own_loss(build, method):
     from adapterkit.data import collate, tokenize_all
     from adapterkit.evaluate import completion_loss
-    from adapterkit.train import training_loss
+    from adapterkit.loss import training_loss
 
     model = ak.AdapterModel(build())
     torch.manual_seed(0)
@@ -180,7 +181,7 @@ def test_completion_only_logits_give_the_models_own_loss(build, method):
 
 
 def test_the_training_loss_and_its_gradients_equal_torchs_cross_entropy():
-    from adapterkit.train import training_loss
+    from adapterkit.loss import training_loss
 
     def run(loss_of) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = ak.AdapterModel(tiny_llama())

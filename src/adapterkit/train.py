@@ -34,7 +34,7 @@ from torch import nn
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate, length_bucketed_batches, tokenize_all
 from .errors import ConfigError, TrainingError
-from .evaluate import METRICS, completion_logits, evaluate
+from .evaluate import METRICS, evaluate
 from .io import (
     WEIGHTS_FILE,
     read_adapter_config,
@@ -44,6 +44,7 @@ from .io import (
     write_folder_atomically,
 )
 from .io.folders import write_files_atomically
+from .loss import training_loss
 from .methods import dataclass_from_dict
 from .templates import check_template
 
@@ -113,42 +114,6 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], tokens: float | None = None) -> torch.Tensor:
-    """Mean cross-entropy over the batch's completion tokens, plus the adapters' regularization
-    (AdaLoRA's orthogonality penalty). The same value as ``model(**batch).loss``, computed with the
-    LM head on completion positions only. With ``tokens``, the summed cross-entropy is divided by
-    it instead of by the batch's own count: a rank's part of a larger batch's mean."""
-    logits, targets = completion_logits(model, batch)
-    loss = SummedCrossEntropy.apply(logits.float(), targets) / (targets.numel() if tokens is None else tokens)
-    regularization = getattr(model, "regularization_loss", None)  # a plain base (full fine-tuning) has none
-    return loss + regularization() if regularization else loss
-
-
-class SummedCrossEntropy(torch.autograd.Function):
-    """The summed cross-entropy of ``logits`` [tokens, vocabulary] against ``targets`` [tokens].
-
-    torch's cross_entropy (log-softmax, then NLL) spends a tenth of a Houlsby step on the default
-    base in its backward pass: NLL's gradient is a zero-filled [tokens, vocabulary] tensor with one
-    entry per row, which log-softmax's backward then reads beside its saved output to write a third
-    such tensor. The gradient is softmax minus the one-hot targets, so this backward turns the
-    saved log-probabilities into it in place: one pass and no new [tokens, vocabulary] tensor
-    (which is why a second backward through the same graph is refused, as autograd refuses any
-    tensor changed in place)."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(log_probs, targets)
-        return -log_probs.gather(1, targets[:, None]).sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_probs, targets = ctx.saved_tensors
-        gradient = log_probs.exp_()
-        gradient[torch.arange(len(targets), device=targets.device), targets] -= 1
-        return gradient.mul_(grad), None
 
 
 def planned_steps(n_examples: int, config: TrainConfig) -> int:
