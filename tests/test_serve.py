@@ -174,6 +174,30 @@ def test_stop_strings_and_seeds(client, world):
                                                                                                          "stop")
 
 
+def test_null_fields_are_taken_as_not_given(client, world):
+    nulls = {"stream": None, "echo": None, "frequency_penalty": None, "presence_penalty": None,
+             "repetition_penalty": None, "stop": None, "seed": None}
+    answer = complete(client, "houlsby", PROMPTS[1], **nulls).json()["choices"][0]["text"]
+    assert answer == world["answers"]["houlsby", PROMPTS[1]]
+    body = {"model": "houlsby", "messages": [{"role": "user", "content": "w1"}], "max_tokens": 2, **nulls}
+    chat = client.post("/v1/chat/completions", json=body)
+    assert chat.status_code == 200, chat.text
+
+
+def test_chat_takes_text_parts_and_the_developer_role_as_plain_text_and_system(client, world):
+    def chat(messages):
+        return client.post("/v1/chat/completions", json={"model": "houlsby", "messages": messages, "max_tokens": 4,
+                                                         "temperature": 0})
+
+    plain = chat([{"role": "system", "content": "w2\nw3"}, {"role": "user", "content": "w1"}])
+    parts = chat([{"role": "developer", "content": [{"type": "text", "text": "w2"}, {"type": "text", "text": "w3"}]},
+                  {"role": "user", "content": [{"type": "text", "text": "w1"}]}])
+    assert plain.status_code == parts.status_code == 200, parts.text
+    assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    image = chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert image.status_code == 400 and "only text content parts" in image.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "request_kwargs, status, code",
     [
@@ -339,6 +363,9 @@ def test_the_openai_client_gets_the_right_adapter(live, world):
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="w1")
+    assert [client.models.retrieve(name).id for name in ["tiny-base", "lora"]] == ["tiny-base", "lora"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
 
 
 def test_the_serve_command_runs_the_server(world):

@@ -131,8 +131,12 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(503, "the adapters folder cannot be read; only the base model is served",
                            "adapters_unavailable") from None
         names = [server.base_name] + adapters + sorted(server.compositions)
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "adapterkit"} for n in names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in names]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        server.check_model(name)
+        return model_card(name)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -290,3 +294,7 @@ def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | No
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
+
+def model_card(name: str) -> dict[str, Any]:
+    """A model as OpenAI's /v1/models lists it."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "adapterkit"}

@@ -45,6 +45,9 @@ def serve(
     try:
         server = load_server(base, folder, api_key, config, compositions, device, dtype, quantize)
         log.info(startup_line(base, server.base_name, folder, listener))
+        if not api_key:
+            log.info("adapter management (POST and DELETE /v1/adapters) is off: "
+                     "start with --api-key (or ADAPTERKIT_API_KEY) to load and unload adapters while serving")
         uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[listener])
     finally:
         listener.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import AdapterkitError
 from ..generation import Generation, TokenLogprob, check_stops
@@ -42,6 +42,9 @@ def beam_search_refused(field: str, value: Any = None) -> ApiError:
                          "`adapterkit eval --num-beams N`", "unsupported_field", param=field)
 
 
+DEFAULT_WHEN_NULL = {"stream", "echo", "frequency_penalty", "presence_penalty", "repetition_penalty"}
+
+
 class Sampled(BaseModel):
     # an OpenAI field we do not implement is refused by name; "5" is not a number, true not 1
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -58,6 +61,14 @@ class Sampled(BaseModel):
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     user: str | None = None  # an end-user id for the caller's own records; it changes nothing here
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, body: Any) -> Any:
+        """OpenAI's API takes ``null`` for an optional field as not given, and clients send it."""
+        if not isinstance(body, dict):
+            return body
+        return {key: value for key, value in body.items() if value is not None or key not in DEFAULT_WHEN_NULL}
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -99,6 +110,27 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def as_plain_text(cls, message: Any) -> Any:
+        """OpenAI's newer shapes as what they stand for: a list of text parts is their text (joined
+        by newlines, as vLLM joins them), and the ``developer`` role is the system's new name."""
+        if not isinstance(message, dict):
+            return message
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        content = message.get("content")
+        if isinstance(content, list):
+            kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+            if kinds - {"text"}:
+                raise ValueError(f"only text content parts are served, not {sorted(map(str, kinds - {'text'}))}")
+            texts = [part.get("text") for part in content]
+            if not all(isinstance(text, str) for text in texts):
+                raise ValueError("a text content part needs its text as a string: {\"type\": \"text\", \"text\": ...}")
+            message["content"] = "\n".join(texts)
+        return message
 
 
 class ChatRequest(Sampled):
