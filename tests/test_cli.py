@@ -214,6 +214,11 @@ def test_a_used_output_folder_needs_resume_or_overwrite(tmp_path, base_dir, data
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "notes.txt"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     capsys.readouterr()
+    assert main([*train[:-3], "--no-progress"]) == 2  # no checkpoint: --resume is not offered
+    assert capsys.readouterr().err == (f"adapterkit: error: {out} already holds a run "
+                                       "(adapter, metrics.jsonl, loss.png): "
+                                       "start afresh with --overwrite (deletes those), or choose another --output\n")
+    capsys.readouterr()
     assert main([*train[:-3], "--no-progress", "--resume"]) == 2  # nothing to resume from: refused, nothing replaced
     assert "holds a run but no checkpoint/ to resume from" in capsys.readouterr().err
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

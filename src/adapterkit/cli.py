@@ -276,7 +276,8 @@ def _train(args: argparse.Namespace) -> int:
                           "launch with torchrun --nproc_per_node N -m adapterkit train ...")
     earlier = earlier_run(output)
     if earlier and not (args.resume or args.overwrite):
-        raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+        resume = "continue it with --resume, " if checkpoint_step(output) is not None else ""
+        raise ConfigError(f"{output} already holds a run ({', '.join(earlier)}): {resume}"
                           "start afresh with --overwrite (deletes those), or choose another --output")
     if earlier and args.resume and checkpoint_step(output) is None:
         raise ConfigError(f"{output} holds a run but no checkpoint/ to resume from "

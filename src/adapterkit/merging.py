@@ -40,8 +40,8 @@ class MergedWeights:
         quantized = quantization_of(self.hooks.base)
         if quantized is not None:
             raise MergeError(
-                f"the base is quantized ({quantized}): adapter {name!r}'s update, folded into {quantized} weights, "
-                "would be rounded away or requantized into another model. Merge over the full-precision base "
+                f"the base is quantized ({quantized}): the update of adapter {name!r}, folded into {quantized} "
+                "weights, would be rounded away or requantized into another model. Merge over the full-precision base "
                 "(load_base without quantize), then quantize the merged model if you need to")
         routing = self.hooks.routing
         if routing.tree is not None:
