@@ -37,6 +37,15 @@ def loss_and_gradients(model, loss_of) -> tuple[torch.Tensor, dict[str, torch.Te
     return loss.detach(), gradients
 
 
+def assert_same_within_1e_6(ours, theirs) -> None:
+    (loss, gradients), (their_loss, their_gradients) = ours, theirs
+    torch.testing.assert_close(loss, their_loss, rtol=0, atol=1e-6)
+    assert gradients.keys() == their_gradients.keys()
+    for name, gradient in their_gradients.items():
+        assert gradient.abs().max() > 0
+        torch.testing.assert_close(gradients[name], gradient, rtol=0, atol=1e-6)
+
+
 def over_the_logits(model, batch) -> torch.Tensor:
     logits, targets = completion_logits(model, batch)
     return SummedCrossEntropy.apply(logits.float(), targets) / targets.numel()
@@ -56,13 +65,16 @@ def test_the_fused_head_and_loss_give_the_logits_paths_loss_and_gradients_within
     model = with_adapter(build())
     head = model.get_output_embeddings()
     assert fusable(model, head, inputs_of(a_batch()))
-    fused, fused_gradients = loss_and_gradients(model, training_loss)
-    plain, plain_gradients = loss_and_gradients(model, over_the_logits)
-    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
-    assert fused_gradients.keys() == plain_gradients.keys()
-    for name, gradient in plain_gradients.items():
-        assert gradient.abs().max() > 0
-        torch.testing.assert_close(fused_gradients[name], gradient, rtol=0, atol=1e-6)
+    assert_same_within_1e_6(loss_and_gradients(model, training_loss), loss_and_gradients(model, over_the_logits))
+
+
+def test_the_training_loss_and_its_gradients_equal_torchs_cross_entropy():
+    def torchs(model, batch):
+        logits, targets = completion_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    model = with_adapter(tiny_llama())
+    assert_same_within_1e_6(loss_and_gradients(model, training_loss), loss_and_gradients(model, torchs))
 
 
 def test_without_gradients_the_fused_loss_is_the_models_own():
