@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX
+from .evaluate import completion_logits
 
 # The fused head and loss take logits over chunks of 512 rows, whose products run as fast as a
 # whole batch's, and log-softmax over parts of 2**21 numbers (8 MiB). On 2 CPU cores, the head, loss
@@ -54,28 +55,24 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], tokens: floa
 
 def summed_completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy, number of completion tokens) of a batch with ``labels``."""
-    device = next(model.parameters()).device
-    batch = {key: tensor.to(device) for key, tensor in batch.items()}
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    targets = targets[keep]
     head = model.get_output_embeddings()
-    if head is None:
-        with activations_recomputed():
-            logits = model(**inputs).logits[:, :-1][keep]
-        return SummedCrossEntropy.apply(logits.float(), targets), targets.numel()
-    if fusable(model, head, inputs):
-        restore_random_state = random_state_restorer(head.weight.device)
-        with HeadWatch(head, keep, run_head=False) as watch, activations_recomputed():
-            logits = model(**inputs).logits
-        if watch.made(logits):
-            summed = HeadCrossEntropy.apply(watch.selected, head.weight, head.bias, targets, torch.is_grad_enabled())
-            return summed, targets.numel()
-        _LOGITS_ARE_THE_HEADS_PRODUCT[head] = False  # something took hold of the head since it was checked
-        restore_random_state()  # the pass again, with the dropout masks it had
-    with HeadWatch(head, keep, run_head=True), activations_recomputed():
-        logits = model(**inputs).logits
+    if head is not None:
+        device = head.weight.device
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+        if fusable(model, head, inputs):
+            targets = batch["labels"][:, 1:].to(device)
+            keep = targets != IGNORE_INDEX
+            restore_random_state = random_state_restorer(device)
+            with HeadWatch(head, keep, run_head=False) as watch, activations_recomputed():
+                logits = model(**inputs).logits
+            if watch.made(logits):
+                summed = HeadCrossEntropy.apply(watch.selected, head.weight, head.bias, targets[keep],
+                                                torch.is_grad_enabled())
+                return summed, int(keep.sum())
+            _LOGITS_ARE_THE_HEADS_PRODUCT[head] = False  # something took hold of the head since it was checked
+            restore_random_state()  # the pass again, with the dropout masks it had
+    with activations_recomputed():
+        logits, targets = completion_logits(model, batch)
     return SummedCrossEntropy.apply(logits.float(), targets), targets.numel()
 
 
