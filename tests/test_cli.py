@@ -373,18 +373,19 @@ def test_info_names_the_folder_to_give_transformers_for_the_base(tmp_path, monke
     for recorded, shown in [("smollm2-135m", f"            folder {embedded} (made by the base's first load)"),
                             ("models/tiny", f"            folder {tmp_path / 'models' / 'tiny'}")]:
         model.base.config.name_or_path = recorded
-        model.save_adapter("x", tmp_path / "x", format="peft")
+        model.save_adapter("x", tmp_path / "x")
         assert main(["info", "x"]) == 0
-        assert capsys.readouterr().out.splitlines()[4:6] == [f"base        {recorded}", shown]
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[4] == f"base        {recorded}" and lines[6] == shown  # line 5: the base's fingerprint
     (embedded).mkdir(parents=True)
     (embedded / "config.json").write_text("{}")
     model.base.config.name_or_path = "smollm2-135m"
-    model.save_adapter("x", tmp_path / "x", format="peft")
+    model.save_adapter("x", tmp_path / "x")
     assert main(["info", "x", "--json"]) == 0
     base = json.loads(capsys.readouterr().out)["base"]
     assert (base["name_or_path"], base["pretrained_path"]) == ("smollm2-135m", str(embedded))
     assert main(["info", "x"]) == 0
-    assert capsys.readouterr().out.splitlines()[5] == f"            folder {embedded}"
+    assert capsys.readouterr().out.splitlines()[6] == f"            folder {embedded}"
 
 
 def test_generate_and_eval_take_num_beams(tmp_path, base_dir, data, capsys):

@@ -113,3 +113,25 @@ def test_the_embedded_base_is_recorded_as_its_cached_folder(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
     assert pretrained_path("base") == str(tmp_path / "base")
+
+
+def test_save_adapter_in_peft_format_records_the_base_as_peft_resolves_it(tmp_path, base_dir, monkeypatch):
+    """peft's loaders take a folder or a hub id: an embedded base is written as its cached folder,
+    a relative folder as its absolute path, while our own format keeps the name it loads by."""
+    from adapterkit.bases import pretrained_path
+
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(base_dir.parent)
+    model = ak.AdapterModel(ak.load_base(base_dir.name)[0])
+    model.add_adapter("x", ak.LoraConfig(r=2, target_modules=["q_proj"]))
+    recorded = {}
+    for name in (base_dir.name, "smollm2-135m"):
+        model.base.config.name_or_path = name
+        model.save_adapter("x", tmp_path / name / "peft", format="peft")
+        model.save_adapter("x", tmp_path / name / "ours")
+        recorded[name] = [json.loads((tmp_path / name / kind / "adapter_config.json").read_text())
+                          ["base_model_name_or_path"] for kind in ("peft", "ours")]
+    assert recorded == {base_dir.name: [str(base_dir.resolve()), base_dir.name],
+                        "smollm2-135m": [pretrained_path("smollm2-135m"), "smollm2-135m"]}
+    assert peft.PeftConfig.from_pretrained(tmp_path / base_dir.name / "peft").base_model_name_or_path == str(
+        base_dir.resolve())

@@ -628,13 +628,12 @@ def run_export(args: argparse.Namespace) -> int:
         base, _ = load_base(base_name)
     except BaseModelError as error:
         raise BaseModelError(f"{error}; give the adapter's base as --base" if not args.base else str(error)) from None
-    if args.format == "peft":
-        base.config.name_or_path = pretrained_path(base_name)  # what peft resolves: a folder, or a hub id
     name = saved.name or (output.name if is_valid_name(output.name) else "adapter")
     model = AdapterModel(base)
     model.load_adapter(args.path, name=name)
     write_folder_atomically(output, model.adapter_files(name, args.format))
-    print(f"wrote the {method} adapter {name} in {args.format} format to {output} (base {base.config.name_or_path})")
+    recorded = pretrained_path(base_name) if args.format == "peft" else base_name  # peft resolves folders and hub ids
+    print(f"wrote the {method} adapter {name} in {args.format} format to {output} (base {recorded})")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bases import pretrained_path
 from ..errors import AdapterFileError, ConfigError
 from ..inject import Site
 from ..methods import AdapterConfig
@@ -102,8 +103,8 @@ def adapter_files(
     base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     if format == FORMAT:
         return native_files(name, config, tensors, base_fingerprint(base), base_name)
-    if format == "peft":
-        return peft_files(config, tensors, sites, base_name)
+    if format == "peft":  # peft's loaders resolve a folder or a hub id, never our embedded bases' names
+        return peft_files(config, tensors, sites, pretrained_path(base_name) if base_name else None)
     raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
 
 
