@@ -265,6 +265,9 @@ def test_adapter_management_needs_the_key(client, world):
     assert client.delete("/v1/adapters/houlsby", headers=auth).status_code == 404
     for name in ("../outside/secret", "escape", ".."):
         assert client.post("/v1/adapters", json={"name": name}, headers=auth).status_code == 400
+    for name in ("%00", "base", "-x"):
+        refused = client.delete(f"/v1/adapters/{name}", headers=auth)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_model_name"
     assert client.post("/v1/adapters", json={"name": "broken"}, headers=auth).status_code == 400
     assert (complete(client, "houlsby", PROMPTS[0]).json()["choices"][0]["text"]
             == world["answers"]["houlsby", PROMPTS[0]])
@@ -301,6 +304,19 @@ def test_a_held_adapter_is_never_evicted_and_a_cold_one_never_waits_for_room(wor
         assert list(pool.resident) == ["houlsby", "parallel"]  # the cap keeps one idle adapter: the latest
         with pytest.raises(ak.AdapterInUseError, match="serving 1 request"):
             await pool.unload("houlsby")
+
+    asyncio.run(scenario())
+
+
+def test_unloading_an_adapter_being_loaded_waits_for_its_load(world):
+    pool = make_server(world).pool
+
+    async def scenario():
+        loading = asyncio.ensure_future(pool.reload("lora"))
+        while "lora" not in pool.loading:
+            await asyncio.sleep(0)
+        await pool.unload("lora")
+        assert (await loading)["loaded"] and "lora" not in pool.resident and "lora" not in pool.model.adapters
 
     asyncio.run(scenario())
 

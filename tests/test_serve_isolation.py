@@ -89,10 +89,26 @@ def test_a_failing_row_fails_its_request_alone(live_nan, nan_world):
     assert sample(metrics, "adapterkit_requests_total", adapter="nan", outcome="ok") == 0
 
 
+def test_the_openai_client_does_not_retry_a_failed_generation(live_nan):
+    """It retries a 500 twice by default; the same prompt through the same adapter fails again,
+    so the server says not to, and the failure costs one generation, not three."""
+    openai = pytest.importorskip("openai")
+    def errors() -> float:
+        return sample(httpx.get(f"{live_nan}/metrics").text, "adapterkit_requests_total", adapter="nan",
+                      outcome="error")
+
+    before = errors()
+    with pytest.raises(openai.InternalServerError, match="non-finite"):
+        openai.OpenAI(base_url=f"{live_nan}/v1", api_key="unused").completions.create(
+            model="nan", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert errors() == before + 1
+
+
 @pytest.mark.parametrize(
     "fields, code, named",
     [
         ({"temperature": 1e-300}, "invalid_request", "temperature"),
+        ({"temperature": 0.0005}, "invalid_request", "use 0 for greedy decoding or at least 0.001"),
         ({"seed": 2**70}, "invalid_request", "seed"),
         ({"seed": -3}, "invalid_request", "seed"),
         ({"stop": ["q" * 200_000] * 4}, "invalid_stop", "stop"),
@@ -140,18 +156,43 @@ def test_bodies_too_large_not_utf8_or_holding_lone_surrogates_get_openai_errors(
                 == nan_world["answers"]["lora", PROMPTS[1]])
 
 
+def test_a_body_that_stops_arriving_is_answered_408_while_others_are_served(nan_world, monkeypatch):
+    """A Content-Length larger than the body sent would hold its connection for good."""
+    import adapterkit.serve.app
+
+    monkeypatch.setattr(adapterkit.serve.app, "BODY_IDLE_SECONDS", 1.0)
+    with serving(make_server(nan_world)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        conn = socket.create_connection((host, int(port)))
+        payload = json.dumps({"model": "lora", "prompt": PROMPTS[0]}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload) + 100}\r\n\r\n".encode() + payload)
+        assert ask(url, "lora", PROMPTS[1]).json()["choices"][0]["text"] == nan_world["answers"]["lora", PROMPTS[1]]
+        [(status, answer)] = read_responses(conn, 1, seconds=10)
+        assert status == 408 and answer["error"]["code"] == "request_timeout"
+        assert f"after {len(payload)} bytes" in answer["error"]["message"]
+        assert conn.recv(1) == b""  # and the connection is closed: its unread rest is not a next request
+        conn.close()
+
+
 def test_chat_refuses_empty_message_floods_and_unknown_message_fields(nan_world):
     """Roles count toward the length bound and there are at most context-many messages, so a
-    flood of empty messages is refused before the template is rendered or tokenised."""
+    flood of empty messages is refused before the template is rendered or tokenised. A message's
+    ``name`` is OpenAI's and is taken; a field OpenAI does not have is refused by name."""
     with TestClient(create_app(make_server(nan_world))) as client:
         flood = client.post("/v1/chat/completions",
                             json={"model": "tiny-base", "messages": [{"role": "system", "content": ""}] * 3000})
         assert flood.status_code == 400 and flood.json()["error"]["code"] == "context_length_exceeded"
-        named = client.post("/v1/chat/completions",
-                            json={"model": "tiny-base",
-                                  "messages": [{"role": "user", "content": "w1", "name": "bob"}]})
-        assert (named.status_code == 400 and named.json()["error"]["code"] == "unsupported_field"
-                and "name" in named.json()["error"]["message"])
+
+        def chat(message: dict):
+            return client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": [message],
+                                                             "temperature": 0, "max_tokens": 4})
+
+        named, plain = chat({"role": "user", "content": "w1", "name": "bob"}), chat({"role": "user", "content": "w1"})
+        assert named.status_code == 200 and named.json()["choices"] == plain.json()["choices"]
+        moody = chat({"role": "user", "content": "w1", "mood": "cross"})
+        assert (moody.status_code == 400 and moody.json()["error"]["code"] == "unsupported_field"
+                and "mood" in moody.json()["error"]["message"])
         assert (complete(client, "lora", PROMPTS[0]).json()["choices"][0]["text"]
                 == nan_world["answers"]["lora", PROMPTS[0]])
 
@@ -327,6 +368,7 @@ def test_scoring_a_prompt_through_a_failing_adapter_is_an_error_not_ok(live_nan,
     before = sample(httpx.get(f"{live_nan}/metrics").text, "adapterkit_requests_total", adapter="nan", outcome="error")
     scored = ask(live_nan, "nan", PROMPTS[0], max_tokens=0, echo=True, logprobs=2)
     assert scored.status_code == 500 and scored.json()["error"]["code"] == "generation_failed"
+    assert scored.headers["x-should-retry"] == "false"
     metrics = httpx.get(f"{live_nan}/metrics").text
     assert sample(metrics, "adapterkit_requests_total", adapter="nan", outcome="error") == before + 1
     assert sample(metrics, "adapterkit_requests_total", adapter="nan", outcome="ok") == 0

@@ -47,6 +47,7 @@ from .server import Job, Server, finished, until_gone
 from .tokenization import check_messages, check_text_length, encode_messages, tokenize_answer, tokenizer_info
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before any parsing
+BODY_IDLE_SECONDS = 30.0  # a body that stops arriving for this long is answered 408
 
 # our errors as statuses: the first class that matches wins
 STATUSES: list[tuple[type[AdapterkitError], int, str]] = [
@@ -81,7 +82,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="adapterkit", lifespan=lifespan)
     app.add_middleware(AnswerUnexpected, on_error=lambda: server.metrics.errors.labels("500").inc())
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES,
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, idle_seconds=BODY_IDLE_SECONDS,
                        on_refused=lambda status: server.metrics.errors.labels(str(status)).inc())
     playground = resources.files("adapterkit").joinpath("playground.html").read_text(encoding="utf-8")
 

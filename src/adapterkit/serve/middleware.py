@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from .protocol import ApiError
@@ -11,17 +12,26 @@ log = logging.getLogger(__name__)
 
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes is read to its end (so the client is
-    never cut off mid-send), discarded and answered 413; a smaller one is buffered and replayed."""
+    never cut off mid-send), discarded and answered 413; a smaller one is buffered and replayed.
+    A body that stops arriving for ``idle_seconds`` (a Content-Length larger than what is sent)
+    is answered 408 and its connection closed, as web servers do, instead of waiting for good."""
 
-    def __init__(self, app, limit: int, on_refused) -> None:
-        self.app, self.limit, self.on_refused = app, limit, on_refused
+    def __init__(self, app, limit: int, idle_seconds: float, on_refused) -> None:
+        self.app, self.limit, self.idle_seconds, self.on_refused = app, limit, idle_seconds, on_refused
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_seconds)
+            except TimeoutError:
+                self.on_refused(408)
+                error = ApiError(408, f"the request body stopped arriving after {size} bytes for "
+                                      f"{self.idle_seconds:g} s; send the whole body its Content-Length announces",
+                                 "request_timeout", {"Connection": "close"})
+                return await error.response()(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import AdapterInUseError, AdapterkitError, AdapterLoadError, AdapterNameError, AdapterNotFoundError
 from ..generation import Engine
 from ..io import CONFIG_FILE, FUSION_CONFIG_FILE, check_base, read_adapter, read_adapter_config
-from ..names import is_valid_name
+from ..names import check_adapter_name, is_valid_name
 from ..templates import check_template
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ class AdapterPool:
 
     # ---- the folder ----------------------------------------------------------------------------
     def path_of(self, name: str) -> Path:
-        if not is_valid_name(name):
-            raise AdapterNameError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-'")
+        check_adapter_name(name)
         path = self.folder / name
         try:
             if path.resolve().parent != self.folder:
@@ -173,7 +172,12 @@ class AdapterPool:
             return {"name": name, "method": self.model.adapters[name].method, "loaded": True, "reloaded": reloaded}
 
     async def unload(self, name: str) -> None:
+        """Detach ``name`` once any load of it in progress has ended; AdapterInUseError while
+        requests hold it."""
+        check_adapter_name(name)
         async with self.changed:
+            while name in self.loading or name in self.unloading:
+                await self.changed.wait()
             if name not in self.resident:
                 raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
             self.refuse_if_used(name)

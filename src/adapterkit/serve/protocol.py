@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import AdapterkitError
-from ..generation import Generation, TokenLogprob, check_stops
+from ..generation import MIN_TEMPERATURE, Generation, TokenLogprob, check_stops
 
 
 class ApiError(Exception):
@@ -70,6 +70,14 @@ class Sampled(BaseModel):
             return body
         return {key: value for key, value in body.items() if value is not None or key not in DEFAULT_WHEN_NULL}
 
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_sampled(cls, temperature: float | None) -> float | None:
+        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding or at least {MIN_TEMPERATURE} (below it, "
+                             "logits / temperature overflows)")
+        return temperature
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
@@ -110,6 +118,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = None  # a participant's name, as OpenAI takes it; given to the chat template as it is
 
     @model_validator(mode="before")
     @classmethod

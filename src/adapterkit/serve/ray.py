@@ -38,7 +38,7 @@ from ..compose import Composition, compositions_from_json
 from ..errors import AdapterInUseError, AdapterkitError, ConfigError, ReplicaUnavailableError
 from ..names import is_valid_name
 from ..quantization import check_quantize
-from .app import MAX_BODY_BYTES, as_api_error, create_app, http_api_error
+from .app import BODY_IDLE_SECONDS, MAX_BODY_BYTES, as_api_error, create_app, http_api_error
 from .config import ServeConfig
 from .main import adapters_folder, base_name_of, listen, load_server
 from .middleware import AnswerUnexpected, BodyLimit
@@ -232,7 +232,7 @@ class Relayed(Response):
 
 api = FastAPI(title="adapterkit on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(AnswerUnexpected, on_error=lambda: None)
-api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, on_refused=lambda status: None)
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, idle_seconds=BODY_IDLE_SECONDS, on_refused=lambda status: None)
 
 
 @api.exception_handler(ApiError)

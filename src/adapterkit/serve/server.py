@@ -309,8 +309,10 @@ class Job:
         while True:
             event = await self.events.get()
             if event[0] == "done" and self.generation.error is not None:
+                # the same prompt through the same adapter fails again: OpenAI's clients retry a 500
+                # (twice, by default) unless told not to
                 raise ApiError(500, f"generation failed for this request: {self.generation.error}",
-                               "generation_failed")
+                               "generation_failed", {"x-should-retry": "false"})
             yield event
             if event[0] == "done":
                 return

@@ -81,7 +81,7 @@ def encode_messages(tokenizer, messages: list[ChatMessage], template: str | None
     if template not in (None, CHAT):
         text = render_prompt(template, messages[0].content)
     else:
-        text = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+        text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages], tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
