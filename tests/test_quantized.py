@@ -424,3 +424,29 @@ def test_adapter_trainer_trains_over_an_nf4_base_with_default_arguments(base_fol
     assert saved == ["adapter_model.safetensors"]
     assert any(t.abs().sum() > 0 for k, t in model.adapter_state_dict("de").items() if "lora_B" in k)
     assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())
+
+
+def test_lm_evals_model_arguments_score_an_adapter_over_the_quantized_base_it_trained_on(base_folder, tmp_path):
+    """``quantize=`` in lm-eval's model arguments gives the same scores as the model built in
+    Python over that quantized base, and other scores than over the float base."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from adapterkit.integrations.lm_eval import AdapterkitLM
+
+    trained = ak.AdapterModel(load(base_folder, "nf4"))
+    torch.manual_seed(0)
+    trained.add_adapter("de", ak.LoraConfig(r=4))
+    randomise(trained, "de", seed=1)
+    trained.save_adapter("de", tmp_path / "de")
+    pairs = [("English: cat\nGerman:", " Katze"), ("English: dog\nGerman:", " Hund")]
+
+    def scores(lm: AdapterkitLM) -> list[tuple[float, bool]]:
+        return lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=0)
+                                 for pair in pairs])
+
+    loaded = AdapterkitLM.create_from_arg_string(f"base={base_folder},adapters={tmp_path / 'de'},quantize=nf4")
+    assert quantization_of(loaded.model.base) == "nf4" and loaded.adapter == "de"
+    assert scores(loaded) == scores(AdapterkitLM(trained, tiny_tokenizer(), "de"))
+    over_float = scores(AdapterkitLM.create_from_arg_string(f"base={base_folder},adapters={tmp_path / 'de'}"))
+    assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(scores(loaded), over_float))

@@ -69,8 +69,9 @@ class AdapterkitLM(TemplateLM):
     """An lm-eval model over an adapterkit model: from Python ``AdapterkitLM(model, tokenizer,
     adapter="de")`` (``adapter`` None or "base": the bare base), or from lm-eval's model arguments
     ``base=FOLDER_OR_NAME,adapters=PATH|NAME:PATH|...,adapter=NAME,batch_size=32,device=cpu,dtype=float32``
-    (several adapters are separated by ``|``, since lm-eval splits its arguments at commas; with
-    one adapter loaded, ``adapter`` defaults to it).
+    and ``quantize=nf4|fp4|int8`` (a QLoRA adapter scored over the base it trained on; several
+    adapters are separated by ``|``, since lm-eval splits its arguments at commas; with one adapter
+    loaded, ``adapter`` defaults to it).
 
     ``batch_size`` is the engine's most rows in flight ("auto": 32, or ``max_batch_size``). The
     model is put in eval mode (mixed-adapter batches are for inference). ``runner`` runs a list of
@@ -88,6 +89,7 @@ class AdapterkitLM(TemplateLM):
         max_batch_size: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         add_bos_token: bool | None = None,
@@ -95,10 +97,11 @@ class AdapterkitLM(TemplateLM):
     ) -> None:
         super().__init__()
         if model is None:
-            model, tokenizer, loaded = load_model(base, adapters, device, dtype)
+            model, tokenizer, loaded = load_model(base, adapters, device, dtype, quantize)
             adapter = adapter if adapter is not None else _only(loaded)
-        elif tokenizer is None or any(v is not None for v in (base, adapters, device, dtype)):
-            raise ConfigError("give a model and its tokenizer, or base= (with adapters=, device=, dtype=) to load one")
+        elif tokenizer is None or any(v is not None for v in (base, adapters, device, dtype, quantize)):
+            raise ConfigError("give a model and its tokenizer, or base= (with adapters=, device=, dtype=, quantize=) "
+                              "to load one")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapter = None if adapter in (None, BASE) else adapter
         self.row_adapter = _row_adapter(model, self.adapter)
@@ -265,11 +268,11 @@ def adapter_paths(adapters: str | Sequence[str] | None) -> list[tuple[str | None
 
 
 def load_model(base: str | None, adapters: str | Sequence[str] | None, device: str | None,
-               dtype: str | None) -> tuple[AdapterModel, Any, list[str]]:
+               dtype: str | None, quantize: str | None) -> tuple[AdapterModel, Any, list[str]]:
     """(model, tokenizer, the loaded adapters' names) for lm-eval's string arguments."""
     from ..bases import default_base, load_base
 
-    base_model, tokenizer = load_base(base or default_base(), dtype, device)
+    base_model, tokenizer = load_base(base or default_base(), dtype, device, quantize)
     model = AdapterModel(base_model)
     return model, tokenizer, [model.load_adapter(path, name=name) for name, path in adapter_paths(adapters)]
 
