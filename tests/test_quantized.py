@@ -450,3 +450,30 @@ def test_lm_evals_model_arguments_score_an_adapter_over_the_quantized_base_it_tr
     assert scores(loaded) == scores(AdapterkitLM(trained, tiny_tokenizer(), "de"))
     over_float = scores(AdapterkitLM.create_from_arg_string(f"base={base_folder},adapters={tmp_path / 'de'}"))
     assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(scores(loaded), over_float))
+
+
+def test_trls_sft_trainer_trains_over_an_nf4_base_and_checkpoints_the_adapter_alone(base_folder, tmp_path,
+                                                                                   monkeypatch):
+    """QLoRA as peft users run it with TRL: the nf4 base stays as it was, the adapter trains, and
+    the saved adapter loads over a fresh nf4 base with the trained weights."""
+    pytest.importorskip("trl")
+    import huggingface_hub
+
+    from test_trl import sft_trainer
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    model = ak.AdapterModel(load(base_folder, "nf4"))
+    torch.manual_seed(0)
+    model.add_adapter("de", ak.LoraConfig(r=4))
+    model.train_adapter("de")
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    trainer = sft_trainer(tmp_path, model)
+    trainer.train()
+    trainer.save_model()
+    trained = model.adapter_state_dict("de")
+    assert all(t.abs().sum() > 0 for k, t in trained.items() if "lora_B" in k)
+    assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.safetensors")) == ["adapter_model.safetensors"]
+    loaded = ak.AdapterModel(load(base_folder, "nf4"))
+    loaded.load_adapter(tmp_path / "run")
+    assert all(torch.equal(trained[k], v) for k, v in loaded.adapter_state_dict("de").items())
