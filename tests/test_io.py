@@ -51,6 +51,12 @@ def test_missing_files_are_named(tmp_path):
     model, path = _saved(tmp_path)
     with pytest.raises(ak.AdapterFileError, match="no adapter folder"):
         model.load_adapter(tmp_path / "nowhere", name="x")
+    with pytest.raises(ak.AdapterFileError, match=f"is a file, and an adapter is a folder: give its folder, {path}$"):
+        model.load_adapter(path / "adapter_config.json", name="x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ak.AdapterFileError,
+                       match="notes.txt is a file, and an adapter is a folder: give a folder with adapter_config"):
+        model.load_adapter(tmp_path / "notes.txt", name="x")
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(ak.AdapterFileError, match="adapter_model.safetensors is missing"):
         model.load_adapter(path, name="x")

@@ -63,6 +63,10 @@ class SavedAdapter:
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """The parsed adapter_config.json of a saved adapter folder, or a clear error."""
     path = Path(path)
+    if path.is_file():
+        ours = path.name in (CONFIG_FILE, WEIGHTS_FILE)
+        folder = f"its folder, {path.parent}" if ours else f"a folder with {CONFIG_FILE}"
+        raise AdapterFileError(f"{path} is a file, and an adapter is a folder: give {folder}")
     if not path.is_dir():
         raise AdapterFileError(f"no adapter folder at {path}")
     return read_json(path / CONFIG_FILE)
