@@ -179,6 +179,16 @@ def test_a_second_wrapper_over_one_base_is_refused_until_the_first_lets_go():
         first.add_adapter("b", ak.BottleneckConfig(bottleneck_size=4))
 
 
+def test_deep_copying_an_adapter_model_is_refused_with_the_way_to_a_second_one():
+    import copy
+
+    model = ak.AdapterModel(make_base("llama"))
+    model.add_adapter("a", ak.LoraConfig(r=2))
+    with pytest.raises(ak.ConfigError, match=r"cannot be deep-copied: .* load_adapter\(\) the saved adapters"):
+        copy.deepcopy(model)
+    assert list(model.adapters) == ["a"]
+
+
 def test_a_dropped_wrapper_frees_its_base():
     base = make_base("llama")
     bare = logits(base)

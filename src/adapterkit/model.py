@@ -119,6 +119,12 @@ class AdapterModel(nn.Module):
         self._merging = MergedWeights(self.hooks)
         self.train(base.training)  # a base in eval mode stays so: no surprise dropout
 
+    def __deepcopy__(self, memo) -> AdapterModel:
+        """Refused: a copy's hooks would still be wired to this base and its routing."""
+        raise ConfigError("an AdapterModel cannot be deep-copied: its adapters are hooks on this base. For a second "
+                          "model, wrap another base (ak.AdapterModel(ak.load_base(...)[0])) and load_adapter() the "
+                          "saved adapters; for the bare base as a reference, run inside model.disabled()")
+
     # ---- running -------------------------------------------------------------------------
     @_signed_as_base
     def forward(self, *args, adapter_names: Sequence[str | Composition | None] | None = None, **kwargs):
