@@ -217,6 +217,31 @@ def test_admission_does_not_pad_a_short_prompt_to_a_long_one(model_and_tokenizer
     assert [g.tokens for g in done] == [hf_greedy(model, tokenizer, p)[:4] for p in prompts]
 
 
+def test_a_short_prompt_is_answered_while_a_long_one_is_still_being_prefilled(model_and_tokenizer):
+    """Batches being prefilled take a chunk each in turn, and a new batch joins the end of the
+    turn. With a short prompt arriving at every step, the first is answered at the second step
+    (after one of the long prompt's 11 chunks, not all of them), and the long prompt still goes
+    on: its t-th remaining chunk waits for the t - 1 short prompts that joined ahead of it."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_prefill_tokens=4)
+    long_prompt = "The quick brown fox jumps over the lazy dog"  # 43 characters: 11 chunks of 4 tokens
+    long = engine.submit(Generation(tokenizer(long_prompt, add_special_tokens=False)["input_ids"],
+                                    Sampling(max_tokens=4)))
+    engine.step()
+    shorts, first_answered = [], None
+    while long.first_token is None:
+        shorts.append(engine.submit(Generation(tokenizer("ab", add_special_tokens=False)["input_ids"],
+                                               Sampling(max_tokens=4))))
+        engine.step()
+        if first_answered is None and shorts[0].first_token is not None:
+            first_answered = len(shorts)
+    assert first_answered == 2 and len(shorts) == sum(range(1, 11))
+    while not all(g.done for g in [long, *shorts]):
+        engine.step()
+    assert long.tokens == hf_greedy(model, tokenizer, long_prompt)[:4]
+    assert all(g.tokens == hf_greedy(model, tokenizer, "ab")[:4] for g in shorts)
+
+
 def test_prompt_logprobs_equal_the_models_own_across_chunks(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     sampling = Sampling(max_tokens=0, prompt_logprobs=True, logprobs=3)

@@ -114,10 +114,7 @@ class _Batch:
 
     @property
     def joinable(self) -> bool:
-        """Whether other rows can be spliced into this cache: every layer one of ours (a
-        sliding-window layer, say, keeps only its last positions and cannot be)."""
-        layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(isinstance(layer, RoomyLayer) for layer in layers)
+        return cache_joinable(self.cache)
 
     def select(self, keep: list[int], tokens: list[int]) -> _Batch | None:
         """The rows at ``keep``, in that order, ready to decode ``tokens`` (one each) next; None
@@ -156,6 +153,16 @@ class _Batch:
                 layer.drop_left(empty)
 
 
+def cache_joinable(cache) -> bool:
+    """Whether other rows can be spliced into ``cache``: every layer one of ours, or made one of
+    ours when the first forward pass makes it (a sliding-window layer, say, keeps only its last
+    positions and cannot be)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return getattr(cache, "layer_class_to_replicate", None) is RoomyLayer
+    return all(isinstance(layer, RoomyLayer) for layer in layers)
+
+
 def _lanes(rows: list[_Row]) -> dict[_Row, list[int]]:
     """Each row's places in the batch, in order: one, or one per beam."""
     lanes: dict[_Row, list[int]] = {}
@@ -172,7 +179,14 @@ def pad_token_id(tokenizer) -> int:
 class Engine:
     """Continuous batching over one model. ``submit`` from any thread; ``step`` (one prefill chunk
     for newcomers, then one token for every running row) from one thread at a time; ``lock`` is
-    held during each step, so whoever changes the model's adapters between steps takes it too."""
+    held during each step, so whoever changes the model's adapters between steps takes it too.
+
+    Newcomers are admitted at every step while rows are free, into a prefill batch of their own,
+    and the batches being prefilled take one chunk each in turn: a short prompt that arrives while
+    a long one is prefilled waits for one chunk of it per batch ahead, not for its whole prefill
+    (a 7,000-token prompt held every later request for its 14 chunks), and a long prompt cannot
+    be starved by short ones, since each new batch joins the end of the turn. A model whose cache
+    cannot take rows spliced in (sliding-window layers) runs one batch at a time instead."""
 
     def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 32, max_prefill_tokens: int = 4096) -> None:
         if max_batch_size < 1 or max_prefill_tokens < 1:
@@ -187,8 +201,9 @@ class Engine:
                         if i is not None}
         self.lock = threading.RLock()
         self.waiting: collections.deque[Generation] = collections.deque()
-        self.prefilling: _Batch | None = None
+        self.prefilling: collections.deque[_Batch] = collections.deque()  # in turn, one chunk a step
         self.running: _Batch | None = None
+        self.splices = cache_joinable(roomy_cache(model))  # else one batch at a time
         self._work = threading.Condition()
 
     # ---- feeding and driving -------------------------------------------------------------------
@@ -222,10 +237,10 @@ class Engine:
     @property
     def in_flight(self) -> int:
         """Rows being prefilled or decoded (a beam-search row counts once per beam once decoding)."""
-        return sum(batch.size for batch in (self.prefilling, self.running) if batch is not None)
+        return sum(batch.size for batch in (*self.prefilling, self.running) if batch is not None)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.prefilling is not None or self.running is not None
+        return bool(self.waiting) or bool(self.prefilling) or self.running is not None
 
     def wait_for_work(self, timeout: float) -> bool:
         with self._work:
@@ -245,9 +260,8 @@ class Engine:
         returns how many tokens the step generated."""
         with self.lock:
             self._drop_cancelled_waiting()
-            if self.prefilling is None:
-                self._admit()
-            made = self._prefill_chunk() if self.prefilling is not None else 0
+            self._admit()
+            made = self._prefill_chunk() if self.prefilling else 0
             if self.running is not None:
                 made += self._decode()
             return made
@@ -265,9 +279,10 @@ class Engine:
         Padding is computed like real tokens, so mixing a 10-token prompt into a 250-token block
         wastes 240 tokens of work; a separate forward costs about ``PADDING_WORTH_A_FORWARD``.
         A beam-search row is prefilled once but decodes ``num_beams`` rows: it needs that much room."""
-        if self.running is not None and not self.running.joinable:
+        if not self.splices and (self.prefilling or self.running is not None):
             return
-        room = self.max_batch_size - (self.running.size if self.running else 0)
+        reserved = sum(row.generation.sampling.num_beams for batch in self.prefilling for row in batch.rows)
+        room = self.max_batch_size - (self.running.size if self.running else 0) - reserved
         if not self.waiting or self.waiting[0].sampling.num_beams > room:
             return
         oldest = self.waiting[0]
@@ -287,11 +302,14 @@ class Engine:
         for generation in chosen:
             generation.started = now
         rows = [_Row(g, self.tokenizer, self.device, self.silent, self.eos_ids) for g in chosen]
-        self.prefilling = _Batch.from_prompts(rows, self.pad_id, self.device)
-        self.prefilling.cache = roomy_cache(self.model)
+        batch = _Batch.from_prompts(rows, self.pad_id, self.device)
+        batch.cache = roomy_cache(self.model)
+        self.prefilling.append(batch)
 
     def _prefill_chunk(self) -> int:
-        batch = self.prefilling
+        """One chunk of the first batch in turn, which then goes to the end of the turn (or, once
+        prefilled, samples its first tokens and joins the running rows)."""
+        batch = self.prefilling.popleft()
         start = batch.consumed
         end = min(batch.inputs.shape[1], start + max(1, self.max_prefill_tokens // batch.size))
         scoring = any(row.generation.sampling.prompt_logprobs for row in batch.rows)
@@ -299,15 +317,14 @@ class Engine:
             logits = self._forward(batch, batch.inputs[:, start:end], batch.mask[:, :end],
                                    batch.positions[:, start:end], keep=end - start if scoring else 1)
         except Exception as error:  # the model itself failed: every row of this forward fails
-            self.prefilling = None
             self._fail_all(batch.rows, error)
             return 0
         batch.consumed = end
         if scoring:
             self._score_prompt(batch, logits, start, end)
         if not batch.prefilled:
+            self.prefilling.append(batch)
             return 0
-        self.prefilling = None
         ended = {i for i, row in enumerate(batch.rows)
                  if row.generation.done or row.generation.sampling.max_tokens == 0}
         for i in ended:
