@@ -175,13 +175,20 @@ def test_stop_strings_and_seeds(client, world):
 
 
 def test_null_fields_are_taken_as_not_given(client, world):
+    """Those we do not implement too: clients send null for whatever they leave unset."""
     nulls = {"stream": None, "echo": None, "frequency_penalty": None, "presence_penalty": None,
-             "repetition_penalty": None, "stop": None, "seed": None}
-    answer = complete(client, "houlsby", PROMPTS[1], **nulls).json()["choices"][0]["text"]
+             "repetition_penalty": None, "stop": None, "seed": None, "logit_bias": None, "stream_options": None}
+    answer = complete(client, "houlsby", PROMPTS[1], **nulls, suffix=None).json()["choices"][0]["text"]
     assert answer == world["answers"]["houlsby", PROMPTS[1]]
-    body = {"model": "houlsby", "messages": [{"role": "user", "content": "w1"}], "max_tokens": 2, **nulls}
+    body = {"model": "houlsby", "messages": [{"role": "user", "content": "w1", "name": None}], "max_tokens": 2,
+            **nulls, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+            "response_format": None, "parallel_tool_calls": None}
     chat = client.post("/v1/chat/completions", json=body)
     assert chat.status_code == 200, chat.text
+    tokenized = client.post("/tokenize", json={"prompt": "w1 w2", "add_generation_prompt": None, "model": None})
+    assert tokenized.status_code == 200 and tokenized.json()["count"] == 2
+    refused = client.post("/v1/chat/completions", json=body | {"tools": [{"type": "function"}]})
+    assert refused.status_code == 400 and "tools" in refused.json()["error"]["message"]
 
 
 def test_chat_takes_text_parts_and_the_developer_role_as_plain_text_and_system(client, world):
@@ -196,6 +203,10 @@ def test_chat_takes_text_parts_and_the_developer_role_as_plain_text_and_system(c
     assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
     image = chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert image.status_code == 400 and "only text content parts" in image.json()["error"]["message"]
+    for kind in (["text"], {"a": 1}, None):  # any JSON may stand where the type goes
+        odd = chat([{"role": "user", "content": [{"type": kind, "text": "w1"}]}])
+        assert odd.status_code == 400 and odd.json()["error"]["message"].endswith(
+            f"only text content parts are served, not {kind!r}")
 
 
 @pytest.mark.parametrize(
@@ -380,8 +391,50 @@ def test_the_openai_client_gets_the_right_adapter(live, world):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="w1")
     assert [client.models.retrieve(name).id for name in ["tiny-base", "lora"]] == ["tiny-base", "lora"]
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("missing")
+    for name in ("missing", "no.such.model", "x" * 500):  # a name no adapter can have is not found either
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.models.retrieve(name)
+        assert len(refused.value.message) < 200
+
+
+def test_chat_logprobs_are_the_models_own_with_openais_client(live, world):
+    """Streamed or whole, each token's log-probability and its top alternatives, as the model
+    gives them alone; with stream_options.include_usage the usage comes in a chunk of its own."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "w3 w4"}]
+    whole = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=5,
+                                           logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)
+    base, _ = ak.load_base(world["base_dir"])
+    model = ak.AdapterModel(base)
+    model.load_adapter(world["adapters_dir"] / "lora")
+    model.set_active("lora")
+    ids = prompt + [tokenizer.convert_tokens_to_ids(entry.token) for entry in content]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    assert len(content) == whole.usage.completion_tokens == 5
+    for position, entry in enumerate(content):
+        row = expected[len(prompt) + position - 1]
+        assert entry.logprob == pytest.approx(row[ids[len(prompt) + position]].item(), abs=1e-5)
+        assert [tokenizer.convert_tokens_to_ids(t.token) for t in entry.top_logprobs] == row.topk(3).indices.tolist()
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=5,
+                                                 logprobs=True, stream=True, stream_options={"include_usage": True}))
+    streamed = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert all(e.top_logprobs == [] for e in streamed)
+    assert [chunk.usage is not None for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(model="lora", messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="stream_options applies to streamed answers only"):
+        client.chat.completions.create(model="lora", messages=messages, max_tokens=2,
+                                       stream_options={"include_usage": True})
 
 
 def test_the_serve_command_runs_the_server(world):
@@ -469,6 +522,10 @@ def test_a_folder_named_like_the_base_or_a_composition_is_neither_listed_nor_loa
             refused = client.post("/v1/adapters", json={"name": name}, headers={"Authorization": f"Bearer {KEY}"})
             assert refused.status_code == 409 and refused.json()["error"]["code"] == "name_collision"
             assert "rename the folder" in refused.json()["error"]["message"]
+        shutil.rmtree(folder / "stacked")
+        refused = client.post("/v1/adapters", json={"name": "stacked"}, headers={"Authorization": f"Bearer {KEY}"})
+        assert refused.json()["error"]["message"] == ("'stacked' is the name of a composition, which answers every "
+                                                      "request for it: no adapter can be loaded under that name")
         assert client.get("/health").json()["loaded_adapters"] == []
         answer = complete(client, "tiny-base", PROMPTS[1]).json()["choices"][0]["text"]
     assert answer == world["answers"]["tiny-base", PROMPTS[1]]

@@ -14,6 +14,13 @@ def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and _VALID_NAME.fullmatch(name) is not None and name != BASE
 
 
+def shown(name: object, limit: int = 80) -> str:
+    """``name`` as an error message quotes it: its repr, cut at ``limit`` characters (a hostile
+    client's name can be as long as a URL)."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit - 4]}...{text[-1]}"
+
+
 def check_adapter_name(name: object, kind: str = "adapter") -> str:
     """``name`` if it can name an adapter (and a folder), or a composition (``kind``), else a clear error."""
     if isinstance(name, str) and name == BASE:
@@ -22,7 +29,6 @@ def check_adapter_name(name: object, kind: str = "adapter") -> str:
             f"{BASE!r} cannot name {article} {kind}: it stands for the bare base model in mixed batches and requests"
         )
     if not is_valid_name(name):
-        raise AdapterNameError(
-            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
-        )
+        raise AdapterNameError(f"invalid {kind} name {shown(name)}: use 1-128 letters, digits, '_' or '-', "
+                               "starting with a letter or digit")
     return name

@@ -27,6 +27,7 @@ from ..errors import (
     ReplicaUnavailableError,
 )
 from ..generation import TokenLogprob
+from ..names import shown
 from ..templates import CHAT
 from .middleware import AnswerUnexpected, BodyLimit
 from .protocol import (
@@ -38,6 +39,7 @@ from .protocol import (
     LoadRequest,
     TokenizeRequest,
     beam_search_refused,
+    chat_logprobs,
     check_token_ids,
     check_unicode,
     logprobs_block,
@@ -136,7 +138,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> dict[str, Any]:
-        server.check_model(name)
+        try:
+            server.check_model(name)
+        except AdapterNameError:  # a name no adapter can have is not found either (openai's NotFoundError)
+            raise AdapterNotFoundError(f"the model {shown(name)} does not exist") from None
         return model_card(name)
 
     @app.post("/v1/completions")
@@ -174,7 +179,8 @@ def create_app(server: Server) -> FastAPI:
                 offset += len(block["tokens"][0])
                 return chunk(piece, None, block)
 
-            return _sse(jobs[0], streamed, lambda reason: chunk("", reason))
+            return _sse(jobs[0], streamed, lambda reason: chunk("", reason),
+                        usage_chunk=usage_apart(body, chunk("", None)))
         jobs = await until_gone(request, _answered(server, body.model, ids, sampling))
 
         def build() -> list[dict[str, Any]]:  # tens of MB of logprobs take seconds: never on the event loop
@@ -204,22 +210,31 @@ def create_app(server: Server) -> FastAPI:
         sampling = server.sampling(body, len(prompt))
         if template not in (None, CHAT) and body.stop is None:
             sampling.stop = ["\n"]  # the answer's line, as in scoring and ``adapterkit generate``
+        server.check_scoring([prompt], sampling, echo=False)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        tokenizer = server.engine.tokenizer
 
-        def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, str], reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, [prompt], sampling))
             first = chunk({"role": "assistant", "content": ""}, None)
-            return _sse(jobs[0], lambda piece, _: chunk({"content": piece}, None), lambda reason: chunk({}, reason),
-                        first)
+
+            def streamed(piece: str, logprob: TokenLogprob | None) -> dict[str, Any]:
+                scored = None if logprob is None else chat_logprobs(tokenizer, [logprob])
+                return chunk({"content": piece}, None, scored)
+
+            return _sse(jobs[0], streamed, lambda reason: chunk({}, reason), first,
+                        usage_apart(body, chunk({}, None)))
         jobs = await until_gone(request, _answered(server, body.model, [prompt], sampling))
         generation = jobs[0].generation
         message = {"role": "assistant", "content": generation.text}
+        logprobs = None if sampling.logprobs is None else await asyncio.to_thread(
+            chat_logprobs, tokenizer, generation.logprobs)
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                              "finish_reason": generation.finish_reason}],
                 "usage": usage([generation])}
 
@@ -274,7 +289,18 @@ async def _answered(server: Server, model: str, prompts: list[list[int]], sampli
     return await finished(await server.submit(model, prompts, sampling))
 
 
-def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | None = None) -> StreamingResponse:
+def usage_apart(body, envelope: dict[str, Any]) -> dict[str, Any] | None:
+    """With ``stream_options.include_usage``, OpenAI's usage chunk: no choices, the request's usage."""
+    if body.stream_options is None or not body.stream_options.include_usage:
+        return None
+    return envelope | {"choices": []}
+
+
+def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | None = None,
+         usage_chunk: dict | None = None) -> StreamingResponse:
+    """The answer as server-sent events. The token counts come in a chunk of their own when the
+    client asked for it (``usage_chunk``), else on the last chunk (so that a client that sums the
+    usage of every chunk counts it once)."""
     async def stream() -> AsyncIterator[str]:
         try:
             if first is not None:
@@ -282,8 +308,11 @@ def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | No
             async for event in job.events_until_done():
                 if event[0] == "text":
                     payload = text_chunk(event[1], event[2])
-                else:  # the last chunk also carries the token counts (as OpenAI's include_usage does)
+                elif usage_chunk is None:
                     payload = final_chunk(event[1]) | {"usage": usage([job.generation])}
+                else:
+                    yield f"data: {json.dumps(final_chunk(event[1]))}\n\n"
+                    payload = usage_chunk | {"usage": usage([job.generation])}
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as error:

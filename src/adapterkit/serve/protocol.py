@@ -42,13 +42,26 @@ def beam_search_refused(field: str, value: Any = None) -> ApiError:
                          "`adapterkit eval --num-beams N`", "unsupported_field", param=field)
 
 
-DEFAULT_WHEN_NULL = {"stream", "echo", "frequency_penalty", "presence_penalty", "repetition_penalty"}
+class Body(BaseModel):
+    """A request body. A field we do not implement is refused by name; "5" is not a number, true
+    not 1; and ``null`` is taken as not given, as OpenAI's API takes it (clients send ``null`` for
+    whatever they leave unset, fields we do not implement included)."""
 
-
-class Sampled(BaseModel):
-    # an OpenAI field we do not implement is refused by name; "5" is not a number, true not 1
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, body: Any) -> Any:
+        if not isinstance(body, dict):
+            return body
+        return {key: value for key, value in body.items() if value is not None}
+
+
+class StreamOptions(Body):
+    include_usage: bool = False  # a last chunk with no choices and the whole request's usage
+
+
+class Sampled(Body):
     model: str
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -61,14 +74,14 @@ class Sampled(BaseModel):
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     user: str | None = None  # an end-user id for the caller's own records; it changes nothing here
+    stream_options: StreamOptions | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_not_given(cls, body: Any) -> Any:
-        """OpenAI's API takes ``null`` for an optional field as not given, and clients send it."""
-        if not isinstance(body, dict):
-            return body
-        return {key: value for key, value in body.items() if value is not None or key not in DEFAULT_WHEN_NULL}
+    @model_validator(mode="after")
+    def stream_options_need_a_stream(self) -> Sampled:
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options applies to streamed answers only: send stream: true, or drop it",
+                           "invalid_request", param="stream_options")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -88,6 +101,11 @@ class Sampled(BaseModel):
             check_unicode(stop, "a stop string")
         return stops
 
+    def alternatives(self) -> int | None:
+        """How many alternatives each scored token reports (0: its own log-probability alone);
+        None: no log-probabilities."""
+        return None
+
     def refuse_unsupported(self) -> None:
         if self.n is not None and self.n != 1:
             raise ApiError(400, f"n = {self.n} is not supported: one choice per prompt (send the prompt again, "
@@ -104,6 +122,9 @@ class CompletionRequest(Sampled):
     echo: bool = False
     best_of: int | None = None
 
+    def alternatives(self) -> int | None:
+        return self.logprobs
+
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts, one per choice: texts, or lists of token ids."""
         if isinstance(self.prompt, str):
@@ -113,9 +134,7 @@ class CompletionRequest(Sampled):
         return self.prompt
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None  # a participant's name, as OpenAI takes it; given to the chat template as it is
@@ -132,9 +151,10 @@ class ChatMessage(BaseModel):
             message["role"] = "system"
         content = message.get("content")
         if isinstance(content, list):
-            kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
-            if kinds - {"text"}:
-                raise ValueError(f"only text content parts are served, not {sorted(map(str, kinds - {'text'}))}")
+            kinds = {repr(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content
+                     if not isinstance(part, dict) or part.get("type") != "text"}  # a type may be any JSON
+            if kinds:
+                raise ValueError(f"only text content parts are served, not {', '.join(sorted(kinds))}")
             texts = [part.get("text") for part in content]
             if not all(isinstance(text, str) for text in texts):
                 raise ValueError("a text content part needs its text as a string: {\"type\": \"text\", \"text\": ...}")
@@ -145,13 +165,18 @@ class ChatMessage(BaseModel):
 class ChatRequest(Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token, with logprobs: true
+
+    def alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     """vLLM's /tokenize body: a ``prompt`` (TokenizeCompletionRequest) or ``messages``
     (TokenizeChatRequest); ``model`` is optional, as lm-evaluation-harness sends none."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -175,16 +200,12 @@ class TokenizeRequest(BaseModel):
         return self.prompt is not None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class DetokenizeRequest(Body):
     model: str | None = None
     tokens: list[int]
 
 
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class LoadRequest(Body):
     name: str
 
 
@@ -211,12 +232,17 @@ def scored_logprobs(prompt_length: int, max_tokens: int, echo: bool, alternative
     return ((prompt_length if echo else 0) + max_tokens) * (1 + alternatives)
 
 
+def token_texts(tokenizer, entries: list[TokenLogprob]) -> dict[int, str]:
+    """Each id scored in ``entries`` (token or alternative) decoded alone, once."""
+    ids = sorted({e.token for e in entries} | {t for e in entries for t, _ in e.top})
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+
+
 def logprobs_block(tokenizer, entries: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
     """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top alternatives and
     each token's character offset in the returned text (from ``start``, for a stream's later
-    chunks). Each distinct id is decoded once."""
-    ids = sorted({e.token for e in entries} | {t for e in entries for t, _ in e.top})
-    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    chunks)."""
+    text = token_texts(tokenizer, entries)
     tokens = [text[e.token] for e in entries]
     offsets, at = [], start
     for piece in tokens:
@@ -228,6 +254,18 @@ def logprobs_block(tokenizer, entries: list[TokenLogprob], start: int = 0) -> di
         "top_logprobs": [None if e.logprob is None else {text[t]: v for t, v in e.top} for e in entries],
         "text_offset": offsets,
     }
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: each token with its log-probability, its UTF-8 bytes and its
+    top alternatives (the token that stops the answer included, as the engine scores it)."""
+    text = token_texts(tokenizer, entries)
+
+    def scored(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": text[token], "logprob": logprob, "bytes": list(text[token].encode("utf-8"))}
+
+    return {"content": [scored(e.token, e.logprob) | {"top_logprobs": [scored(t, v) for t, v in e.top]}
+                        for e in entries], "refusal": None}
 
 
 def usage(generations: list[Generation]) -> dict[str, int]:

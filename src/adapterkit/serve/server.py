@@ -89,8 +89,10 @@ class Server:
         """Loading a folder that no request can reach would only take a resident slot."""
         if self.is_shadowed(name):
             what = "the base model" if name == self.base_name else "a composition"
-            raise ApiError(409, f"{name!r} is the name of {what}, which answers every request for it: an adapter "
-                                "folder of that name is never served; rename the folder", "name_collision")
+            folder = ("an adapter folder of that name is never served; rename the folder"
+                      if (self.pool.folder / name).exists() else "no adapter can be loaded under that name")
+            raise ApiError(409, f"{name!r} is the name of {what}, which answers every request for it: {folder}",
+                           "name_collision")
 
     def _check_compositions(self) -> None:
         """Refuse at start-up what would fail every request for a composition."""
@@ -143,7 +145,7 @@ class Server:
         if max_tokens is None:
             max_tokens = (16 if isinstance(request, CompletionRequest)
                           else max(1, min(512, self.context - prompt_tokens)))
-        logprobs = getattr(request, "logprobs", None)
+        logprobs = request.alternatives()
         sampling = Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
