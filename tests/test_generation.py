@@ -242,6 +242,37 @@ def test_a_short_prompt_is_answered_while_a_long_one_is_still_being_prefilled(mo
     assert all(g.tokens == hf_greedy(model, tokenizer, "ab")[:4] for g in shorts)
 
 
+def test_rows_that_end_while_waiting_for_their_prefill_turn_take_no_more_turns(model_and_tokenizer):
+    """A cancelled row (its client left) is dropped at its batch's next turn: a long prompt takes
+    no more chunks, and a row admitted beside another is dropped before its first chunk while the
+    other answers as alone. Batches being prefilled count as in flight throughout."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_prefill_tokens=8)
+
+    def submit(prompt: str) -> Generation:
+        return engine.submit(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                                        Sampling(max_tokens=4)))
+
+    in_flight = []
+    hook = model.register_forward_pre_hook(lambda module, args: in_flight.append(engine.in_flight))
+    try:
+        long = submit("The quick brown fox jumps over the lazy dog")  # 43 tokens: 6 chunks
+        engine.step()
+        left, stays = submit("ab"), submit("cd")
+        engine.step()  # admits the short pair as one batch; the long prompt's second chunk
+        left.cancel()
+        engine.step()  # the pair's turn: the cancelled row leaves before its first chunk; then a decode
+        assert left.finish_reason == "cancelled" and stays.first_token is not None and in_flight == [1, 3, 2, 2]
+        long.cancel()
+        engine.step()  # the long prompt's turn: dropped, no forward pass but the decoding row's
+        assert long.finish_reason == "cancelled" and in_flight[4:] == [1]
+        while not stays.done:
+            engine.step()
+        assert stays.tokens == hf_greedy(model, tokenizer, "cd")[:4] and not engine.has_work()
+    finally:
+        hook.remove()
+
+
 def test_prompt_logprobs_equal_the_models_own_across_chunks(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     sampling = Sampling(max_tokens=0, prompt_logprobs=True, logprobs=3)

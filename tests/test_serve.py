@@ -189,6 +189,9 @@ def test_null_fields_are_taken_as_not_given(client, world):
     assert tokenized.status_code == 200 and tokenized.json()["count"] == 2
     refused = client.post("/v1/chat/completions", json=body | {"tools": [{"type": "function"}]})
     assert refused.status_code == 400 and "tools" in refused.json()["error"]["message"]
+    required = client.post("/v1/completions", json={"model": None, "prompt": "w1"})  # sent, as the wrong type
+    assert required.status_code == 400
+    assert "model: Input should be a valid string" in required.json()["error"]["message"]
 
 
 def test_chat_takes_text_parts_and_the_developer_role_as_plain_text_and_system(client, world):
@@ -432,6 +435,11 @@ def test_chat_logprobs_are_the_models_own_with_openais_client(live, world):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
         client.chat.completions.create(model="lora", messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be between 0 and 20, got 21"):
+        client.chat.completions.create(model="lora", messages=messages, max_tokens=2, logprobs=True, top_logprobs=21)
+    both = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=5,
+                                          max_completion_tokens=2)  # the newer name wins, as in vLLM
+    assert both.usage.completion_tokens == 2 and both.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match="stream_options applies to streamed answers only"):
         client.chat.completions.create(model="lora", messages=messages, max_tokens=2,
                                        stream_options={"include_usage": True})

@@ -108,6 +108,12 @@ class _Batch:
     def size(self) -> int:
         return len(self.rows)
 
+    def keep_rows(self, keep: list[int]) -> None:
+        """Only the rows at ``keep`` are prefilled, before the first chunk (the cache is empty)."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.inputs, self.mask, self.positions = self.inputs[index], self.mask[index], self.positions[index]
+
     @property
     def prefilled(self) -> bool:
         return self.consumed >= self.inputs.shape[1]
@@ -236,8 +242,9 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Rows being prefilled or decoded (a beam-search row counts once per beam once decoding)."""
-        return sum(batch.size for batch in (*self.prefilling, self.running) if batch is not None)
+        """Rows being prefilled or decoded (a beam-search row counts once per beam once decoding).
+        Read without the lock (by /health): ``tuple`` copies the queue in one step."""
+        return sum(batch.size for batch in (*tuple(self.prefilling), self.running) if batch is not None)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or bool(self.prefilling) or self.running is not None
@@ -308,8 +315,13 @@ class Engine:
 
     def _prefill_chunk(self) -> int:
         """One chunk of the first batch in turn, which then goes to the end of the turn (or, once
-        prefilled, samples its first tokens and joins the running rows)."""
-        batch = self.prefilling.popleft()
+        prefilled, samples its first tokens and joins the running rows). Rows that ended meanwhile
+        (cancelled, or failed while their prompt was scored) leave first: a 7,000-token prompt
+        whose client left would otherwise take its turns to the end."""
+        batch = self.prefilling[0]
+        if not self._drop_ended_rows(batch):
+            self.prefilling.popleft()
+            return 0
         start = batch.consumed
         end = min(batch.inputs.shape[1], start + max(1, self.max_prefill_tokens // batch.size))
         scoring = any(row.generation.sampling.prompt_logprobs for row in batch.rows)
@@ -317,14 +329,16 @@ class Engine:
             logits = self._forward(batch, batch.inputs[:, start:end], batch.mask[:, :end],
                                    batch.positions[:, start:end], keep=end - start if scoring else 1)
         except Exception as error:  # the model itself failed: every row of this forward fails
+            self.prefilling.popleft()
             self._fail_all(batch.rows, error)
             return 0
         batch.consumed = end
         if scoring:
             self._score_prompt(batch, logits, start, end)
+        self.prefilling.rotate(-1)  # to the end of the turn (kept in the queue, so in_flight counts it)
         if not batch.prefilled:
-            self.prefilling.append(batch)
             return 0
+        self.prefilling.pop()
         ended = {i for i, row in enumerate(batch.rows)
                  if row.generation.done or row.generation.sampling.max_tokens == 0}
         for i in ended:
@@ -336,6 +350,21 @@ class Engine:
         if batch is not None:
             self.running = batch if self.running is None else self.running.join(batch)
         return made
+
+    def _drop_ended_rows(self, batch: _Batch) -> bool:
+        """Finish the batch's cancelled rows and drop the rows that ended; whether any is left.
+        A batch of several rows fits one chunk (admission keeps its block within the budget), so
+        a row leaves one before its first chunk; a single row's batch goes as a whole."""
+        keep = []
+        for i, row in enumerate(batch.rows):
+            generation = row.generation
+            if generation.cancelled and not generation.done:
+                self._finish(generation, "cancelled")
+            if not generation.done:
+                keep.append(i)
+        if keep and len(keep) < batch.size and batch.consumed == 0:
+            batch.keep_rows(keep)
+        return bool(keep)
 
     def _decode(self) -> int:
         batch = self.running

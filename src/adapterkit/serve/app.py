@@ -301,17 +301,19 @@ def _sse(job: Job, text_chunk: Callable, final_chunk: Callable, first: dict | No
     """The answer as server-sent events. The token counts come in a chunk of their own when the
     client asked for it (``usage_chunk``), else on the last chunk (so that a client that sums the
     usage of every chunk counts it once)."""
+    none = {} if usage_chunk is None else {"usage": None}  # OpenAI's other chunks, with include_usage
+
     async def stream() -> AsyncIterator[str]:
         try:
             if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
+                yield f"data: {json.dumps(first | none)}\n\n"
             async for event in job.events_until_done():
                 if event[0] == "text":
-                    payload = text_chunk(event[1], event[2])
+                    payload = text_chunk(event[1], event[2]) | none
                 elif usage_chunk is None:
                     payload = final_chunk(event[1]) | {"usage": usage([job.generation])}
                 else:
-                    yield f"data: {json.dumps(final_chunk(event[1]))}\n\n"
+                    yield f"data: {json.dumps(final_chunk(event[1]) | none)}\n\n"
                     payload = usage_chunk | {"usage": usage([job.generation])}
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"

@@ -29,8 +29,9 @@ class BodyLimit:
             except TimeoutError:
                 self.on_refused(408)
                 error = ApiError(408, f"the request body stopped arriving after {size} bytes for "
-                                      f"{self.idle_seconds:g} s; send the whole body its Content-Length announces",
-                                 "request_timeout", {"Connection": "close"})
+                                      f"{self.idle_seconds:g} s; send all of it (as much as its Content-Length "
+                                      "says, or its last chunk) without such a pause", "request_timeout",
+                                 {"Connection": "close"})
                 return await error.response()(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return

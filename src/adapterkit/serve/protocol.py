@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import AdapterkitError
-from ..generation import MIN_TEMPERATURE, Generation, TokenLogprob, check_stops
+from ..generation import MAX_LOGPROBS, MIN_TEMPERATURE, Generation, TokenLogprob, check_stops
 
 
 class ApiError(Exception):
@@ -44,8 +44,9 @@ def beam_search_refused(field: str, value: Any = None) -> ApiError:
 
 class Body(BaseModel):
     """A request body. A field we do not implement is refused by name; "5" is not a number, true
-    not 1; and ``null`` is taken as not given, as OpenAI's API takes it (clients send ``null`` for
-    whatever they leave unset, fields we do not implement included)."""
+    not 1; and ``null`` for an optional field is taken as not given, as OpenAI's API takes it
+    (clients send ``null`` for whatever they leave unset, fields we do not implement included). A
+    required field's ``null`` stays, to be refused as the wrong type rather than as missing."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -54,7 +55,8 @@ class Body(BaseModel):
     def null_is_not_given(cls, body: Any) -> Any:
         if not isinstance(body, dict):
             return body
-        return {key: value for key, value in body.items() if value is not None}
+        required = {name for name, field in cls.model_fields.items() if field.is_required()}
+        return {key: value for key, value in body.items() if value is not None or key in required}
 
 
 class StreamOptions(Body):
@@ -171,6 +173,9 @@ class ChatRequest(Sampled):
     def alternatives(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
+                           "invalid_request", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 

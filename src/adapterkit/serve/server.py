@@ -140,8 +140,9 @@ class Server:
     # ---- requests into rows --------------------------------------------------------------------
     # -- completions --
     def sampling(self, request: Sampled, prompt_tokens: int) -> Sampling:
-        max_tokens = (request.max_tokens if request.max_tokens is not None
-                      else getattr(request, "max_completion_tokens", None))
+        max_tokens = getattr(request, "max_completion_tokens", None)  # chat's newer name wins, as in vLLM
+        if max_tokens is None:
+            max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = (16 if isinstance(request, CompletionRequest)
                           else max(1, min(512, self.context - prompt_tokens)))
@@ -178,9 +179,10 @@ class Server:
         """Refuse a request whose log-probabilities would make an answer too large to build."""
         asked = sum(scored_logprobs(len(p), sampling.max_tokens, echo, sampling.logprobs) for p in prompts)
         if asked > self.config.max_scored_tokens:
-            raise ApiError(400, f"the request asks for {asked} log-probabilities (scored tokens x (1 + logprobs)); "
-                                f"this server answers at most {self.config.max_scored_tokens} per request: send fewer "
-                                "prompts per request or lower logprobs", "too_many_logprobs")
+            raise ApiError(400, f"the request asks for {asked} log-probabilities (scored tokens x (1 + alternatives), "
+                                f"with max_tokens {sampling.max_tokens}); this server answers at most "
+                                f"{self.config.max_scored_tokens} per request: lower max_tokens or the alternatives "
+                                "(logprobs, top_logprobs), or send fewer prompts per request", "too_many_logprobs")
 
     async def encode(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
         """Token ids of each prompt: texts tokenised off the event loop after a cheap length check,
