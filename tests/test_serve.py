@@ -335,6 +335,29 @@ def test_unloading_an_adapter_being_loaded_waits_for_its_load(world):
     asyncio.run(scenario())
 
 
+def test_a_request_whose_client_leaves_while_its_adapter_loads_is_counted_as_cancelled(world):
+    from adapterkit.generation import Sampling
+
+    server = make_server(world)
+
+    async def scenario():
+        server.engine.lock.acquire()  # the load waits for the engine's lock to attach the adapter
+        try:
+            request = asyncio.ensure_future(server.submit("lora", [[5, 6], [7]], Sampling(max_tokens=2)))
+            while "lora" not in server.pool.loading:
+                await asyncio.sleep(0.01)
+            request.cancel()  # as the route does when its client disconnects
+        finally:
+            server.engine.lock.release()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert server.queued == 0 and not server.pool.holds
+
+    asyncio.run(scenario())
+    metrics = server.metrics.render().decode()
+    assert sample(metrics, "adapterkit_requests_total", adapter="lora", outcome="cancelled") == 2
+
+
 def test_metrics_are_prometheus_text_per_adapter(client):
     complete(client, "lora", PROMPTS[0])
     text = client.get("/metrics").text

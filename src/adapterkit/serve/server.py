@@ -244,6 +244,9 @@ class Server:
         self.acquiring += len(prompts)
         try:
             await self.pool.acquire(held, holds=len(prompts))
+        except asyncio.CancelledError:  # the client left while its adapters loaded: no row will count it
+            self.metrics.requests.labels(model_name, "cancelled").inc(len(prompts))
+            raise
         finally:
             self.acquiring -= len(prompts)
         jobs: list[Job] = []
