@@ -91,3 +91,50 @@ def test_token_id_prompts_answer_as_their_text_does(scoring):
     by_text = scoring["client"].completions.create(model="tiny-base", prompt=texts, max_tokens=6, temperature=0)
     assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
     assert by_ids.usage == by_text.usage
+
+
+def byte_level_world(root):
+    """A tiny Llama over a byte-level tokenizer with no merges: one token per UTF-8 byte, so "ö" is
+    two tokens and "日" three. Saved as a base folder; its adapters folder is empty."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2} | {char: i + 3 for i, char in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocabulary, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(alphabet) + 3, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "adapters").mkdir()
+    return ak.load_base(root / "base")
+
+
+def test_text_offsets_point_into_the_text_where_characters_split_over_tokens(tmp_path):
+    """Each token's offset is where its text starts in the answer: a character split over several
+    tokens starts where its first token does (adding up each token's own decode, one U+FFFD per
+    piece, ran past the text). The same offsets streamed and whole; token ids echo as they decode."""
+    base, tokenizer = byte_level_world(tmp_path)
+    prompt = "Größe: 日本 ok"
+    data = prompt.encode()
+    expected = [len(data[:j].decode(errors="ignore")) for j in range(len(data))]
+    with serving(Server(ak.AdapterModel(base), tokenizer, tmp_path / "adapters", "tiny-bytes")) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for sent in (prompt, [1, *tokenizer.encode(prompt)]):
+            scored = client.completions.create(model="tiny-bytes", prompt=sent, max_tokens=0, echo=True, logprobs=0,
+                                               temperature=0).choices[0]
+            bos = "" if isinstance(sent, str) else "<s>"
+            assert scored.text == bos + prompt
+            assert scored.logprobs.text_offset == [0] * len(bos[:1]) + [len(bos) + o for o in expected]
+        whole = client.completions.create(model="tiny-bytes", prompt=prompt, max_tokens=24, logprobs=1,
+                                          temperature=0).choices[0]
+        offsets = whole.logprobs.text_offset
+        assert offsets == sorted(offsets) and offsets[-1] <= len(whole.text)
+        chunks = list(client.completions.create(model="tiny-bytes", prompt=prompt, max_tokens=24, logprobs=1,
+                                                temperature=0, stream=True))
+        assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == offsets

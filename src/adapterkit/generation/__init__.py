@@ -14,7 +14,7 @@ The parts: ``sampling`` (settings, checks, picking a token), ``beams`` (one row'
 loop itself).
 """
 
-from .detokenizer import silent_ids
+from .detokenizer import Detokenizer, silent_ids
 from .engine import ACTIVE, PADDING_WORTH_A_FORWARD, Active, Engine, Generation, generate, pad_token_id
 from .sampling import (
     MAX_BEAMS,
@@ -31,6 +31,6 @@ from .sampling import (
 
 __all__ = [
     "ACTIVE", "MAX_BEAMS", "MAX_LOGPROBS", "MAX_STOP_CHARS", "MAX_STOPS", "MIN_REPETITION_PENALTY", "MIN_TEMPERATURE",
-    "PADDING_WORTH_A_FORWARD", "SEED_LIMIT", "Active", "Engine", "Generation", "Sampling", "TokenLogprob",
-    "check_stops", "generate", "pad_token_id", "silent_ids",
+    "PADDING_WORTH_A_FORWARD", "SEED_LIMIT", "Active", "Detokenizer", "Engine", "Generation", "Sampling",
+    "TokenLogprob", "check_stops", "generate", "pad_token_id", "silent_ids",
 ]

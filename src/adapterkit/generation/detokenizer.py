@@ -20,8 +20,10 @@ class Detokenizer:
     UTF8_BYTES = 4  # a character spans at most this many tokens (of at least one byte): kept unsettled
     KEPT_IDS = 64  # ids before the window are dropped once this many pile up
 
-    def __init__(self, tokenizer, stops: Sequence[str], silent: frozenset[int] = frozenset()) -> None:
+    def __init__(self, tokenizer, stops: Sequence[str], silent: frozenset[int] = frozenset(),
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer, self.stops, self.silent = tokenizer, list(stops), silent
+        self.skip_special_tokens = skip_special_tokens
         self.longest = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] decode to the text's last settled piece
@@ -78,7 +80,7 @@ class Detokenizer:
         return held
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
 
     def _release(self, end: int) -> str:
         piece = self.text[self.sent : end]

@@ -37,6 +37,7 @@ from .protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LoadRequest,
+    TextOffsets,
     TokenizeRequest,
     beam_search_refused,
     chat_logprobs,
@@ -168,16 +169,13 @@ def create_app(server: Server) -> FastAPI:
 
         if body.stream:
             jobs = await until_gone(request, server.submit(body.model, ids, sampling))
-            offset = 0
+            offsets = TextOffsets(tokenizer)
 
             def streamed(piece: str, logprob: TokenLogprob | None) -> dict[str, Any]:
                 """A token's chunk; with ``logprobs``, its log-probability (the stopping token's too)."""
-                nonlocal offset
                 if logprob is None:
                     return chunk(piece, None)
-                block = logprobs_block(tokenizer, [logprob], offset)
-                offset += len(block["tokens"][0])
-                return chunk(piece, None, block)
+                return chunk(piece, None, logprobs_block(tokenizer, [logprob], offsets([logprob.token])))
 
             return _sse(jobs[0], streamed, lambda reason: chunk("", reason),
                         usage_chunk=usage_apart(body, chunk("", None)))
@@ -191,7 +189,11 @@ def create_app(server: Server) -> FastAPI:
                 logprobs = None
                 if body.logprobs is not None:
                     scored = (generation.prompt_logprobs if body.echo else []) + generation.logprobs
-                    logprobs = logprobs_block(tokenizer, scored)
+                    # a text prompt is echoed as sent, token ids as they decode, special tokens included
+                    offsets = (TextOffsets(tokenizer, skip_special_tokens=isinstance(prompt, str))(generation.prompt)
+                               if body.echo else [])
+                    offsets += TextOffsets(tokenizer, len(echoed))(generation.tokens)
+                    logprobs = logprobs_block(tokenizer, scored, offsets)
                 choices.append({"index": i, "text": echoed + generation.text, "logprobs": logprobs,
                                 "finish_reason": generation.finish_reason})
             return choices
