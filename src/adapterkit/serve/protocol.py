@@ -3,6 +3,7 @@ of an answer (``logprobs``, ``usage``) that do not depend on how the engine ran.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -56,8 +57,14 @@ class Body(BaseModel):
     def null_is_not_given(cls, body: Any) -> Any:
         if not isinstance(body, dict):
             return body
-        required = {name for name, field in cls.model_fields.items() if field.is_required()}
+        required = cls.required_fields()
         return {key: value for key, value in body.items() if value is not None or key in required}
+
+    @classmethod
+    @functools.cache
+    def required_fields(cls) -> frozenset[str]:
+        """Found once per model, not once per request (or per chat message)."""
+        return frozenset(name for name, field in cls.model_fields.items() if field.is_required())
 
 
 class StreamOptions(Body):
