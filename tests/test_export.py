@@ -51,6 +51,14 @@ def test_an_exported_lora_loads_in_peft_on_the_base_folder_with_our_logits(tmp_p
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+def test_peft_auto_class_loads_the_exported_folder_of_a_causal_lm_with_our_logits(tmp_path, base_dir):
+    """The folder says task_type CAUSAL_LM, which AutoPeftModelForCausalLM needs to pick its class."""
+    ours = randomised_lora(base_dir, tmp_path / "sql")
+    assert main(["export", str(tmp_path / "sql"), "--format", "peft", "-o", str(tmp_path / "sql-peft")]) == 0
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "sql-peft").eval()
+    torch.testing.assert_close(logits(theirs), ours, rtol=0, atol=1e-5)
+
+
 def test_a_peft_folder_exports_to_ours_and_back_with_the_same_logits(tmp_path, base_dir, capsys):
     ours = randomised_lora(base_dir, tmp_path / "sql")
     assert main(["export", str(tmp_path / "sql"), "--format", "peft", "-o", str(tmp_path / "peft")]) == 0

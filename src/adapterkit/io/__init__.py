@@ -31,7 +31,7 @@ from .native import (
     native_tensors,
     with_prompt_template,
 )
-from .peft import is_peft_config, peft_config, peft_files, peft_tensors
+from .peft import is_peft_config, peft_config, peft_files, peft_tensors, task_type_of
 from .tensors import read_tensors, tensors_to_bytes
 
 FORMATS = (FORMAT, "peft")
@@ -108,7 +108,8 @@ def adapter_files(
     if format == FORMAT:
         return native_files(name, config, tensors, base_fingerprint(base), base_name)
     if format == "peft":  # peft's loaders resolve a folder or a hub id, never our embedded bases' names
-        return peft_files(config, tensors, sites, pretrained_path(base_name) if base_name else None)
+        return peft_files(config, tensors, sites, pretrained_path(base_name) if base_name else None,
+                          task_type_of(base))
     raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
 
 

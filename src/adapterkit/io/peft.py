@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import AdapterFileError, ConfigError
 from ..inject import Site
@@ -88,8 +89,15 @@ def peft_tensors(config: AdapterConfig, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def task_type_of(base: torch.nn.Module) -> str | None:
+    """peft's ``task_type`` for ``base``: "CAUSAL_LM" for a causal language model, which peft's
+    ``AutoPeftModelForCausalLM`` needs to load the folder; None (a plain model) for others."""
+    return "CAUSAL_LM" if type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) else None
+
+
 def peft_files(
-    config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: list[Site], base_name: str | None
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], sites: list[Site], base_name: str | None,
+    task_type: str | None,
 ) -> dict[str, bytes]:
     """The bytes of a peft folder (config last)."""
     peft = get_method(config.method).peft
@@ -100,7 +108,8 @@ def peft_files(
     document = {theirs: ours[mine] for theirs, mine in peft.fields.items()}
     if peft.to_peft is not None:
         peft.to_peft(config, sites, document)
-    document.update(peft_type=peft.peft_type, inference_mode=True, task_type=None, base_model_name_or_path=base_name)
+    document.update(peft_type=peft.peft_type, inference_mode=True, task_type=task_type,
+                    base_model_name_or_path=base_name)
     renamed = {}
     for key, tensor in config.tensors_to_save(tensors).items():
         if (name := shared_name(key)) is not None:
