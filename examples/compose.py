@@ -86,7 +86,7 @@ def train(model: ak.AdapterModel, tokenizer, examples: list[dict], options: dict
     tic = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - tic
-    first, last = trainer_losses(out / "metrics.jsonl")
+    first, last, _ = trainer_losses(out / "metrics.jsonl")
     print(f"   {trainer.total_steps} steps of batch {trainer.config.batch_size}: "
           f"loss {first:.2f} -> {last:.2f} in {seconds:.0f} s")
     return seconds

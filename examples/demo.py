@@ -143,9 +143,10 @@ def main() -> int:
         tic = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - tic
-        losses = trainer_losses(args.out / code / "metrics.jsonl")
-        print(f"   loss {losses[0]:.2f} -> {losses[-1]:.2f} (mean of first/last 10 steps) in {train_seconds:.0f} s; "
-              f"saved to {args.out / code / 'adapter'}, curve in {args.out / code / 'loss.png'}")
+        first, last, window = trainer_losses(args.out / code / "metrics.jsonl")
+        print(f"   loss {first:.2f} -> {last:.2f} (mean of first/last {window} logged steps) "
+              f"in {train_seconds:.0f} s; saved to {args.out / code / 'adapter'}, "
+              f"curve in {args.out / code / 'loss.png'}")
         tic = time.perf_counter()
         scored, _ = score_generations(model, tokenizer, held_out, "chrf", max_new_tokens=MAX_NEW_TOKENS)
         memorised, _ = score_generations(model, tokenizer, examples[:MEMORISED], "chrf", max_new_tokens=MAX_NEW_TOKENS)
@@ -208,12 +209,13 @@ def showcase_pairs(pairs: list[dict]) -> list[dict]:
     return list(chosen.values())[:SHOWCASE_PER_LANGUAGE]
 
 
-def trainer_losses(metrics_path: Path) -> tuple[float, float]:
+def trainer_losses(metrics_path: Path) -> tuple[float, float, int]:
+    """The mean loss of the first and of the last logged steps, and how many steps each mean takes."""
     import json
 
     losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines() if '"loss"' in line]
     window = max(1, min(10, len(losses) // 2))
-    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window, window
 
 
 if __name__ == "__main__":
